@@ -1,0 +1,34 @@
+"""The message contracts of moderation-worker (pydantic models + exported JSON Schemas)."""
+
+from schemas.export import export_json_schemas, json_schemas
+from schemas.models import (
+    ACTION_SEVERITY,
+    CONTRACT_VERSION,
+    Action,
+    CategoryHit,
+    ContentEvent,
+    ConversationEvent,
+    DeadLetterHeaders,
+    InputPosition,
+    Kind,
+    Turn,
+    Verdict,
+    Violation,
+)
+
+__all__ = [
+    "ACTION_SEVERITY",
+    "CONTRACT_VERSION",
+    "Action",
+    "CategoryHit",
+    "ContentEvent",
+    "ConversationEvent",
+    "DeadLetterHeaders",
+    "InputPosition",
+    "Kind",
+    "Turn",
+    "Verdict",
+    "Violation",
+    "export_json_schemas",
+    "json_schemas",
+]

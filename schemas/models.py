@@ -1,0 +1,179 @@
+"""Message contracts: the product's public API.
+
+Every model here is published as a JSON Schema under ``schemas/json/`` (see
+``modworker schemas export``); a test fails when the checked-in files drift from these
+models. Changing a field is a versioned, reviewed change: bump ``CONTRACT_VERSION``.
+
+Inputs (``ContentEvent``, ``ConversationEvent``) accept unknown fields and ignore them, so
+producers can add fields without breaking the worker. Outputs (``Verdict``,
+``Violation``) forbid unknown fields so that a consumer validating against the schema
+notices a contract change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CONTRACT_VERSION = "1"
+
+Action = Literal["allow", "flag", "review", "block"]
+"""What downstream should do, in increasing severity: ``allow < flag < review < block``."""
+
+ACTION_SEVERITY: dict[str, int] = {"allow": 0, "flag": 1, "review": 2, "block": 3}
+
+Kind = Literal["content", "conversation"]
+Role = Literal["user", "assistant"]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain non-whitespace text")
+    return value
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ContentEvent(_Input):
+    """A piece of user-generated content (topic ``ugc.content``, key = ``id``)."""
+
+    id: str = Field(min_length=1, description="Unique id of the content item; also the Kafka key.")
+    text: str = Field(description="The text to moderate. Must not be blank.")
+    tenant: str | None = Field(default=None, description="Platform tenant; selects policy overrides.")
+    source: str | None = Field(default=None, description="Where the content came from (e.g. 'comments'); selects policy overrides.")
+    author_id: str | None = None
+    created_at: datetime | None = Field(default=None, description="When the user wrote it (ISO 8601).")
+    metadata: dict[str, Any] | None = Field(default=None, description="Passed through to the verdict untouched.")
+
+    _text_not_blank = field_validator("text")(_not_blank)
+
+
+class Turn(_Input):
+    """One earlier turn of a conversation, given as context."""
+
+    role: Role
+    content: str
+
+
+class ConversationEvent(_Input):
+    """One conversation turn to judge (topic ``ugc.conversations``, key = ``conversation_id``).
+
+    ``content`` is the turn being judged; ``context`` holds earlier turns, oldest first, and
+    only informs the judgement (Mistral's chat moderation classifies the last turn).
+    """
+
+    id: str = Field(min_length=1, description="The turn's id.")
+    conversation_id: str = Field(min_length=1, description="The conversation's id; also the Kafka key.")
+    role: Role
+    content: str = Field(description="The turn's text. Must not be blank.")
+    context: list[Turn] = Field(default_factory=list, description="Earlier turns, oldest first.")
+    tenant: str | None = None
+    source: str | None = None
+    author_id: str | None = None
+    created_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
+
+    _content_not_blank = field_validator("content")(_not_blank)
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputPosition(_Output):
+    """Where the judged input was read: replaying from here reproduces the verdict."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class CategoryHit(_Output):
+    """A category whose score reached the policy's threshold."""
+
+    category: str = Field(description="Canonical category name, after policy aliases.")
+    score: float
+    threshold: float
+    action: Action
+
+
+class Verdict(_Output):
+    """The decision for one input (topic ``moderation.verdicts``, key = the input's key).
+
+    ``verdict_id`` is deterministic: the same input, policy version and model give the
+    same id, so consumers can drop the duplicates that at-least-once delivery allows.
+    ``violations`` and ``action`` always come from the policy applied to ``scores``, never
+    from a backend's own booleans.
+    """
+
+    verdict_id: str
+    event_id: str
+    kind: Kind
+    conversation_id: str | None = None
+    tenant: str | None = None
+    source: str | None = None
+    author_id: str | None = None
+    action: Action
+    flagged: bool = Field(description="True when action is not 'allow'.")
+    violations: list[CategoryHit] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict, description="Raw scores as the backend gave them (open map).")
+    model: str | None = Field(default=None, description="Model id the backend reported; None when degraded.")
+    backend: str
+    policy_version: str
+    degraded: bool = False
+    degraded_reason: str | None = None
+    input: InputPosition
+    decided_at: datetime
+    latency_ms: float | None = Field(default=None, description="From the event's Kafka timestamp to the decision.")
+    text: str | None = Field(default=None, description="The judged text, only when MODWORKER_INCLUDE_TEXT is true.")
+    metadata: dict[str, Any] | None = None
+
+
+class Violation(_Output):
+    """The compact event an enforcement service needs (topic ``moderation.violations``).
+
+    Published only for flagged inputs, keyed like the input, after the verdict.
+    """
+
+    verdict_id: str
+    event_id: str
+    kind: Kind
+    conversation_id: str | None = None
+    tenant: str | None = None
+    author_id: str | None = None
+    action: Action
+    violations: list[CategoryHit]
+    decided_at: datetime
+
+
+class DeadLetterHeaders:
+    """Header names on dead-letter records (topic ``moderation.dead-letter``).
+
+    The record's key and value are the original bytes, unchanged, and the original
+    headers are kept, so a replay is a copy back to ``origin-topic``. Values are UTF-8.
+    """
+
+    STAGE = "x-modworker-dlq-stage"
+    """Pipeline stage that rejected the input: ``decode`` or ``backend``."""
+    ERROR_TYPE = "x-modworker-dlq-error-type"
+    """Machine-readable reason: ``not_utf8``, ``not_json``, ``schema``, ``empty_text``,
+    ``too_long``, ``backend_rejected``."""
+    MESSAGE = "x-modworker-dlq-message"
+    """Human-readable reason (truncated to 1,000 characters)."""
+    ORIGIN_TOPIC = "x-modworker-dlq-origin-topic"
+    ORIGIN_PARTITION = "x-modworker-dlq-origin-partition"
+    ORIGIN_OFFSET = "x-modworker-dlq-origin-offset"
+
+    ALL = (STAGE, ERROR_TYPE, MESSAGE, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET)
+
+
+EXPORTED_MODELS: dict[str, type[BaseModel]] = {
+    "content_event": ContentEvent,
+    "conversation_event": ConversationEvent,
+    "verdict": Verdict,
+    "violation": Violation,
+}

@@ -1,0 +1,97 @@
+"""The backend protocol: what every moderation backend (remote API or local model) offers.
+
+A backend turns a batch of inputs into per-input category scores. It knows nothing about
+Kafka, offsets or policy: the pipeline hands it texts or conversations and gets back, for
+each input in the same order, either ``Scored`` or ``Rejected``.
+
+Contract for implementations:
+
+- ``score_texts`` / ``score_conversations`` return exactly one outcome per input, in input
+  order. They never return fewer.
+- ``Scored.scores`` is the backend's raw open map of category -> score in [0, 1], exactly
+  as the model gave it (no renaming: the policy owns aliases). ``Scored.model`` is the model
+  id the backend reports (for remote APIs: the id in the response, not the configured one).
+- ``Rejected`` marks an input the backend refuses for a reason that retrying cannot fix
+  (e.g. a 400 on that input alone); the pipeline dead-letters it with ``reason``.
+- Transient trouble is retried inside the backend. When the backend gives up it raises
+  ``BackendUnavailable``; the pipeline's fail policy decides what happens then.
+- ``BackendAuthError`` (bad or missing credentials) is fatal: the worker stops with the
+  message, which must say what to fix and must never contain the secret itself.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from schemas import Turn
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """Raw scores for one input."""
+
+    scores: dict[str, float]
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The backend refused this input for good; it goes to the dead-letter topic."""
+
+    reason: str
+    error_type: str = "backend_rejected"
+
+
+Outcome = Scored | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A conversation to judge: ``context`` (oldest first) then the judged ``turn`` last."""
+
+    turn: Turn
+    context: tuple[Turn, ...] = field(default=())
+
+    def messages(self) -> list[Turn]:
+        """All turns in wire order: the context, then the judged turn last."""
+        return [*self.context, self.turn]
+
+
+class BackendError(Exception):
+    """Base class of backend failures. Messages never contain secrets."""
+
+
+class BackendAuthError(BackendError):
+    """Credentials missing or refused (HTTP 401/403). Fatal: the worker stops."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not answer within its retry budget; the fail policy applies."""
+
+
+class Backend(abc.ABC):
+    """One moderation backend. Create, ``await start()``, score, ``await close()``."""
+
+    name: ClassVar[str]
+    """Short name recorded on every verdict (``mistral``, ``openai``, ``local`` ...)."""
+
+    async def start(self) -> None:
+        """Open connections / load and warm up the model. Called once before any scoring."""
+
+    async def close(self) -> None:
+        """Release connections and memory. Safe to call twice."""
+
+    async def ready(self) -> bool:
+        """True when the backend can take work (for the readiness probe)."""
+        return True
+
+    @abc.abstractmethod
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        """Score each text independently; one outcome per text, in order."""
+
+    @abc.abstractmethod
+    async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
+        """Score the last turn of each conversation in its context; one outcome each, in order."""

@@ -1,0 +1,228 @@
+"""The one configuration object, read once at start-up.
+
+Sources, highest precedence first: environment variables (prefix ``MODWORKER_``, nested
+sections joined with ``__``, e.g. ``MODWORKER_BATCH__MAX_SIZE``), then an optional YAML
+file (``modworker run --config FILE``), then the defaults below. A few well-known names
+are accepted without the prefix: ``KAFKA_BOOTSTRAP_SERVERS``, ``MISTRAL_API_KEY``,
+``OPENAI_API_KEY``.
+
+No other module reads the environment. ``load_settings`` raises ``ConfigError`` whose
+message is one line per problem naming the environment variable and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MODWORKER_"
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting. ``str(err)`` is ready to print to the user."""
+
+
+class KafkaSettings(BaseModel):
+    """Connection to the Kafka cluster; security options pass through to aiokafka."""
+
+    bootstrap_servers: str | None = Field(
+        default=None, description="Comma-separated host:port list (or KAFKA_BOOTSTRAP_SERVERS)."
+    )
+    client_id: str = "moderation-worker"
+    enable_idempotence: bool = Field(
+        default=True, description="Idempotent producer; the embedded test broker needs false."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle for TLS (SSL / SASL_SSL).")
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_records: int = Field(default=500, ge=1)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_mechanism:
+                raise ValueError(
+                    "MODWORKER_KAFKA__SASL_MECHANISM is required with SASL_*: set PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                )
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError(
+                    "MODWORKER_KAFKA__SASL_USERNAME and MODWORKER_KAFKA__SASL_PASSWORD are required with SASL_*"
+                )
+        if self.ssl_cafile is not None and not self.ssl_cafile.is_file():
+            raise ValueError(f"MODWORKER_KAFKA__SSL_CAFILE: no such file {self.ssl_cafile}")
+        return self
+
+
+class BatchSettings(BaseModel):
+    """Micro-batching: a batch is flushed at whichever limit it reaches first."""
+
+    max_size: int = Field(default=32, ge=1, le=10_000, description="Inputs per backend call.")
+    max_bytes: int = Field(default=256_000, ge=1_024, description="Total UTF-8 bytes of text per backend call.")
+    max_wait_ms: int = Field(default=50, ge=0, description="Longest an input waits for its batch to fill.")
+
+
+class MistralSettings(BaseModel):
+    """Mistral moderation API (``MODWORKER_BACKEND=mistral``)."""
+
+    api_key: SecretStr | None = Field(default=None, description="Or MISTRAL_API_KEY.")
+    base_url: str = "https://api.mistral.ai"
+    model: str = "mistral-moderation-latest"
+
+
+class OpenAISettings(BaseModel):
+    """OpenAI moderation API (``MODWORKER_BACKEND=openai``)."""
+
+    api_key: SecretStr | None = Field(default=None, description="Or OPENAI_API_KEY.")
+    base_url: str = "https://api.openai.com"
+    model: str = "omni-moderation-latest"
+
+
+class HttpSettings(BaseModel):
+    """The HTTP layer shared by remote backends."""
+
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=16, ge=1)
+    max_concurrency: int = Field(default=4, ge=1, description="Backend calls in flight at once.")
+    retry_attempts: int = Field(default=4, ge=1, description="Tries per call, the first included.")
+    retry_max_wait_s: float = Field(default=10.0, gt=0)
+    fail_policy: Literal["wait", "review", "allow"] = Field(
+        default="wait",
+        description="When the retry budget is spent: keep waiting (nothing passes unmoderated), "
+        "or publish a degraded verdict with action review/allow.",
+    )
+
+
+class Settings(BaseSettings):
+    """All of the worker's configuration. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    group_id: str = "moderation-worker"
+    content_topic: str = "ugc.content"
+    conversation_topic: str = "ugc.conversations"
+    verdict_topic: str = "moderation.verdicts"
+    violation_topic: str = "moderation.violations"
+    dead_letter_topic: str = "moderation.dead-letter"
+
+    backend: Literal["mistral", "openai", "local"] = "mistral"
+    mistral: MistralSettings = Field(default_factory=MistralSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+
+    policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
+    max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")
+    max_in_flight: int = Field(default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause.")
+    commit_interval_ms: int = Field(default=1_000, ge=0)
+    commit_every: int = Field(default=1_000, ge=1, description="Commit after this many finished messages, if sooner.")
+    drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM/revoke, how long in-flight work may finish.")
+    include_text: bool = Field(default=False, description="Copy the judged text into verdicts.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    # Unprefixed aliases users already have in their environment.
+    kafka_bootstrap_servers_env: str | None = Field(
+        default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"), exclude=True
+    )
+    mistral_api_key_env: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MISTRAL_API_KEY"), exclude=True
+    )
+    openai_api_key_env: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY"), exclude=True
+    )
+
+    @model_validator(mode="after")
+    def _resolve_aliases_and_requirements(self) -> Settings:
+        if self.kafka.bootstrap_servers is None:
+            self.kafka.bootstrap_servers = self.kafka_bootstrap_servers_env
+        if self.mistral.api_key is None:
+            self.mistral.api_key = self.mistral_api_key_env
+        if self.openai.api_key is None:
+            self.openai.api_key = self.openai_api_key_env
+        if not self.kafka.bootstrap_servers:
+            raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set: export KAFKA_BOOTSTRAP_SERVERS=host:9092")
+        if self.backend == "mistral" and not _secret(self.mistral.api_key):
+            raise ValueError(
+                "MISTRAL_API_KEY is not set: export MISTRAL_API_KEY=<your key>, or pick another MODWORKER_BACKEND"
+            )
+        if self.backend == "openai" and not _secret(self.openai.api_key):
+            raise ValueError(
+                "OPENAI_API_KEY is not set: export OPENAI_API_KEY=<your key>, or pick another MODWORKER_BACKEND"
+            )
+        if self.policy_file is not None and not self.policy_file.is_file():
+            raise ValueError(f"MODWORKER_POLICY_FILE: no such file {self.policy_file}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if settings_cls.model_config.get("yaml_file"):
+            sources += (YamlConfigSettingsSource(settings_cls),)
+        return sources
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings once: environment over ``config_file`` (YAML) over defaults.
+
+    ``overrides`` are keyword arguments that win over everything (used by tests and the
+    demo). Raises ``ConfigError`` with one line per problem.
+    """
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"--config: no such file {config_file}")
+        settings_cls = type(
+            "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(config_file)}}
+        )
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as err:
+        raise ConfigError("\n".join(_describe(e) for e in err.errors())) from None
+    except ValueError as err:  # e.g. a YAML file that does not parse
+        raise ConfigError(f"configuration: {err}") from None
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if not isinstance(part, int)]
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not loc:
+        return f"configuration error: {message}"
+    env_name = ENV_PREFIX + "__".join(part.upper() for part in loc)
+    got = error.get("input")
+    shown = "" if _looks_secret(loc) or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"configuration error: {env_name}: {message}{shown}; fix the value or unset it to use the default"
+
+
+def _looks_secret(loc: list[str]) -> bool:
+    return any(word in part.lower() for part in loc for word in ("key", "password", "secret", "token"))
