@@ -161,14 +161,6 @@ class Settings(BaseSettings):
             self.openai.api_key = self.openai_api_key_env
         if not self.kafka.bootstrap_servers:
             raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set: export KAFKA_BOOTSTRAP_SERVERS=host:9092")
-        if self.backend == "mistral" and not _secret(self.mistral.api_key):
-            raise ValueError(
-                "MISTRAL_API_KEY is not set: export MISTRAL_API_KEY=<your key>, or pick another MODWORKER_BACKEND"
-            )
-        if self.backend == "openai" and not _secret(self.openai.api_key):
-            raise ValueError(
-                "OPENAI_API_KEY is not set: export OPENAI_API_KEY=<your key>, or pick another MODWORKER_BACKEND"
-            )
         if self.policy_file is not None and not self.policy_file.is_file():
             raise ValueError(f"MODWORKER_POLICY_FILE: no such file {self.policy_file}")
         return self
@@ -192,11 +184,30 @@ def _secret(value: SecretStr | None) -> str:
     return value.get_secret_value() if value is not None else ""
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+def check_backend_credentials(settings: Settings) -> None:
+    """Raise ``ConfigError`` when the chosen backend lacks its API key.
+
+    Separate from validation so that commands that never call a backend (``produce``,
+    ``tail``) run without a key.
+    """
+    if settings.backend == "mistral" and not _secret(settings.mistral.api_key):
+        raise ConfigError(
+            "configuration error: MISTRAL_API_KEY is not set: export MISTRAL_API_KEY=<your key>, "
+            "or choose another backend with MODWORKER_BACKEND"
+        )
+    if settings.backend == "openai" and not _secret(settings.openai.api_key):
+        raise ConfigError(
+            "configuration error: OPENAI_API_KEY is not set: export OPENAI_API_KEY=<your key>, "
+            "or choose another backend with MODWORKER_BACKEND"
+        )
+
+
+def load_settings(config_file: Path | None = None, *, require_backend: bool = True, **overrides: Any) -> Settings:
     """Read the settings once: environment over ``config_file`` (YAML) over defaults.
 
     ``overrides`` are keyword arguments that win over everything (used by tests and the
-    demo). Raises ``ConfigError`` with one line per problem.
+    demo). With ``require_backend`` the chosen backend's credentials must be present.
+    Raises ``ConfigError`` with one line per problem.
     """
     settings_cls: type[Settings] = Settings
     if config_file is not None:
@@ -206,11 +217,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(config_file)}}
         )
     try:
-        return settings_cls(**overrides)
+        settings = settings_cls(**overrides)
     except ValidationError as err:
         raise ConfigError("\n".join(_describe(e) for e in err.errors())) from None
     except ValueError as err:  # e.g. a YAML file that does not parse
-        raise ConfigError(f"configuration: {err}") from None
+        raise ConfigError(f"configuration error: {err}") from None
+    if require_backend:
+        check_backend_credentials(settings)
+    return settings
 
 
 def _describe(error: Any) -> str:
