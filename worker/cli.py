@@ -1,0 +1,260 @@
+"""The ``modworker`` command line.
+
+``run`` starts the worker; ``produce`` publishes JSONL events (how a platform tries the
+worker); ``tail`` prints what arrives on an output topic; ``schemas export`` writes the
+JSON Schemas. Further commands register themselves from the modules in
+``COMMAND_MODULES`` (each exposes ``add_command(subparsers)`` and sets ``func``).
+
+Every expected failure ends with one line on stderr and a non-zero exit code, never a
+traceback: 2 for a configuration problem, 1 for a runtime one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from worker.config import ConfigError, Settings, load_settings
+
+COMMAND_MODULES: list[str] = []
+"""Modules adding subcommands (train, eval, demo, bench ...)."""
+
+
+class CommandError(Exception):
+    """An expected failure of a command; the message is printed as is (exit code 1)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"modworker: {err}", file=sys.stderr)
+        return 2
+    except CommandError as err:
+        print(f"modworker: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modworker", description="Streaming content moderation for Kafka.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    run.add_argument("--config", type=Path, help="YAML settings file (environment variables win over it)")
+    run.set_defaults(func=cmd_run)
+
+    produce = sub.add_parser("produce", help="publish JSONL events to a topic, one per line")
+    produce.add_argument("file", type=Path, help="JSONL file ('-' for stdin)")
+    produce.add_argument("--topic", required=True)
+    produce.add_argument("--key-field", help="JSON field used as the key (default: conversation_id, else id)")
+    produce.add_argument("--config", type=Path)
+    produce.set_defaults(func=cmd_produce)
+
+    tail = sub.add_parser("tail", help="print records of an output topic as they arrive")
+    tail.add_argument("topic")
+    tail.add_argument("--json", action="store_true", help="print each value as it is")
+    tail.add_argument("--max", type=int, default=0, help="stop after this many records (0: never)")
+    tail.add_argument("--timeout", type=float, default=0, help="stop after this many idle seconds (0: never)")
+    tail.add_argument("--config", type=Path)
+    tail.set_defaults(func=cmd_tail)
+
+    schemas = sub.add_parser("schemas", help="message contract tools")
+    schemas_sub = schemas.add_subparsers(dest="schemas_command", metavar="ACTION")
+    export = schemas_sub.add_parser("export", help="write the JSON Schema files into DIR")
+    export.add_argument("dir", type=Path)
+    export.set_defaults(func=cmd_schemas_export)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_command(sub)
+    return parser
+
+
+# -- run -----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.app import ModerationWorker, WorkerFatal
+    from worker.backends import create_backend
+    from worker.logs import configure_logging
+    from worker.policy import Policy, PolicyError
+
+    settings = load_settings(args.config)
+    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
+    try:
+        policy = Policy.load(settings.policy_file)
+    except PolicyError as err:
+        raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
+    worker = ModerationWorker(settings, backend=create_backend(settings), policy=policy)
+    try:
+        asyncio.run(_serve(worker))
+    except WorkerFatal as err:
+        raise CommandError(str(err)) from None
+    except _KAFKA_START_ERRORS as err:
+        raise CommandError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}); "
+            "check KAFKA_BOOTSTRAP_SERVERS and the MODWORKER_KAFKA__SECURITY_* settings"
+        ) from None
+    return 0
+
+
+async def _serve(worker) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in the settings, for log redaction."""
+    values = [settings.mistral.api_key, settings.openai.api_key, settings.kafka.sasl_password]
+    return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+
+def _kafka_start_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka.errors import KafkaError
+
+    return (KafkaError, OSError)
+
+
+_KAFKA_START_ERRORS: tuple[type[BaseException], ...] = _kafka_start_errors()
+
+
+# -- produce -------------------------------------------------------------------------
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, require_backend=False)
+    if str(args.file) != "-" and not args.file.is_file():
+        raise CommandError(f"no such file: {args.file}")
+    count = asyncio.run(_produce(settings, args.file, args.topic, args.key_field))
+    print(f"published {count} records to {args.topic}", file=sys.stderr)
+    return 0
+
+
+async def _produce(settings: Settings, path: Path, topic: str, key_field: str | None) -> int:
+    from worker.source import make_producer
+
+    producer = make_producer(settings.kafka, linger_ms=20)
+    try:
+        await producer.start()
+    except _KAFKA_START_ERRORS as err:
+        raise CommandError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {err}") from None
+    count = 0
+    try:
+        stream = sys.stdin.buffer if str(path) == "-" else path.open("rb")
+        with stream:
+            futures = []
+            for line in stream:
+                value = line.rstrip(b"\r\n")
+                if not value.strip():
+                    continue
+                futures.append(await producer.send(topic, value, key=key_of(value, key_field)))
+                count += 1
+            await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return count
+
+
+def key_of(value: bytes, key_field: str | None) -> bytes | None:
+    """The event's natural key: ``key_field``, else ``conversation_id``, else ``id``."""
+    try:
+        event = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(event, dict):
+        return None
+    for field in (key_field,) if key_field else ("conversation_id", "id"):
+        if isinstance(event.get(field), str):
+            return event[field].encode()
+    return None
+
+
+# -- tail ----------------------------------------------------------------------------
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, require_backend=False)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail(settings, args.topic, as_json=args.json, limit=args.max, idle_timeout=args.timeout))
+    return 0
+
+
+async def _tail(settings: Settings, topic: str, *, as_json: bool, limit: int, idle_timeout: float) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    from worker.source import client_options
+
+    consumer = AIOKafkaConsumer(topic, **client_options(settings.kafka), group_id=None, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    try:
+        await consumer.start()
+    except _KAFKA_START_ERRORS as err:
+        raise CommandError(f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {err}") from None
+    seen = 0
+    last = time.monotonic()
+    try:
+        while not limit or seen < limit:
+            batches = await consumer.getmany(timeout_ms=200)
+            records = [r for rs in batches.values() for r in rs]
+            if not records:
+                if idle_timeout and time.monotonic() - last > idle_timeout:
+                    return
+                continue
+            last = time.monotonic()
+            for record in records:
+                print(record.value.decode("utf-8", "replace") if as_json else describe_record(record), flush=True)
+                seen += 1
+                if limit and seen >= limit:
+                    return
+    finally:
+        await consumer.stop()
+
+
+def describe_record(record) -> str:
+    """One readable line for a verdict, violation or dead letter."""
+    try:
+        value = json.loads(record.value)
+    except (ValueError, TypeError):
+        value = None
+    if isinstance(value, dict) and "action" in value:
+        hits = value.get("violations") or []
+        cats = ", ".join(f"{h['category']}={h['score']:.2f}" for h in hits) or "-"
+        degraded = f" degraded ({value.get('degraded_reason')})" if value.get("degraded") else ""
+        return f"{value['action']:<6} {value.get('kind', ''):<12} {value.get('event_id')}  {cats}{degraded}"
+    headers = dict(record.headers or ())
+    reason = headers.get("x-modworker-dlq-error-type")
+    if reason is not None:
+        message = headers.get("x-modworker-dlq-message", b"").decode("utf-8", "replace")
+        return f"dead-letter {reason.decode()}: {message}"
+    return record.value.decode("utf-8", "replace") if record.value else "<empty>"
+
+
+# -- schemas -------------------------------------------------------------------------
+
+
+def cmd_schemas_export(args: argparse.Namespace) -> int:
+    from schemas import export_json_schemas
+
+    for path in export_json_schemas(args.dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Sink stage: publish verdicts, violations and dead letters, in per-key input order.
+
+Two parts:
+
+- ``KeySequencer`` releases results per (input partition, key) in input order, whatever
+  order the concurrent backend calls finish in. Verdicts for one key are therefore
+  published in the order their inputs were read.
+- ``Sink`` owns the one producer. ``publish`` enqueues a group of records; a single task
+  hands them to the producer in enqueue order (so per-key order survives into Kafka) and
+  calls ``on_acked`` once the broker acknowledged every record of the group (acks=all).
+  A record the producer cannot deliver after its own retries is fatal (``on_error``):
+  the message stays uncommitted and is processed again after restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.structs import TopicPartition
+
+from schemas import DeadLetterHeaders
+from worker.decode import Job
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None = None
+
+
+def dead_letter_record(
+    record: ConsumerRecord, *, topic: str, stage: str, error_type: str, message: str
+) -> OutRecord:
+    """The original key, value and headers, plus the reason headers (see ``DeadLetterHeaders``)."""
+    reason: Headers = [
+        (DeadLetterHeaders.STAGE, stage.encode()),
+        (DeadLetterHeaders.ERROR_TYPE, error_type.encode()),
+        (DeadLetterHeaders.MESSAGE, message[:1000].encode("utf-8", "replace")),
+        (DeadLetterHeaders.ORIGIN_TOPIC, record.topic.encode()),
+        (DeadLetterHeaders.ORIGIN_PARTITION, str(record.partition).encode()),
+        (DeadLetterHeaders.ORIGIN_OFFSET, str(record.offset).encode()),
+    ]
+    original = [(k, v) for k, v in (record.headers or ()) if k not in DeadLetterHeaders.ALL]
+    return OutRecord(topic, record.key, record.value if record.value is not None else b"", original + reason)
+
+
+class KeySequencer:
+    """Releases completed jobs of one (partition, key) strictly in the order they entered."""
+
+    def __init__(self) -> None:
+        self._queues: dict[tuple[TopicPartition, bytes], deque[Job]] = {}
+        self._ready: dict[Job, Callable[[], None]] = {}
+
+    def enter(self, job: Job) -> None:
+        """Record the job's place in line. Call in input order, before it is batched."""
+        key = (job.tp, job.key)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(job)
+
+    def complete(self, job: Job, release: Callable[[], None]) -> None:
+        """``release`` runs once every earlier job of the same key has been released."""
+        key = (job.tp, job.key)
+        queue = self._queues.get(key)
+        if queue is None or job not in self._ready and not _contains(queue, job):
+            release()  # not sequenced (its partition was dropped): nothing to wait for
+            return
+        self._ready[job] = release
+        while queue and queue[0] in self._ready:
+            self._ready.pop(queue.popleft())()
+        if not queue:
+            del self._queues[key]
+
+    def drop(self, tps: Iterable[TopicPartition]) -> None:
+        """Forget the lines of revoked partitions."""
+        revoked = set(tps)
+        for key in [k for k in self._queues if k[0] in revoked]:
+            for job in self._queues.pop(key):
+                self._ready.pop(job, None)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+
+def _contains(queue: deque[Job], job: Job) -> bool:
+    # Queues are short (jobs of one key in flight); the head is the common case.
+    return bool(queue) and (queue[0] is job or any(j is job for j in queue))
+
+
+class Sink:
+    """The one producer of the worker, with ordered, acknowledged publishing."""
+
+    def __init__(self, producer: AIOKafkaProducer, *, on_error: Callable[[BaseException], None]) -> None:
+        self._producer = producer
+        self._on_error = on_error
+        self._queue: asyncio.Queue[tuple[list[OutRecord], Callable[[], None]] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._unacked = 0
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._task = asyncio.create_task(self._run(), name="sink-publisher")
+
+    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None:
+        """Enqueue records (sent in call order); ``on_acked`` runs when all are acknowledged."""
+        self._unacked += 1
+        self._queue.put_nowait((records, on_acked))
+
+    @property
+    def unacked(self) -> int:
+        """Groups published but not yet acknowledged."""
+        return self._unacked
+
+    async def close(self) -> None:
+        """Send what is queued, wait for acknowledgements, stop the producer."""
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+        await self._producer.flush()
+        await self._producer.stop()
+
+    async def _run(self) -> None:
+        send = self._producer.send
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            records, on_acked = item
+            try:
+                futures = [await send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
+            except Exception as err:  # noqa: BLE001 - any send failure is fatal to the worker
+                self._on_error(err)
+                continue
+            done = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+            done.add_done_callback(self._acked_callback(on_acked))
+
+    def _acked_callback(self, on_acked: Callable[[], None]) -> Callable[[asyncio.Future[object]], None]:
+        def callback(future: asyncio.Future[object]) -> None:
+            self._unacked -= 1
+            if future.cancelled():
+                self._on_error(asyncio.CancelledError("publish cancelled"))
+            elif (err := future.exception()) is not None:
+                self._on_error(err)
+            else:
+                on_acked()
+
+        return callback
