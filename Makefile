@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs (reinstalled when pyproject.toml changes).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint schemas clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build these machines carry locally;
+	# any other version would pull several GB of CUDA packages.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,local]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m worker.cli demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m worker.cli bench
+
+schemas: $(STAMP)
+	$(PY) -m worker.cli schemas export schemas/json
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
