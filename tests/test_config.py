@@ -1,0 +1,261 @@
+"""Configuration: the documented environment names, the YAML file, and the error lines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from worker.config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+SECRET = "sk-test-0123456789abcdefSECRET"
+UNPREFIXED = ("KAFKA_BOOTSTRAP_SERVERS", "MISTRAL_API_KEY", "OPENAI_API_KEY")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Each test starts from an environment with none of the worker's variables."""
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX) or name.upper() in UNPREFIXED:
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def minimal_env(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    monkeypatch.setenv("MISTRAL_API_KEY", SECRET)
+
+
+def lookup(settings: Settings, path: str):
+    value = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
+def test_defaults_are_the_documented_ones(minimal_env):
+    settings = load_settings()
+    assert settings.content_topic == "ugc.content"
+    assert settings.conversation_topic == "ugc.conversations"
+    assert settings.verdict_topic == "moderation.verdicts"
+    assert settings.violation_topic == "moderation.violations"
+    assert settings.dead_letter_topic == "moderation.dead-letter"
+    assert settings.backend == "mistral"
+    assert settings.mistral.base_url == "https://api.mistral.ai"
+    assert settings.mistral.model == "mistral-moderation-latest"
+    assert settings.kafka.enable_idempotence is True
+    assert settings.policy_file is None
+
+
+@pytest.mark.parametrize(
+    ("env_name", "raw", "path", "expected"),
+    [
+        ("MODWORKER_GROUP_ID", "moderators-eu", "group_id", "moderators-eu"),
+        ("MODWORKER_CONTENT_TOPIC", "in.content", "content_topic", "in.content"),
+        ("MODWORKER_CONVERSATION_TOPIC", "in.chats", "conversation_topic", "in.chats"),
+        ("MODWORKER_VERDICT_TOPIC", "out.verdicts", "verdict_topic", "out.verdicts"),
+        ("MODWORKER_VIOLATION_TOPIC", "out.violations", "violation_topic", "out.violations"),
+        ("MODWORKER_DEAD_LETTER_TOPIC", "out.dlq", "dead_letter_topic", "out.dlq"),
+        ("MODWORKER_BACKEND", "local", "backend", "local"),
+        ("MISTRAL_API_KEY", "another-key", "mistral.api_key", "another-key"),
+        ("MODWORKER_MISTRAL__BASE_URL", "http://127.0.0.1:8080", "mistral.base_url", "http://127.0.0.1:8080"),
+        ("MODWORKER_MISTRAL__MODEL", "mistral-moderation-2411", "mistral.model", "mistral-moderation-2411"),
+        ("MODWORKER_BATCH__MAX_SIZE", "64", "batch.max_size", 64),
+        ("MODWORKER_BATCH__MAX_WAIT_MS", "5", "batch.max_wait_ms", 5),
+        ("MODWORKER_KAFKA__ENABLE_IDEMPOTENCE", "false", "kafka.enable_idempotence", False),
+        ("MODWORKER_KAFKA__BOOTSTRAP_SERVERS", "a:1,b:2", "kafka.bootstrap_servers", "a:1,b:2"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "c:3", "kafka.bootstrap_servers", "c:3"),
+    ],
+)
+def test_each_documented_environment_name_sets_its_field(monkeypatch, minimal_env, env_name, raw, path, expected):
+    before = lookup(load_settings(), path)
+    assert before != expected  # the variable, not a default, must produce the value
+    monkeypatch.setenv(env_name, raw)
+    assert lookup(load_settings(), path) == expected
+
+
+def test_policy_file_is_read_from_the_environment(monkeypatch, minimal_env, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("default: {threshold: 0.5, action: flag}\n")
+    monkeypatch.setenv("MODWORKER_POLICY_FILE", str(policy))
+    assert load_settings().policy_file == policy
+
+
+def test_a_policy_file_that_does_not_exist_is_named(monkeypatch, minimal_env, tmp_path):
+    monkeypatch.setenv("MODWORKER_POLICY_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="MODWORKER_POLICY_FILE"):
+        load_settings()
+
+
+def test_the_prefixed_bootstrap_name_wins_over_the_unprefixed_one(monkeypatch, minimal_env):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "plain:9092")
+    monkeypatch.setenv("MODWORKER_KAFKA__BOOTSTRAP_SERVERS", "prefixed:9092")
+    assert load_settings().kafka.bootstrap_servers == "prefixed:9092"
+
+
+def test_the_prefixed_api_key_wins_over_the_unprefixed_one(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_MISTRAL__API_KEY", "prefixed-key")
+    assert load_settings().mistral.api_key.get_secret_value() == "prefixed-key"
+
+
+# --- the YAML file ---------------------------------------------------------------------------
+
+YAML = """\
+group_id: from-yaml
+content_topic: yaml.content
+kafka:
+  bootstrap_servers: yaml-broker:9092
+  client_id: yaml-client
+mistral:
+  api_key: yaml-key
+  model: yaml-model
+batch:
+  max_size: 7
+  max_wait_ms: 70
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path) -> Path:
+    path = tmp_path / "worker.yaml"
+    path.write_text(YAML)
+    return path
+
+
+def test_a_yaml_file_supplies_settings(config_file):
+    settings = load_settings(config_file=config_file)
+    assert settings.group_id == "from-yaml"
+    assert settings.content_topic == "yaml.content"
+    assert settings.kafka.bootstrap_servers == "yaml-broker:9092"
+    assert settings.mistral.api_key.get_secret_value() == "yaml-key"
+    assert (settings.batch.max_size, settings.batch.max_wait_ms) == (7, 70)
+
+
+def test_the_environment_wins_over_the_yaml_file_key_by_key(monkeypatch, config_file):
+    monkeypatch.setenv("MODWORKER_GROUP_ID", "from-env")
+    monkeypatch.setenv("MODWORKER_BATCH__MAX_SIZE", "9")
+    monkeypatch.setenv("MODWORKER_KAFKA__ENABLE_IDEMPOTENCE", "false")
+    settings = load_settings(config_file=config_file)
+    assert settings.group_id == "from-env"
+    assert settings.batch.max_size == 9
+    assert settings.kafka.enable_idempotence is False
+    # the rest of the same sections still comes from the file
+    assert settings.batch.max_wait_ms == 70
+    assert settings.kafka.client_id == "yaml-client"
+    assert settings.content_topic == "yaml.content"
+
+
+def test_the_unprefixed_environment_names_win_over_the_yaml_file(monkeypatch, config_file):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "env-broker:9092")
+    monkeypatch.setenv("MISTRAL_API_KEY", "env-key")
+    settings = load_settings(config_file=config_file)
+    assert settings.kafka.bootstrap_servers == "env-broker:9092"
+    assert settings.mistral.api_key.get_secret_value() == "env-key"
+    assert settings.mistral.model == "yaml-model"
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="--config") as caught:
+        load_settings(config_file=tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(caught.value)
+
+
+def test_a_bad_value_in_the_yaml_file_names_its_environment_variable(tmp_path, minimal_env):
+    path = tmp_path / "worker.yaml"
+    path.write_text("batch:\n  max_size: lots\n")
+    with pytest.raises(ConfigError, match="MODWORKER_BATCH__MAX_SIZE"):
+        load_settings(config_file=path)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env_name", "raw"),
+    [
+        ("MODWORKER_BATCH__MAX_SIZE", "lots"),
+        ("MODWORKER_BATCH__MAX_SIZE", "0"),
+        ("MODWORKER_BATCH__MAX_WAIT_MS", "-1"),
+        ("MODWORKER_KAFKA__ENABLE_IDEMPOTENCE", "maybe"),
+        ("MODWORKER_BACKEND", "watson"),
+        ("MODWORKER_KAFKA__SECURITY_PROTOCOL", "TLS"),
+    ],
+)
+def test_a_bad_value_gives_one_line_naming_the_variable(monkeypatch, minimal_env, env_name, raw):
+    monkeypatch.setenv(env_name, raw)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert env_name in message
+    assert "Traceback" not in message
+
+
+def test_a_missing_mistral_api_key_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "MISTRAL_API_KEY" in message
+    assert "export MISTRAL_API_KEY" in message
+    assert "\n" not in message
+
+
+def test_commands_that_call_no_backend_run_without_a_key(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    assert load_settings(require_backend=False).mistral.api_key is None
+
+
+def test_a_missing_bootstrap_server_is_named(monkeypatch):
+    monkeypatch.setenv("MISTRAL_API_KEY", SECRET)
+    with pytest.raises(ConfigError, match="KAFKA_BOOTSTRAP_SERVERS"):
+        load_settings()
+
+
+def test_sasl_without_credentials_names_the_missing_settings(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    with pytest.raises(ConfigError, match="MODWORKER_KAFKA__SASL_USERNAME"):
+        load_settings()
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+
+def test_the_api_key_never_appears_when_settings_are_printed(minimal_env, monkeypatch):
+    monkeypatch.setenv("MODWORKER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_USERNAME", "user")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_PASSWORD", SECRET + "-password")
+    settings = load_settings()
+    assert settings.mistral.api_key.get_secret_value() == SECRET
+    for shown in (str(settings), repr(settings), settings.model_dump_json(), str(settings.model_dump())):
+        assert SECRET not in shown
+
+
+def test_the_api_key_never_appears_in_a_config_error(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_BATCH__MAX_SIZE", "lots")
+    monkeypatch.setenv("MODWORKER_OPENAI__API_KEY", SECRET)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        f"mistral: {SECRET}\n",  # the key written where its section belongs
+        f"openai: {SECRET}\n",
+        f"mistral:\n  api_key: [{SECRET}]\n",
+        f"kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: PLAIN\n  sasl_username: u\n  sasl_password: [{SECRET}]\n",
+    ],
+)
+def test_a_misplaced_secret_in_the_yaml_file_is_not_echoed(tmp_path, monkeypatch, yaml_text):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    path = tmp_path / "worker.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=path, require_backend=False)
+    assert SECRET not in str(caught.value)
+    assert ENV_PREFIX in str(caught.value)
