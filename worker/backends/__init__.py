@@ -1,0 +1,31 @@
+"""Moderation backends: one protocol (``worker.backends.base.Backend``), several implementations.
+
+``create_backend(settings)`` picks one by ``settings.backend``:
+
+- ``mistral``: ``worker.backends.mistral.MistralBackend`` (moderation or classifier endpoints);
+- ``openai``: ``worker.backends.openai.OpenAIBackend``;
+- ``local``: ``worker.backends.local.LocalBackend`` (imported only when chosen: it needs the
+  ``local`` extra).
+"""
+
+from __future__ import annotations
+
+from worker.backends.base import Backend
+from worker.config import Settings
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The backend ``settings.backend`` names, not yet started (``await backend.start()``)."""
+    if settings.backend == "mistral":
+        from worker.backends.mistral import MistralBackend
+
+        return MistralBackend(settings)
+    if settings.backend == "openai":
+        from worker.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    if settings.backend == "local":
+        from worker.backends.local import LocalBackend
+
+        return LocalBackend(settings)
+    raise ValueError(f"unknown backend {settings.backend!r}: set MODWORKER_BACKEND to mistral, openai or local")

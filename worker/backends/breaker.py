@@ -1,0 +1,124 @@
+"""A circuit breaker for one remote API: stop calling a backend that keeps failing.
+
+States:
+
+- **closed**: calls go through. Each failed try (connection error, timeout, 5xx) adds one
+  to a count of consecutive failures; any answer from the API (success, 400, 401 ...)
+  resets it. 429 is neutral: the API is pacing us, not failing. At
+  ``failure_threshold`` consecutive failures the circuit opens.
+- **open**: every call fails at once with ``CircuitOpenError`` (a ``BackendUnavailable``
+  whose ``retry_in_s`` says when a probe will be let through), so a dead backend costs no
+  connections or timeouts and the pipeline's fail policy applies without delay.
+- **half-open**: after ``reset_timeout_s`` one call, the probe, goes through; others still
+  fail fast. The probe's success closes the circuit, its failure opens it again for
+  another ``reset_timeout_s``.
+
+A small class rather than a library: the asyncio breakers on PyPI count exceptions around a
+whole call, while this one must count single tries inside the retry loop and treat 429 as
+neutral. Single-threaded (asyncio) by contract: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import structlog
+
+from worker.backends.base import BackendUnavailable
+
+log = structlog.get_logger(__name__)
+
+State = Literal["closed", "open", "half_open"]
+
+
+class BreakerEvent:
+    """Log event names of the circuit breaker."""
+
+    OPENED = "backend.circuit.opened"
+    HALF_OPEN = "backend.circuit.half_open"
+    CLOSED = "backend.circuit.closed"
+
+
+class CircuitOpenError(BackendUnavailable):
+    """The circuit is open: the call was not attempted. Try again after ``retry_in_s``."""
+
+    def __init__(self, name: str, retry_in_s: float) -> None:
+        super().__init__(
+            f"{name} API circuit open after repeated failures; next probe in {retry_in_s:.1f}s"
+        )
+        self.retry_in_s = retry_in_s
+
+
+class CircuitBreaker:
+    """See the module docstring. ``clock`` is injectable for tests (default ``time.monotonic``)."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        reset_timeout_s: float,
+        name: str = "backend",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.reset_timeout_s = reset_timeout_s
+        self.name = name
+        self._clock = clock
+        self._state: State = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+        self.times_opened = 0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def before_call(self) -> None:
+        """Let a try through, or raise ``CircuitOpenError``."""
+        if self._state == "closed":
+            return
+        now = self._clock()
+        if self._state == "open":
+            wait = self._opened_at + self.reset_timeout_s - now
+            if wait > 0:
+                raise CircuitOpenError(self.name, wait)
+            self._state = "half_open"
+            self._probe_in_flight = False
+            log.info(BreakerEvent.HALF_OPEN, api=self.name)
+        if self._probe_in_flight:
+            raise CircuitOpenError(self.name, min(self.reset_timeout_s, 1.0))
+        self._probe_in_flight = True
+
+    def record_success(self) -> None:
+        """The API answered (any status that is not a failure)."""
+        if self._state != "closed":
+            log.info(BreakerEvent.CLOSED, api=self.name)
+        self._state = "closed"
+        self._failures = 0
+        self._probe_in_flight = False
+
+    def record_failure(self) -> None:
+        """A try failed (connection error, timeout, 5xx)."""
+        self._failures += 1
+        if self._state == "half_open" or (self._state == "closed" and self._failures >= self.failure_threshold):
+            self._open()
+
+    def record_neutral(self) -> None:
+        """A try ended saying nothing about health (429, cancelled): free the probe slot."""
+        self._probe_in_flight = False
+
+    def _open(self) -> None:
+        self._state = "open"
+        self._opened_at = self._clock()
+        self._probe_in_flight = False
+        self.times_opened += 1
+        log.warning(
+            BreakerEvent.OPENED, api=self.name, consecutive_failures=self._failures, reset_in_s=self.reset_timeout_s
+        )

@@ -1,0 +1,328 @@
+"""The HTTP layer every remote backend uses: one pooled client, retries, limits, a breaker.
+
+``RemoteApi.post(path, body)`` sends one JSON request and returns the decoded answer, or
+raises one of:
+
+- ``BackendAuthError`` on 401/403: fatal, the message names the environment variable to
+  fix and never contains the key;
+- ``ApiRejected`` on 400/413/422: the API refuses this body for good (an input over the
+  context, a body it cannot parse); never retried. Backends bisect a batch on it;
+- ``BackendUnavailable`` when the retry budget is spent (its message says why), when the
+  circuit breaker is open (``CircuitOpenError``), or on an answer no retry can fix (404:
+  wrong base URL).
+
+What is retried: connection errors, timeouts, connection resets and HTTP 429, 500, 502,
+503 and 504, with exponential backoff and full jitter (``random.uniform(0, min(max_wait,
+base * 2 ** n))``), except that a ``Retry-After`` header (seconds or an HTTP date) is
+honoured: the next try waits at least that long. A call gives up after
+``http.retry_attempts`` tries, or as soon as the next wait would end past
+``http.retry_budget_s`` since the call began (a ``Retry-After`` beyond the budget gives up
+at once rather than retry early).
+
+Before each try, in order: the circuit breaker may refuse (``worker.backends.breaker``);
+the concurrency bound (``http.max_concurrency`` requests in flight) and the client-side
+rate limits (``worker.backends.pacing``: requests/s, tokens/min, and slowing down when the
+API's ``x-ratelimit-remaining-*`` headers run low) may make it wait.
+
+The API key is sent in the ``Authorization`` header and appears nowhere else: not in
+log events, exception messages or reprs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+import structlog
+from pydantic import SecretStr
+from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception_type, stop_after_attempt, stop_before_delay
+
+from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
+from worker.backends.breaker import CircuitBreaker
+from worker.backends.pacing import RateLimitHeaders, RequestPacer
+from worker.config import HttpSettings
+
+log = structlog.get_logger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REJECT_STATUSES = frozenset({400, 413, 422})
+AUTH_STATUSES = frozenset({401, 403})
+
+
+class HttpEvent:
+    """Log event names of the HTTP layer."""
+
+    RETRY = "backend.http.retry"
+    GAVE_UP = "backend.http.gave_up"
+    REJECTED = "backend.http.rejected"
+    AUTH_FAILED = "backend.http.auth_failed"
+
+
+class ApiRejected(BackendError):
+    """The API refused the request body for good (HTTP 400/413/422); retrying cannot help.
+
+    ``message`` is the API's own explanation, for the dead-letter reason.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ApiDialect:
+    """What differs between remote APIs at the HTTP level."""
+
+    name: str
+    """Human name for messages (``Mistral``)."""
+    key_env: str
+    """The environment variable holding the key (``MISTRAL_API_KEY``), named in auth errors."""
+    base_url_env: str
+    """The setting for the base URL (``MODWORKER_MISTRAL__BASE_URL``), named on 404."""
+    rate_limit_headers: Callable[[httpx.Headers], RateLimitHeaders]
+    """Reads the API's ``x-ratelimit-*`` headers."""
+
+
+class _Transient(Exception):
+    """One failed try that may succeed later. Private: callers see BackendUnavailable."""
+
+    def __init__(self, reason: str, *, retry_after_s: float | None = None, counts_for_breaker: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.counts_for_breaker = counts_for_breaker
+
+
+class RemoteApi:
+    """One remote API: a pooled ``httpx.AsyncClient`` with retries, limits and a breaker.
+
+    ``await start()`` before ``post``; ``await close()`` releases the pool (safe twice).
+    ``transport`` is for tests that need a custom httpx transport; normally unset.
+    """
+
+    def __init__(
+        self,
+        dialect: ApiDialect,
+        *,
+        base_url: str,
+        api_key: SecretStr | None,
+        http: HttpSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.dialect = dialect
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._http = http
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._in_flight = asyncio.Semaphore(http.max_concurrency)
+        self.breaker = CircuitBreaker(
+            failure_threshold=http.breaker_failure_threshold, reset_timeout_s=http.breaker_reset_s, name=dialect.name
+        )
+        self.pacer = RequestPacer(
+            requests_per_second=http.requests_per_second,
+            tokens_per_minute=http.tokens_per_minute,
+            low_watermark=http.rate_limit_low_watermark,
+        )
+
+    def __repr__(self) -> str:
+        return f"RemoteApi({self.dialect.name}, {self.base_url})"
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        key = self._api_key.get_secret_value() if self._api_key is not None else ""
+        if not key:
+            raise BackendAuthError(f"{self.dialect.key_env} is not set: export {self.dialect.key_env}=<your key>")
+        http = self._http
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
+            timeout=httpx.Timeout(
+                connect=http.connect_timeout_s,
+                read=http.read_timeout_s,
+                write=http.write_timeout_s,
+                pool=http.pool_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=http.max_connections,
+                max_keepalive_connections=http.max_connections,
+                keepalive_expiry=http.keepalive_expiry_s,
+            ),
+            transport=self._transport,
+            follow_redirects=False,
+        )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def post(self, path: str, body: Mapping[str, Any], *, tokens: int = 0) -> Any:
+        """POST ``body`` as JSON to ``path`` and return the decoded JSON answer.
+
+        ``tokens`` is the caller's estimate of the input tokens, for the tokens/min limit.
+        Raises ``BackendAuthError``, ``ApiRejected`` or ``BackendUnavailable`` (see the
+        module docstring); nothing else escapes.
+        """
+        if self._client is None:
+            raise BackendUnavailable(f"{self.dialect.name} backend not started: call start() first")
+        http = self._http
+        started = time.monotonic()
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(http.retry_attempts) | stop_before_delay(http.retry_budget_s),
+            wait=self._wait,
+            before_sleep=lambda state: self._log_retry(path, state),
+            reraise=False,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._try_once(path, body, tokens)
+        except RetryError as gave_up:
+            last = gave_up.last_attempt.exception()
+            reason = last.reason if isinstance(last, _Transient) else repr(last)
+            attempts = gave_up.last_attempt.attempt_number
+            elapsed = time.monotonic() - started
+            log.warning(HttpEvent.GAVE_UP, api=self.dialect.name, path=path, attempts=attempts, reason=reason)
+            raise BackendUnavailable(
+                f"{self.dialect.name} API unavailable: {reason} (gave up after {attempts} tries in {elapsed:.1f}s)"
+            ) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _try_once(self, path: str, body: Mapping[str, Any], tokens: int) -> Any:
+        assert self._client is not None
+        self.breaker.before_call()  # raises CircuitOpenError (a BackendUnavailable) when open
+        try:
+            async with self._in_flight:
+                await self.pacer.wait(tokens)
+                try:
+                    response = await self._client.post(path, json=body)
+                except httpx.TimeoutException as err:
+                    raise _Transient(f"{type(err).__name__} on POST {path}") from None
+                except httpx.TransportError as err:
+                    raise _Transient(f"{type(err).__name__} on POST {path}: {err}") from None
+            self.pacer.observe(self.dialect.rate_limit_headers(response.headers))
+            result = self._interpret(path, response)
+        except _Transient as failure:
+            if failure.counts_for_breaker:
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_neutral()
+            raise
+        except BackendError:
+            self.breaker.record_success()  # the API answered: it is up, even if it said no
+            raise
+        except BaseException:  # cancelled: says nothing about the API's health
+            self.breaker.record_neutral()
+            raise
+        self.breaker.record_success()
+        return result
+
+    def _interpret(self, path: str, response: httpx.Response) -> Any:
+        status = response.status_code
+        if 200 <= status < 300:
+            try:
+                return response.json()
+            except ValueError:
+                raise _Transient(f"HTTP {status} on POST {path} with a body that is not JSON") from None
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            # 429 is the API pacing us, not failing: it must not open the breaker.
+            raise _Transient(
+                f"HTTP {status} on POST {path}", retry_after_s=retry_after, counts_for_breaker=status != 429
+            )
+        if status in AUTH_STATUSES:
+            log.error(HttpEvent.AUTH_FAILED, api=self.dialect.name, path=path, status=status)
+            raise BackendAuthError(
+                f"{self.dialect.name} API refused the credentials (HTTP {status}): "
+                f"check {self.dialect.key_env} (missing, mistyped, revoked or without access to this model)"
+            )
+        if status in REJECT_STATUSES:
+            message = _error_message(response)
+            log.info(HttpEvent.REJECTED, api=self.dialect.name, path=path, status=status, message=message)
+            raise ApiRejected(status, message)
+        if status == 404:
+            raise BackendUnavailable(
+                f"{self.dialect.name} API answered 404 for POST {self.base_url}{path}: check {self.dialect.base_url_env}"
+            )
+        raise BackendUnavailable(
+            f"{self.dialect.name} API answered HTTP {status} for POST {path}: {_error_message(response)}"
+        )
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Full-jitter exponential backoff, but never less than the server's Retry-After."""
+        http = self._http
+        ceiling = min(http.retry_max_wait_s, http.retry_base_wait_s * 2 ** (state.attempt_number - 1))
+        backoff = random.uniform(0, ceiling)
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, _Transient) and failure.retry_after_s is not None:
+            # A little jitter on top so that many workers told the same time do not return in step.
+            return failure.retry_after_s + random.uniform(0, min(1.0, 0.1 * failure.retry_after_s))
+        return backoff
+
+    def _log_retry(self, path: str, state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            HttpEvent.RETRY,
+            api=self.dialect.name,
+            path=path,
+            attempt=state.attempt_number,
+            reason=failure.reason if isinstance(failure, _Transient) else repr(failure),
+            retry_after_s=failure.retry_after_s if isinstance(failure, _Transient) else None,
+            wait_s=round(state.upcoming_sleep, 3),
+        )
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date).
+
+    ``None`` when absent or unreadable; never negative.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The API's own explanation from an error body (Mistral, OpenAI and FastAPI shapes)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        if isinstance(body.get("message"), str):
+            return body["message"]
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        detail = body.get("detail")
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list):
+            return "; ".join(
+                f"{'.'.join(str(p) for p in item.get('loc', []))}: {item.get('msg', '')}"
+                for item in detail
+                if isinstance(item, dict)
+            )
+    return str(body)[:500]

@@ -1,0 +1,160 @@
+"""Client-side rate limits for a remote API, and slowing down before the API has to say 429.
+
+``RequestPacer.wait(tokens)`` is awaited before every try:
+
+1. ``requests_per_second`` (an ``aiolimiter.AsyncLimiter``; unset: no limit);
+2. ``tokens_per_minute`` on the caller's input-token estimate (another ``AsyncLimiter``;
+   a request bigger than the whole minute's allowance waits for a full minute's worth);
+3. header pacing: ``observe()`` reads each answer's ``x-ratelimit-remaining-*`` headers.
+   When the remaining requests or tokens of the API's window fall below
+   ``low_watermark`` of its limit, requests are spread evenly over what is left of the
+   window (``interval = window / remaining requests``, or for tokens
+   ``window * average request tokens / remaining tokens``; the window is the API's reset
+   time when it says one, else 60 s, as Mistral's per-minute limits). Above the
+   watermark the interval is 0 again.
+
+Single event loop by contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from aiolimiter import AsyncLimiter
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_WINDOW_S = 60.0
+
+
+class PacingEvent:
+    """Log event names of the pacer."""
+
+    SLOWING_DOWN = "backend.rate.slowing_down"
+    PACE_RESTORED = "backend.rate.pace_restored"
+
+
+@dataclass(frozen=True)
+class RateLimitHeaders:
+    """What an answer's rate-limit headers said; ``None`` where a header was absent."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+
+class RequestPacer:
+    """Client-side limits and header-driven pacing; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        requests_per_second: float | None = None,
+        tokens_per_minute: int | None = None,
+        low_watermark: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._requests = _limiter(requests_per_second, 1.0) if requests_per_second else None
+        self._tokens = AsyncLimiter(tokens_per_minute, 60.0) if tokens_per_minute else None
+        self._tokens_per_minute = tokens_per_minute
+        self.low_watermark = low_watermark
+        self._clock = clock
+        self.interval_s = 0.0
+        """Current spacing between request starts imposed by the headers (0: none)."""
+        self._next_start = 0.0
+        self._avg_tokens = 0.0
+
+    async def wait(self, tokens: int = 0) -> None:
+        """Return when a request of ``tokens`` input tokens may start."""
+        if tokens:
+            self._avg_tokens = tokens if not self._avg_tokens else 0.9 * self._avg_tokens + 0.1 * tokens
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._tokens is not None and tokens:
+            assert self._tokens_per_minute is not None
+            await self._tokens.acquire(min(tokens, self._tokens_per_minute))
+        if self.interval_s > 0:
+            now = self._clock()
+            slot = max(now, self._next_start)
+            self._next_start = slot + self.interval_s  # reserve before sleeping: concurrent callers queue up
+            if slot > now:
+                await asyncio.sleep(slot - now)
+
+    def observe(self, headers: RateLimitHeaders) -> None:
+        """Adjust the pace from one answer's rate-limit headers."""
+        interval = 0.0
+        if _low(headers.remaining_requests, headers.limit_requests, self.low_watermark):
+            assert headers.remaining_requests is not None
+            window = headers.reset_requests_s or DEFAULT_WINDOW_S
+            interval = window / max(headers.remaining_requests, 1)
+        if _low(headers.remaining_tokens, headers.limit_tokens, self.low_watermark):
+            assert headers.remaining_tokens is not None
+            window = headers.reset_tokens_s or DEFAULT_WINDOW_S
+            per_request = max(self._avg_tokens, 1.0)
+            interval = max(interval, window * per_request / max(headers.remaining_tokens, 1))
+        interval = min(interval, DEFAULT_WINDOW_S)
+        if interval > 0 and self.interval_s == 0:
+            log.warning(
+                PacingEvent.SLOWING_DOWN,
+                remaining_requests=headers.remaining_requests,
+                remaining_tokens=headers.remaining_tokens,
+                interval_s=round(interval, 3),
+            )
+        elif interval == 0 and self.interval_s > 0:
+            log.info(PacingEvent.PACE_RESTORED)
+        self.interval_s = interval
+
+
+def _low(remaining: int | None, limit: int | None, watermark: float) -> bool:
+    return remaining is not None and limit is not None and limit > 0 and remaining < watermark * limit
+
+
+def _limiter(rate: float, period: float) -> AsyncLimiter:
+    # AsyncLimiter needs whole requests per period: 0.5/s becomes 1 per 2 s.
+    if rate >= 1:
+        return AsyncLimiter(rate, period)
+    return AsyncLimiter(1, period / rate)
+
+
+def parse_int(value: str | None) -> int | None:
+    """An integer header value, or ``None`` when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def parse_duration(value: str | None) -> float | None:
+    """Seconds from a reset header: ``"20"``, ``"1s"``, ``"6m0s"``, ``"150ms"``, ``"1h2m3.5s"``."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char.isdigit() or char == ".":
+            number += char
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else char
+        if unit not in units or not number:
+            return None
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    return total if not number else None
