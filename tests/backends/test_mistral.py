@@ -11,6 +11,7 @@ from tests.backends.conftest import started
 from tests.conftest import SPEC
 from worker.backends import create_backend
 from worker.backends.base import BackendAuthError, Conversation, Scored
+from worker.backends.cache import CachingBackend
 from worker.backends.mistral import MistralBackend
 from worker.config import Settings
 from worker.testing import CATEGORIES_2411, CATEGORIES_2603, Fault, MistralServer, fake_scores
@@ -119,5 +120,28 @@ async def test_the_key_travels_only_in_the_authorization_header(mistral: Mistral
     assert api_key not in repr(backend.api)
 
 
-def test_create_backend_picks_by_settings(mistral: MistralServer, settings_for: SettingsFor) -> None:
-    assert isinstance(create_backend(settings_for(mistral)), MistralBackend)
+def test_create_backend_picks_by_settings_and_wraps_the_cache(mistral: MistralServer, settings_for: SettingsFor) -> None:
+    cached = create_backend(settings_for(mistral))
+    assert isinstance(cached, CachingBackend) and isinstance(cached.inner, MistralBackend)
+    assert cached.name == "mistral"
+    assert isinstance(create_backend(settings_for(mistral, cache={"enabled": False})), MistralBackend)
+
+
+async def test_classifier_endpoint_turns_target_and_label_into_categories(api_key: str, settings_for: SettingsFor) -> None:
+    model = "ft:classifier:ministral-3b-latest:acme:20250101:abcd1234"
+    targets = {"moderation": ["toxicity", "insult", "safe"], "intent": ["sales", "support"]}
+    with MistralServer(api_key=api_key, classifier_targets=targets, validator=load_spec_validator(SPEC)) as server:
+        settings = settings_for(server, mistral={"endpoint": "classifier", "model": model})
+        async with started(MistralBackend(settings)) as backend:
+            (text,) = await backend.score_texts(["you are an idiot <<moderation/insult:0.88>>"])
+            (chat,) = await backend.score_conversations([conversation("buy it <<intent/sales:0.7>>", ("user", "hm"))])
+
+        assert server.violations == []
+        assert [r.path for r in server.requests] == ["/v1/classifications", "/v1/chat/classifications"]
+        assert server.requests[1].body["input"] == [
+            {"messages": [{"role": "user", "content": "hm"}, {"role": "assistant", "content": "buy it <<intent/sales:0.7>>"}]}
+        ]
+    labels = ["moderation/toxicity", "moderation/insult", "moderation/safe", "intent/sales", "intent/support"]
+    assert text == Scored(scores=fake_scores("you are an idiot <<moderation/insult:0.88>>", labels), model=model)
+    assert isinstance(chat, Scored) and chat.scores["intent/sales"] == 0.7 and chat.model == model
+    assert text.scores["moderation/insult"] == 0.88  # type: ignore[union-attr]

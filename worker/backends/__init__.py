@@ -5,7 +5,10 @@
 - ``mistral``: ``worker.backends.mistral.MistralBackend`` (moderation or classifier endpoints);
 - ``openai``: ``worker.backends.openai.OpenAIBackend``;
 - ``local``: ``worker.backends.local.LocalBackend`` (imported only when chosen: it needs the
-  ``local`` extra).
+  ``local`` extra);
+
+and, unless ``cache.enabled`` is false, wraps it in the dedup cache
+(``worker.backends.cache.CachingBackend``, which has ``cache_stats()``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ from worker.config import Settings
 
 def create_backend(settings: Settings) -> Backend:
     """The backend ``settings.backend`` names, not yet started (``await backend.start()``)."""
+    backend = _bare_backend(settings)
+    if not settings.cache.enabled:
+        return backend
+    from worker.backends.cache import CachingBackend
+
+    return CachingBackend(backend, max_entries=settings.cache.max_entries, ttl_s=settings.cache.ttl_s)
+
+
+def _bare_backend(settings: Settings) -> Backend:
     if settings.backend == "mistral":
         from worker.backends.mistral import MistralBackend
 

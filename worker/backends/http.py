@@ -44,8 +44,9 @@ import structlog
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
+from worker import metrics
 from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
-from worker.backends.breaker import CircuitBreaker
+from worker.backends.breaker import CircuitBreaker, CircuitOpenError
 from worker.backends.pacing import RateLimitHeaders, RequestPacer
 from worker.config import HttpSettings
 
@@ -127,6 +128,7 @@ class RemoteApi:
         self.breaker = CircuitBreaker(
             failure_threshold=http.breaker_failure_threshold, reset_timeout_s=http.breaker_reset_s, name=dialect.name
         )
+        metrics.watch_breaker(dialect.name, self.breaker)
         self.pacer = RequestPacer(
             requests_per_second=http.requests_per_second,
             tokens_per_minute=http.tokens_per_minute,
@@ -194,9 +196,15 @@ class RemoteApi:
             attempts = gave_up.last_attempt.attempt_number
             elapsed = time.monotonic() - started
             log.warning(HttpEvent.GAVE_UP, api=self.dialect.name, path=path, attempts=attempts, reason=reason)
+            metrics.backend_errors(self.dialect.name, "unavailable").inc()
             raise BackendUnavailable(
-                f"{self.dialect.name} API unavailable: {reason} (gave up after {attempts} tries in {elapsed:.1f}s)"
+                f"{self.dialect.name} API unavailable: {reason}; gave up after {attempts} tries in {elapsed:.1f}s "
+                f"(limits: MODWORKER_HTTP__RETRY_ATTEMPTS={http.retry_attempts}, "
+                f"MODWORKER_HTTP__RETRY_BUDGET_S={http.retry_budget_s:g})"
             ) from None
+        except BackendError as err:
+            metrics.backend_errors(self.dialect.name, _error_label(err)).inc()
+            raise
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _try_once(self, path: str, body: Mapping[str, Any], tokens: int) -> Any:
@@ -205,12 +213,16 @@ class RemoteApi:
         try:
             async with self._in_flight:
                 await self.pacer.wait(tokens)
+                sent = time.monotonic()
                 try:
                     response = await self._client.post(path, json=body)
                 except httpx.TimeoutException as err:
+                    metrics.observe_backend_request(self.dialect.name, path, "timeout", time.monotonic() - sent)
                     raise _Transient(f"{type(err).__name__} on POST {path}") from None
                 except httpx.TransportError as err:
+                    metrics.observe_backend_request(self.dialect.name, path, "transport_error", time.monotonic() - sent)
                     raise _Transient(f"{type(err).__name__} on POST {path}: {err}") from None
+                metrics.observe_backend_request(self.dialect.name, path, str(response.status_code), time.monotonic() - sent)
             self.pacer.observe(self.dialect.rate_limit_headers(response.headers))
             result = self._interpret(path, response)
         except _Transient as failure:
@@ -237,10 +249,13 @@ class RemoteApi:
                 raise _Transient(f"HTTP {status} on POST {path} with a body that is not JSON") from None
         if status in RETRY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            reason = f"HTTP {status} on POST {path}"
+            if retry_after is not None:
+                reason += f" (Retry-After {retry_after:g}s)"
+                # The API's limits are per organisation: hold every request, not only this one.
+                self.pacer.hold(retry_after)
             # 429 is the API pacing us, not failing: it must not open the breaker.
-            raise _Transient(
-                f"HTTP {status} on POST {path}", retry_after_s=retry_after, counts_for_breaker=status != 429
-            )
+            raise _Transient(reason, retry_after_s=retry_after, counts_for_breaker=status != 429)
         if status in AUTH_STATUSES:
             log.error(HttpEvent.AUTH_FAILED, api=self.dialect.name, path=path, status=status)
             raise BackendAuthError(
@@ -271,6 +286,7 @@ class RemoteApi:
         return backoff
 
     def _log_retry(self, path: str, state: RetryCallState) -> None:
+        metrics.backend_retries(self.dialect.name).inc()
         failure = state.outcome.exception() if state.outcome is not None else None
         log.warning(
             HttpEvent.RETRY,
@@ -281,6 +297,17 @@ class RemoteApi:
             retry_after_s=failure.retry_after_s if isinstance(failure, _Transient) else None,
             wait_s=round(state.upcoming_sleep, 3),
         )
+
+
+def _error_label(err: BackendError) -> str:
+    """The ``error`` label of ``moderation_worker_backend_errors_total`` for a failed call."""
+    if isinstance(err, CircuitOpenError):
+        return "circuit_open"
+    if isinstance(err, BackendAuthError):
+        return "auth"
+    if isinstance(err, ApiRejected):
+        return "rejected"
+    return "unavailable"
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

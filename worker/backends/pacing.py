@@ -2,6 +2,9 @@
 
 ``RequestPacer.wait(tokens)`` is awaited before every try:
 
+0. ``hold(seconds)``: after a 429 with ``Retry-After`` no request starts before that time
+   (the API's limits are per organisation, so every concurrent call waits, not only the
+   one that was told);
 1. ``requests_per_second`` (an ``aiolimiter.AsyncLimiter``; unset: no limit);
 2. ``tokens_per_minute`` on the caller's input-token estimate (another ``AsyncLimiter``;
    a request bigger than the whole minute's allowance waits for a full minute's worth);
@@ -69,12 +72,20 @@ class RequestPacer:
         self.interval_s = 0.0
         """Current spacing between request starts imposed by the headers (0: none)."""
         self._next_start = 0.0
+        self._hold_until = 0.0
         self._avg_tokens = 0.0
+
+    def hold(self, seconds: float) -> None:
+        """No request may start for ``seconds`` (the API said ``Retry-After``)."""
+        self._hold_until = max(self._hold_until, self._clock() + seconds)
 
     async def wait(self, tokens: int = 0) -> None:
         """Return when a request of ``tokens`` input tokens may start."""
         if tokens:
             self._avg_tokens = tokens if not self._avg_tokens else 0.9 * self._avg_tokens + 0.1 * tokens
+        held = self._hold_until - self._clock()
+        if held > 0:
+            await asyncio.sleep(held)
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is not None and tokens:

@@ -10,6 +10,7 @@ document (``worker.testing.openapi``) needs the ``test`` extra.
 from worker.testing.faults import Fault, FaultPlan, combine, every, first, when_input_contains
 from worker.testing.loopback import RateLimit, RecordedRequest
 from worker.testing.mistral_server import CATEGORIES_2411, CATEGORIES_2603, MistralServer, fake_scores
+from worker.testing.openai_server import OPENAI_CATEGORIES, OpenAIServer
 
 __all__ = [
     "CATEGORIES_2411",
@@ -17,6 +18,8 @@ __all__ = [
     "Fault",
     "FaultPlan",
     "MistralServer",
+    "OPENAI_CATEGORIES",
+    "OpenAIServer",
     "RateLimit",
     "RecordedRequest",
     "combine",

@@ -1,0 +1,161 @@
+"""Dedup cache in front of any backend: the same input within a TTL costs no second call.
+
+``CachingBackend(inner)`` is itself a ``Backend``. For each batch it looks every input up
+by key, sends only the misses to ``inner`` (each distinct input once, even when it repeats
+inside the batch), stores the ``Scored`` answers and returns one outcome per input, in
+order: every input still gets its own verdict. ``Rejected`` outcomes are not cached (the
+next occurrence is tried again); ``BackendUnavailable`` and ``BackendAuthError`` pass
+through and cache nothing.
+
+Key: ``blake2b(namespace, kind, normalized input)`` where ``namespace`` is the inner
+backend's ``cache_namespace`` (backend, endpoint and configured model, e.g.
+``mistral:moderation:mistral-moderation-latest``), so scores never cross models or
+endpoints. Normalization is deliberately light, so that it never merges inputs a model
+could score differently: Unicode NFKC, then runs of whitespace collapsed to one space and
+the ends stripped. Case is kept (shouting can change a score). A conversation's key covers
+every message (role and normalized content), context included.
+
+Bounded: at most ``max_entries`` (least recently used evicted first), each living
+``ttl_s`` (``cachetools.TTLCache``). ``cache_stats()`` gives hits, misses, hit ratio and
+size for metrics; the hit ratio is also logged every ``log_every`` lookups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+from cachetools import TTLCache
+
+from worker.backends.base import Backend, Conversation, Outcome, Scored
+
+log = structlog.get_logger(__name__)
+
+Item = TypeVar("Item")
+
+
+class CacheEvent:
+    """Log event names of the dedup cache."""
+
+    STATS = "backend.cache.stats"
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since start. A lookup is one input; a hit needed no backend call."""
+
+    hits: int
+    misses: int
+    size: int
+    max_entries: int
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+def normalize(text: str) -> str:
+    """NFKC, whitespace runs collapsed, ends stripped; case kept."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+class CachingBackend(Backend):
+    """See the module docstring. ``clock`` is injectable for tests (default ``time.monotonic``)."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        max_entries: int,
+        ttl_s: float,
+        log_every: int = 1_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]  # verdicts record the real backend's name
+        self.namespace: str = getattr(inner, "cache_namespace", inner.name)
+        self._cache: TTLCache[bytes, Scored] = TTLCache(maxsize=max_entries, ttl=ttl_s, timer=clock)
+        self._max_entries = max_entries
+        self._log_every = log_every
+        self._hits = 0
+        self._misses = 0
+        self._next_log = log_every
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def ready(self) -> bool:
+        return await self.inner.ready()
+
+    def cache_stats(self) -> CacheStats:
+        return CacheStats(hits=self._hits, misses=self._misses, size=len(self._cache), max_entries=self._max_entries)
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        return await self._through_cache(list(texts), lambda text: ("text", normalize(text)), self.inner.score_texts)
+
+    async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
+        def identity(conversation: Conversation) -> Hashable:
+            return ("chat", tuple((turn.role, normalize(turn.content)) for turn in conversation.messages()))
+
+        return await self._through_cache(list(conversations), identity, self.inner.score_conversations)
+
+    async def _through_cache(
+        self,
+        items: list[Item],
+        identity: Callable[[Item], Hashable],
+        score: Callable[[list[Item]], Awaitable[list[Outcome]]],
+    ) -> list[Outcome]:
+        keys = [self._key(identity(item)) for item in items]
+        outcomes: list[Outcome | None] = [None] * len(items)
+        pending: dict[bytes, list[int]] = {}
+        for index, key in enumerate(keys):
+            cached = self._cache.get(key)
+            if cached is not None:
+                outcomes[index] = cached
+            else:
+                pending.setdefault(key, []).append(index)
+        if pending:
+            firsts = [indexes[0] for indexes in pending.values()]
+            answers = await score([items[i] for i in firsts])
+            for indexes, answer in zip(pending.values(), answers, strict=True):
+                for index in indexes:
+                    outcomes[index] = answer
+                if isinstance(answer, Scored):
+                    self._cache[keys[indexes[0]]] = answer
+        self._misses += len(pending)
+        self._hits += len(items) - len(pending)
+        self._maybe_log()
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _key(self, identity: Hashable) -> bytes:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(self.namespace.encode())
+        digest.update(b"\x00")
+        digest.update(repr(identity).encode("utf-8", "surrogatepass"))
+        return digest.digest()
+
+    def _maybe_log(self) -> None:
+        lookups = self._hits + self._misses
+        if lookups >= self._next_log:
+            self._next_log = lookups + self._log_every
+            stats = self.cache_stats()
+            log.info(
+                CacheEvent.STATS,
+                backend=self.name,
+                hits=stats.hits,
+                misses=stats.misses,
+                hit_ratio=round(stats.hit_ratio, 4),
+                size=stats.size,
+            )
