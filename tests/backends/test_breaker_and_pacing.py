@@ -1,0 +1,91 @@
+"""Unit contracts of the circuit breaker, the pacer and Retry-After parsing (no network)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from worker.backends.breaker import CircuitBreaker, CircuitOpenError
+from worker.backends.http import parse_retry_after
+from worker.backends.pacing import RateLimitHeaders, RequestPacer, parse_duration
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_half_open_lets_exactly_one_probe_through() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout_s=5, clock=clock)
+    breaker.before_call()
+    breaker.record_failure()
+    breaker.before_call()
+    breaker.record_failure()
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpenError):
+        breaker.before_call()
+
+    clock.now += 5
+    breaker.before_call()  # the probe
+    assert breaker.state == "half_open"
+    with pytest.raises(CircuitOpenError):
+        breaker.before_call()  # a second caller while the probe is out
+    breaker.record_failure()
+    assert breaker.state == "open" and breaker.times_opened == 2
+
+    clock.now += 5
+    breaker.before_call()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.consecutive_failures == 0
+
+
+def test_breaker_success_resets_the_consecutive_count() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout_s=5, clock=FakeClock())
+    for _ in range(5):
+        breaker.record_failure()
+        breaker.record_failure()
+        breaker.record_success()
+    assert breaker.state == "closed"
+
+
+def test_retry_after_forms() -> None:
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    assert parse_retry_after("7", now=now) == 7.0
+    assert parse_retry_after("1.5", now=now) == 1.5
+    assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0
+    assert parse_retry_after("soon", now=now) is None
+    assert parse_retry_after(None) is None
+
+
+def test_reset_durations() -> None:
+    assert parse_duration("6m0s") == 360.0
+    assert parse_duration("1s") == 1.0
+    assert parse_duration("150ms") == pytest.approx(0.15)
+    assert parse_duration("1h2m3.5s") == pytest.approx(3723.5)
+    assert parse_duration("20") == 20.0
+    assert parse_duration("later") is None
+
+
+def test_pacer_slows_down_only_below_the_watermark_and_recovers() -> None:
+    pacer = RequestPacer(low_watermark=0.1)
+    pacer.observe(RateLimitHeaders(limit_requests=600, remaining_requests=100))
+    assert pacer.interval_s == 0
+    pacer.observe(RateLimitHeaders(limit_requests=600, remaining_requests=30))
+    assert pacer.interval_s == pytest.approx(60 / 30)
+    pacer.observe(RateLimitHeaders(limit_tokens=100_000, remaining_tokens=500_000))
+    assert pacer.interval_s == 0
+
+
+async def test_pacer_hold_delays_the_next_request() -> None:
+    pacer = RequestPacer()
+    pacer.hold(0.2)
+    started = time.monotonic()
+    await pacer.wait()
+    assert time.monotonic() - started >= 0.2
