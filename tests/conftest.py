@@ -74,6 +74,7 @@ def worker_env(broker: BrokerHandle, topics: TopicSet, mistral: MistralServer, a
         "MODWORKER_MISTRAL__BASE_URL": mistral.base_url,
         "MODWORKER_COMMIT_INTERVAL_MS": "200",
         "MODWORKER_LOG_FORMAT": "json",
+        "MODWORKER_HTTP_PORT": "0",  # tests that probe it set a free port
     })
     env.update(extra)
     return env
@@ -89,7 +90,8 @@ class WorkerProcess:
                                         stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, needle: str, timeout_s: float = 30.0) -> None:

@@ -99,9 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = Policy.load(settings.policy_file)
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
-    worker = ModerationWorker(settings, backend=create_backend(settings), policy=policy)
+    backend = create_backend(settings)
     try:
-        asyncio.run(_serve(worker))
+        asyncio.run(_serve(lambda: ModerationWorker(settings, backend=backend, policy=policy)))
     except WorkerFatal as err:
         raise CommandError(str(err)) from None
     except _KAFKA_START_ERRORS as err:
@@ -112,11 +112,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(worker) -> None:
+async def _serve(make_worker) -> None:
+    from worker.health import serve_health
+
+    worker = make_worker()  # inside the loop: aiokafka clients need a running loop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+    async with serve_health(worker):  # /metrics, /livez, /readyz until the worker has drained
+        await worker.run()
 
 
 def secrets_of(settings: Settings) -> list[str]:

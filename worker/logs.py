@@ -80,11 +80,19 @@ class _Redactor:
     def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
         if self._secrets:
             for key, value in event.items():
-                if isinstance(value, str):
-                    event[key] = self.scrub(value)
-                elif not isinstance(value, (int, float, bool, type(None))):
-                    event[key] = self.scrub(str(value))
+                event[key] = self._scrub_value(value)
         return event
+
+    def _scrub_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, (int, float, bool, type(None))):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [self._scrub_value(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self._scrub_value(item) for key, item in value.items()}
+        return self.scrub(str(value))  # exceptions and other objects: as the renderer would show them
 
 
 class _SecretFilterFormatter(logging.Formatter):

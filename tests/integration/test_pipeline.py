@@ -123,7 +123,7 @@ async def test_mixed_stream_verdicts_violations_and_dead_letters(broker, topics,
     # a violation event for exactly the flagged verdicts, carrying the verdict's id
     flagged = {v["verdict_id"] for v in verdicts if v["flagged"]}
     assert {v["verdict_id"] for v in violations} == flagged and len(violations) == len(flagged)
-    assert len(flagged) == 7  # c-3, c-8, c-11, c-25, conv-a-t2, conv-b-t1 ... and none else
+    assert {v["event_id"] for v in verdicts if v["flagged"]} == {"c-3", "c-8", "c-11", "c-25", "conv-a-t2", "conv-b-t1"}
     # per-key order: each conversation's verdicts in input order
     order = defaultdict(list)
     for verdict in verdicts:
@@ -235,7 +235,8 @@ async def test_sigterm_drains_commits_exits_zero_and_restart_repeats_nothing(bro
     total = 500
     await produce(bootstrap, topics.content, _content_records(total))
     mistral.latency_s = 0.05
-    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="10")
+    # a small in-flight cap keeps most of the stream unread when SIGTERM arrives
+    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="10", MODWORKER_MAX_IN_FLIGHT="40")
     first = spawn_worker(env)
     await wait_for_count(bootstrap, topics.verdict, 50)
     assert first.stop(signal.SIGTERM, timeout_s=60) == 0, first.log()[-3000:]
