@@ -37,19 +37,25 @@ class KafkaSettings(BaseModel):
     bootstrap_servers: str | None = Field(
         default=None, description="Comma-separated host:port list (or KAFKA_BOOTSTRAP_SERVERS)."
     )
-    client_id: str = "moderation-worker"
+    client_id: str = Field(default="moderation-worker", description="Client id sent to the brokers.")
     enable_idempotence: bool = Field(
         default=True, description="Idempotent producer; the embedded test broker needs false."
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with SASL_*)."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password (secret).")
     ssl_cafile: Path | None = Field(default=None, description="CA bundle for TLS (SSL / SASL_SSL).")
-    session_timeout_ms: int = Field(default=10_000, ge=1_000)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
-    max_poll_records: int = Field(default=500, ge=1)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(default=10_000, ge=1_000, description="Group session timeout.")
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="Group heartbeat interval.")
+    max_poll_records: int = Field(default=500, ge=1, description="Records per poll, at most.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a new group starts reading."
+    )
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
@@ -79,8 +85,8 @@ class MistralSettings(BaseModel):
     """Mistral moderation API (``MODWORKER_BACKEND=mistral``)."""
 
     api_key: SecretStr | None = Field(default=None, description="Or MISTRAL_API_KEY.")
-    base_url: str = "https://api.mistral.ai"
-    model: str = "mistral-moderation-latest"
+    base_url: str = Field(default="https://api.mistral.ai", description="Mistral API root.")
+    model: str = Field(default="mistral-moderation-latest", description="Moderation model, or a fine-tuned classifier id.")
     endpoint: Literal["moderation", "classifier"] = Field(
         default="moderation",
         description="moderation: /v1/(chat/)moderations; classifier: /v1/(chat/)classifications with a "
@@ -95,8 +101,8 @@ class OpenAISettings(BaseModel):
     """OpenAI moderation API (``MODWORKER_BACKEND=openai``)."""
 
     api_key: SecretStr | None = Field(default=None, description="Or OPENAI_API_KEY.")
-    base_url: str = "https://api.openai.com"
-    model: str = "omni-moderation-latest"
+    base_url: str = Field(default="https://api.openai.com", description="OpenAI API root.")
+    model: str = Field(default="omni-moderation-latest", description="OpenAI moderation model.")
     max_input_tokens: int = Field(default=32_000, ge=64, description="Context per input; longer inputs are chunked.")
 
 
@@ -174,14 +180,14 @@ class Settings(BaseSettings):
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
-    group_id: str = "moderation-worker"
-    content_topic: str = "ugc.content"
-    conversation_topic: str = "ugc.conversations"
-    verdict_topic: str = "moderation.verdicts"
-    violation_topic: str = "moderation.violations"
-    dead_letter_topic: str = "moderation.dead-letter"
+    group_id: str = Field(default="moderation-worker", description="Consumer group of the worker pods.")
+    content_topic: str = Field(default="ugc.content", description="Input: ContentEvent.")
+    conversation_topic: str = Field(default="ugc.conversations", description="Input: ConversationEvent.")
+    verdict_topic: str = Field(default="moderation.verdicts", description="Output: a Verdict per valid input.")
+    violation_topic: str = Field(default="moderation.violations", description="Output: a Violation per flagged input.")
+    dead_letter_topic: str = Field(default="moderation.dead-letter", description="Output: inputs that could not be judged.")
 
-    backend: Literal["mistral", "openai", "local"] = "mistral"
+    backend: Literal["mistral", "openai", "local"] = Field(default="mistral", description="mistral, openai or local.")
     mistral: MistralSettings = Field(default_factory=MistralSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -192,15 +198,26 @@ class Settings(BaseSettings):
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")
     max_in_flight: int = Field(default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause.")
-    commit_interval_ms: int = Field(default=1_000, ge=0)
+    commit_interval_ms: int = Field(default=1_000, ge=0, description="Commit finished offsets at least this often.")
     commit_every: int = Field(default=1_000, ge=1, description="Commit after this many finished messages, if sooner.")
-    drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM/revoke, how long in-flight work may finish.")
+    drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
     revoke_timeout_s: float = Field(
         default=10.0, ge=0, description="On rebalance, how long revoked partitions' in-flight work may finish."
     )
     include_text: bool = Field(default=False, description="Copy the judged text into verdicts.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug logs a line per verdict."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a terminal, JSON lines otherwise."
+    )
+    http_port: int = Field(
+        default=9000, ge=0, le=65535, description="Port of /metrics, /livez and /readyz; 0 disables the server."
+    )
+    http_host: str = Field(default="0.0.0.0", description="Address the metrics and probe server listens on.")
+    liveness_timeout_s: float = Field(
+        default=30.0, gt=0, description="/livez fails when the consume loop or a partition with lag stalls this long."
+    )
 
     @model_validator(mode="after")
     def _check_requirements(self) -> Settings:
@@ -316,3 +333,37 @@ def _describe(error: Any) -> str:
 
 def _looks_secret(loc: list[str]) -> bool:
     return any(word in part.lower() for part in loc for word in ("key", "password", "secret", "token"))
+
+
+_UNPREFIXED = {"KAFKA__BOOTSTRAP_SERVERS": "KAFKA_BOOTSTRAP_SERVERS", "MISTRAL__API_KEY": "MISTRAL_API_KEY",
+               "OPENAI__API_KEY": "OPENAI_API_KEY"}
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """``(environment variable, default, description)`` for every setting, in model order.
+
+    The README's configuration table is generated from this (``modworker config``), and a
+    test keeps the two in step.
+    """
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            path = f"{prefix}{name.upper()}"
+            env = ENV_PREFIX + path
+            if path in _UNPREFIXED:
+                env = f"{_UNPREFIXED[path]} (or {env})"
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default is None else (default.name if isinstance(default, Path) else str(default))
+            if isinstance(default, bool):
+                shown = str(default).lower()
+            rows.append((env, shown, (field.description or "").replace("|", "\\|")))
+
+    walk(Settings, "")
+    return rows
