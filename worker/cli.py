@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("dir", type=Path)
     export.set_defaults(func=cmd_schemas_export)
 
+    config = sub.add_parser("config", help="print every setting with its default, as a Markdown table")
+    config.set_defaults(func=cmd_config)
+
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_command(sub)
     return parser
@@ -247,6 +250,25 @@ def describe_record(record) -> str:
         message = headers.get("x-modworker-dlq-message", b"").decode("utf-8", "replace")
         return f"dead-letter {reason.decode()}: {message}"
     return record.value.decode("utf-8", "replace") if record.value else "<empty>"
+
+
+# -- config --------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(settings_table())
+    return 0
+
+
+def settings_table() -> str:
+    """The README's configuration table."""
+    from worker.config import settings_reference
+
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for env, default, text in settings_reference():
+        name = f"`{env}`".replace(" (or ", "` (or `").replace(")`", "`)")
+        lines.append(f"| {name} | {f'`{default}`' if default else ''} | {text} |")
+    return "\n".join(lines)
 
 
 # -- schemas -------------------------------------------------------------------------
