@@ -121,7 +121,10 @@ def test_sequencer_drop_forgets_revoked_partitions():
     first, second = _job(0), _job(1)
     sequencer.enter(first)
     sequencer.enter(second)
-    sequencer.drop([TopicPartition("in.c", 0)])
+    third = _job(2)
+    sequencer.enter(third)
+    sequencer.complete(third, lambda: None)  # done, but waiting behind first and second
+    assert sequencer.drop([TopicPartition("in.c", 0)]) == 1
     released = []
     sequencer.complete(second, lambda: released.append(1))  # not waiting for the dropped line
     assert released == [1]

@@ -80,12 +80,15 @@ class KeySequencer:
         if not queue:
             del self._queues[key]
 
-    def drop(self, tps: Iterable[TopicPartition]) -> None:
-        """Forget the lines of revoked partitions."""
+    def drop(self, tps: Iterable[TopicPartition]) -> int:
+        """Forget the lines of revoked partitions; return how many completed jobs were
+        waiting in them (never released: the caller stops counting them as in flight)."""
         revoked = set(tps)
+        waiting = 0
         for key in [k for k in self._queues if k[0] in revoked]:
             for job in self._queues.pop(key):
-                self._ready.pop(job, None)
+                waiting += self._ready.pop(job, None) is not None
+        return waiting
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())

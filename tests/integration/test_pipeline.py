@@ -278,3 +278,34 @@ async def _until(condition, timeout_s: float) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_a_member_joining_mid_stream_loses_nothing(broker, topics, mistral, api_key, spawn_worker):
+    """A rebalance with work in flight: every input ends with a verdict and is committed."""
+    bootstrap = broker.bootstrap_servers
+    total = 800
+    await produce(bootstrap, topics.content, _content_records(total))
+    mistral.latency_s = 0.05
+    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="10", MODWORKER_MAX_IN_FLIGHT="100")
+    first = spawn_worker(env)
+    await wait_for_count(bootstrap, topics.verdict, 60)
+    second = spawn_worker(env)
+    second.wait_for_log('"partitions.assigned"', timeout_s=60)
+    first.wait_for_log('"partitions.revoked"', timeout_s=60)
+    seen: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while len(seen) < total and loop.time() < deadline:
+        seen = {json.loads(r.value)["event_id"] for r in await read_all(bootstrap, topics.verdict, idle_s=1)}
+    assert seen == {f"c-{i}" for i in range(total)}
+    for w in (first, second):
+        assert w.stop(signal.SIGTERM) == 0, w.log()[-3000:]
+    assert _assigned(second.log()), "the second member never got partitions: no rebalance was tested"
+    offsets = await committed(bootstrap, topics.group_id, [topics.content])
+    assert sum(offsets.values()) == total
+    ids = defaultdict(set)
+    for record in await read_all(bootstrap, topics.verdict, idle_s=1):
+        verdict = json.loads(record.value)
+        ids[verdict["event_id"]].add(verdict["verdict_id"])
+    assert all(len(v) == 1 for v in ids.values())
