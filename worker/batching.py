@@ -12,21 +12,24 @@ Contract: ``add`` never blocks and never drops; ``on_batch`` is called synchrono
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from schemas import Kind
+from worker import metrics
 from worker.decode import Job
 
 BatchCallback = Callable[[Kind, list[Job]], None]
 
 
 class _Lane:
-    __slots__ = ("jobs", "size", "timer")
+    __slots__ = ("jobs", "size", "timer", "opened_at")
 
     def __init__(self) -> None:
         self.jobs: list[Job] = []
         self.size = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.opened_at = 0.0  # monotonic time of the open batch's first job
 
 
 class MicroBatcher:
@@ -43,6 +46,8 @@ class MicroBatcher:
         lane = self._lanes[job.kind]
         if lane.jobs and lane.size + job.size > self._max_bytes:
             self._flush(job.kind)  # the new job would overflow: send what we have first
+        if not lane.jobs:
+            lane.opened_at = time.monotonic()
         lane.jobs.append(job)
         lane.size += job.size
         if len(lane.jobs) >= self._max_size or lane.size >= self._max_bytes:
@@ -70,4 +75,5 @@ class MicroBatcher:
         if not lane.jobs:
             return
         jobs, lane.jobs, lane.size = lane.jobs, [], 0
+        metrics.batch_wait(kind).observe(time.monotonic() - lane.opened_at)
         self._on_batch(kind, jobs)
