@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# any other version would pull several GB of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,local]'
+	# kubectl renders deploy/k8s in the tests: Debian's kubernetes-client when missing (root only).
+	command -v kubectl >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } \
+		|| echo "kubectl missing and not installable here (needs root): the manifest tests will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
