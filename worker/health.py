@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 
 from worker import __version__, metrics
 from worker.config import ConfigError
-from worker.lag import LagSampler
+from worker.lag import LagSampler, PartitionLag
 
 log = structlog.get_logger("worker.health")
 
@@ -71,6 +71,35 @@ class Check:
         return (json.dumps(document, sort_keys=True) + "\n").encode()
 
 
+class StallDetector:
+    """Finds partitions the consumer no longer reads although records wait there.
+
+    ``observe`` is called with successive lag samples. A partition is stalled when, in
+    every sample over more than ``bound_s``, it was unpaused, had lag, and its position
+    did not move. Paused partitions (backpressure) and partitions without lag reset the
+    watch; so does any movement.
+    """
+
+    def __init__(self, bound_s: float) -> None:
+        self._bound_s = bound_s
+        self._since: dict[TopicPartition, tuple[int, float]] = {}
+
+    def observe(self, lags: dict[TopicPartition, PartitionLag], now: float) -> list[TopicPartition]:
+        stalled = []
+        watching: dict[TopicPartition, tuple[int, float]] = {}
+        for tp, state in lags.items():
+            if state.paused or not state.lag:
+                continue
+            position, since = self._since.get(tp, (state.position, now))
+            if position != state.position:
+                since = now
+            watching[tp] = (state.position, since)
+            if now - since > self._bound_s:
+                stalled.append(tp)
+        self._since = watching
+        return stalled
+
+
 class HealthServer:
     """Serves metrics and probes for one ``ModerationWorker``.
 
@@ -88,7 +117,7 @@ class HealthServer:
         self._liveness_timeout_s = liveness_timeout_s
         self._clock = clock
         self._lag = LagSampler(worker.source)
-        self._stalled_since: dict[TopicPartition, tuple[int, float]] = {}
+        self._stalls = StallDetector(liveness_timeout_s)
         self._server: asyncio.Server | None = None
         metrics.bind_worker(worker, version=__version__)
 
@@ -141,27 +170,11 @@ class HealthServer:
         details: dict[str, Any] = {"phase": "running", "loop_idle_s": round(idle_s, 3), "bound_s": bound}
         if idle_s > bound:
             return Check(False, f"the consume loop has not iterated for {idle_s:.1f}s (bound {bound:g}s)", details)
-        stalled = self._stalled_partitions(await self._lag.sample(), now)
+        stalled = self._stalls.observe(await self._lag.sample(), now)
         if stalled:
             names = ", ".join(f"{tp.topic}-{tp.partition}" for tp in stalled)
             return Check(False, f"records waiting and none read for over {bound:g}s on {names}", details)
         return Check(True, details=details)
-
-    def _stalled_partitions(self, lags: dict[TopicPartition, Any], now: float) -> list[TopicPartition]:
-        """Unpaused partitions with lag whose position has not moved for the bound."""
-        stalled = []
-        watching: dict[TopicPartition, tuple[int, float]] = {}
-        for tp, state in lags.items():
-            if state.paused or not state.lag:
-                continue
-            position, since = self._stalled_since.get(tp, (state.position, now))
-            if position != state.position:
-                since = now
-            watching[tp] = (state.position, since)
-            if now - since > self._liveness_timeout_s:
-                stalled.append(tp)
-        self._stalled_since = watching
-        return stalled
 
     async def readiness(self) -> Check:
         worker = self._worker
