@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from schemas import ConversationEvent, Kind, Turn
+from worker import metrics
 from worker.backends.base import (
     Backend,
     BackendAuthError,
@@ -157,6 +158,7 @@ class ModerationWorker:
         if isinstance(decoded, DecodeFailure):
             self._dead_letter(slot, record, stage="decode", error_type=decoded.error_type, message=decoded.message)
             return
+        metrics.decoded(record.topic).inc()
         decoded.slot = slot
         self._sequencer.enter(decoded)
         self._batcher.add(decoded)
@@ -173,6 +175,7 @@ class ModerationWorker:
     # -- backend dispatch -----------------------------------------------------------
 
     def _dispatch(self, kind: Kind, jobs: list[Job]) -> None:
+        metrics.batch_size(kind).observe(len(jobs))
         task = asyncio.create_task(self._process(kind, jobs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -244,12 +247,30 @@ class ModerationWorker:
         else:
             log.debug(Event.MESSAGE_VERDICT, topic=record.topic, partition=record.partition, offset=record.offset,
                       event_id=verdict.event_id, action=verdict.action)
-        slot, offset = job.slot, record.offset
-        self._sequencer.complete(job, lambda: self._sink.publish(records, lambda: self._finish(slot, offset)))
+        on_acked = self._verdict_acked(job, verdict)
+        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked))
+
+    def _verdict_acked(self, job: Job, verdict) -> Callable[[], None]:
+        """The sink's callback for a verdict: finish the message, count it, time it end to end."""
+        slot, offset, timestamp_ms = job.slot, job.record.offset, job.record.timestamp
+        counted = metrics.verdicts(job.kind, verdict.action, "true" if verdict.degraded else "false")
+        hits = [metrics.violations(hit.category) for hit in verdict.violations]
+        latency = metrics.end_to_end_latency(job.kind)
+
+        def acked() -> None:
+            self._finish(slot, offset)
+            counted.inc()
+            for hit in hits:
+                hit.inc()
+            if timestamp_ms is not None and timestamp_ms >= 0:  # -1: a record without a timestamp
+                latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
+
+        return acked
 
     def _dead_letter(self, slot: PartitionOffsets, record, *, stage: str, error_type: str, message: str) -> None:
         log.warning(Event.MESSAGE_DEAD_LETTERED, topic=record.topic, partition=record.partition, offset=record.offset,
                     stage=stage, error_type=error_type, reason=message)
+        metrics.dead_lettered(record.topic, stage, error_type).inc()
         out = dead_letter_record(record, topic=self.settings.dead_letter_topic, stage=stage,
                                  error_type=error_type, message=message)
         offset = record.offset
@@ -274,11 +295,14 @@ class ModerationWorker:
         offsets = self._tracker.committable(tps)
         if not offsets:
             return
+        started = time.perf_counter()
         try:
             await self.source.commit(offsets)
         except KafkaError as err:  # e.g. a rebalance in progress: the next commit catches up
+            metrics.COMMIT_FAILURES.inc()
             log.warning(Event.COMMIT_FAILED, error=f"{type(err).__name__}: {err}", partitions=len(offsets))
             return
+        metrics.COMMIT_LATENCY.observe(time.perf_counter() - started)
         self._tracker.mark_committed(offsets)
         log.debug(Event.OFFSETS_COMMITTED, offsets={f"{tp.topic}-{tp.partition}": o for tp, o in offsets.items()})
 
@@ -287,6 +311,7 @@ class ModerationWorker:
         revoked = [tp for tp in revoked if tp in set(self._tracker.owned())]
         if not revoked:
             return
+        metrics.rebalances("revoked").inc()
         self._batcher.flush()
         deadline = time.monotonic() + self.settings.revoke_timeout_s
         while self._tracker.pending(revoked) and time.monotonic() < deadline and self._fatal is None:
@@ -300,6 +325,7 @@ class ModerationWorker:
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        metrics.rebalances("assigned").inc()
         self._tracker.assign(assigned)
         if self.source.paused and assigned:
             self.source.pause(assigned)

@@ -209,7 +209,7 @@ class HealthServer:
             status, content_type, body, method = await self._respond(head)
             writer.write(_response(status, content_type, b"" if method == "HEAD" else body, len(body)))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # the client went away or sent garbage: nothing to answer
         except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
             log.warning(HealthEvent.REQUEST_FAILED, error=f"{type(err).__name__}: {err}")

@@ -64,7 +64,7 @@ class LagSampler:
             try:
                 position = await asyncio.wait_for(consumer.position(tp), self._position_timeout_s)
                 highwater = consumer.highwater(tp)
-            except (IllegalStateError, AssertionError, asyncio.TimeoutError):
+            except (TimeoutError, IllegalStateError, AssertionError):
                 continue  # revoked meanwhile, or its position is being reset: next sample
             out[tp] = PartitionLag(position=position, highwater=highwater, paused=tp in paused)
         return out

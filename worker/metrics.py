@@ -8,9 +8,11 @@ importing this module twice-over in tests or next to other libraries never colli
 Three kinds of metric, by how they are updated:
 
 - **Event counters and histograms** updated on the hot path by the stage where the event
-  happens (``worker.app``, ``worker.batching``, ``worker.backends.http``). Per-message
-  updates go through ``LabelCache`` children, bound once per label set, so a message costs
-  a dict lookup and a locked add, never a ``.labels()`` call with its validation.
+  happens (``worker.source``, ``worker.app``, ``worker.batching``,
+  ``worker.backends.http``). Per-message updates go through ``LabelCache`` children, bound
+  once per label set, so a message costs a dict lookup and a locked add, never a
+  ``.labels()`` call with its validation; records read are counted once per partition
+  and poll.
 - **Gauges read at scrape time** (in-flight messages, paused and assigned partitions):
   ``bind_worker`` points them at the running worker; nothing is done per message.
 - **Collectors**: the circuit-breaker state and openings of every watched breaker
@@ -173,7 +175,7 @@ class LabelCache(Generic[M]):
     For label sets that are small and never removed (topics, kinds, actions, categories).
     """
 
-    __slots__ = ("_metric", "_children")
+    __slots__ = ("_children", "_metric")
 
     def __init__(self, metric: M) -> None:
         self._metric = metric

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import TopicPartition
 
+from worker import metrics
 from worker.config import KafkaSettings, Settings
 
 
@@ -95,6 +96,8 @@ class Source:
     async def poll(self, *, timeout_ms: int, max_records: int) -> list[ConsumerRecord]:
         """Records of all assigned, unpaused partitions, each partition in offset order."""
         batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        for tp, records in batches.items():  # counted per partition and poll, not per record
+            metrics.consumed(tp.topic).inc(len(records))
         if len(batches) == 1:
             return next(iter(batches.values()))
         return [record for records in batches.values() for record in records]
