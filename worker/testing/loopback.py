@@ -259,21 +259,22 @@ class LoopbackApiServer:
             self._log.append(record)
         answer = self._decide(record)
         if answer is None:
-            _reset_connection(handler)
             record.reset = True
             record.answered_at = time.monotonic()
+            _reset_connection(handler)
             return
         payload = answer.body if isinstance(answer.body, bytes) else json.dumps(answer.body).encode()
         headers = {"content-type": "application/json", **{k.lower(): v for k, v in answer.headers.items()}}
+        # Recorded before the answer leaves: a client may read the log as soon as it has it.
         record.response_headers = headers
+        record.status = answer.status
+        record.answered_at = time.monotonic()
         handler.send_response(answer.status)
         for name, value in headers.items():
             handler.send_header(name, value)
         handler.send_header("content-length", str(len(payload)))
         handler.end_headers()
         handler.wfile.write(payload)
-        record.status = answer.status
-        record.answered_at = time.monotonic()
 
     def _decide(self, record: RecordedRequest) -> ApiAnswer | None:
         """The answer for one request; ``None`` means reset the connection."""
