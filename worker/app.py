@@ -183,16 +183,23 @@ class ModerationWorker:
     async def _process(self, kind: Kind, jobs: list[Job]) -> None:
         async with self._concurrency:
             outcomes = await self._score(kind, jobs)
-        if outcomes is None:  # fatal, or every job abandoned while waiting
+        if outcomes is None:  # fatal, or every job abandoned while waiting: never committed here
             for job in jobs:
-                self._finish(job.slot, job.record.offset)
+                self._abandon()
             return
         for job, outcome in zip(jobs, outcomes, strict=True):
             if not job.slot.owned:  # revoked and abandoned: the new owner redoes it
-                self._finish(job.slot, job.record.offset)
-            elif isinstance(outcome, Scored):
-                self._publish_verdict(job, self._verdicts.scored(job, outcome))
-            elif isinstance(outcome, Rejected):
+                self._abandon()
+                continue
+            if isinstance(outcome, Scored):
+                try:
+                    verdict = self._verdicts.scored(job, outcome)
+                except ValueError as err:  # e.g. a NaN score: unjudgeable, but never a stuck offset
+                    outcome = Rejected(reason=f"backend returned unusable scores: {err}", error_type="invalid_scores")
+                else:
+                    self._publish_verdict(job, verdict)
+                    continue
+            if isinstance(outcome, Rejected):
                 self._sequencer.complete(job, lambda job=job, outcome=outcome: self._dead_letter(
                     job.slot, job.record, stage="backend", error_type=outcome.error_type, message=outcome.reason))
             else:
@@ -212,9 +219,11 @@ class ModerationWorker:
                 return None
             except BackendUnavailable as err:
                 reason = str(err)
+                not_before = err.retry_in_s or 0.0
             except Exception as err:  # noqa: BLE001 - a backend bug must not kill the stream silently
                 log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
                 reason = f"unexpected backend error: {type(err).__name__}: {err}"
+                not_before = 0.0
             else:
                 if len(outcomes) != len(jobs):
                     self._fail(RuntimeError(f"backend {self.backend.name} returned {len(outcomes)} results for {len(jobs)} inputs"))
@@ -225,7 +234,7 @@ class ModerationWorker:
                 return [_Degraded(fail_policy, reason)] * len(jobs)
             if self._fatal is not None or not any(job.slot.owned for job in jobs):
                 return None
-            delay = _WAIT_BACKOFF_S[min(waits, len(_WAIT_BACKOFF_S) - 1)]
+            delay = max(not_before, _WAIT_BACKOFF_S[min(waits, len(_WAIT_BACKOFF_S) - 1)])
             waits += 1
             log.warning(Event.BACKEND_WAITING, reason=reason, retry_in_s=delay, batch=len(jobs), fail_policy="wait")
             await asyncio.sleep(delay)
@@ -281,6 +290,11 @@ class ModerationWorker:
         self._in_flight -= 1
         self._finished_since_commit += 1
 
+    def _abandon(self) -> None:
+        """Stop counting a message as in flight without finishing it: its offset stays
+        uncommitted here, so it is processed again (by the new owner, or after restart)."""
+        self._in_flight -= 1
+
     # -- commits, rebalance, shutdown -----------------------------------------------
 
     async def _maybe_commit(self) -> None:
@@ -320,7 +334,8 @@ class ModerationWorker:
         abandoned = self._tracker.pending(revoked)
         if abandoned:
             log.warning(Event.REVOKE_ABANDONED, abandoned=abandoned, partitions=_names(revoked))
-        self._sequencer.drop(revoked)
+        for _ in range(self._sequencer.drop(revoked)):
+            self._abandon()
         self._tracker.revoke(revoked)
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 

@@ -69,7 +69,13 @@ class BackendAuthError(BackendError):
 
 
 class BackendUnavailable(BackendError):
-    """The backend could not answer within its retry budget; the fail policy applies."""
+    """The backend could not answer within its retry budget; the fail policy applies.
+
+    ``retry_in_s``, when set, is the earliest time a new call can succeed (e.g. an open
+    circuit's next probe); callers that wait should not retry sooner.
+    """
+
+    retry_in_s: float | None = None
 
 
 class Backend(abc.ABC):
