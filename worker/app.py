@@ -184,7 +184,7 @@ class ModerationWorker:
         async with self._concurrency:
             outcomes = await self._score(kind, jobs)
         if outcomes is None:  # fatal, or every job abandoned while waiting: never committed here
-            for job in jobs:
+            for _ in jobs:
                 self._abandon()
             return
         for job, outcome in zip(jobs, outcomes, strict=True):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import worker_env
-from tests.kafka_support import produce, read_all, wait_for_count
+from tests.kafka_support import read_all, wait_for_count
 from schemas import json_schemas
 
 
