@@ -145,8 +145,8 @@ async def score_examples(backend: Backend, examples: Sequence[Example]) -> list[
     """The backend's outcome per example (None where it rejected it), with a progress bar."""
     from tqdm import tqdm
 
-    from worker.backends.base import Conversation, Scored
     from schemas import Turn
+    from worker.backends.base import Conversation, Scored
 
     results: list[Scored | None] = [None] * len(examples)
     texts = [i for i, e in enumerate(examples) if e.kind == "content"]
@@ -393,8 +393,8 @@ def update_model_card(card: Path, command: str, report: dict[str, Any]) -> None:
                 command,
                 "```",
                 "",
-                f"{report['examples']} inputs ({kinds}); skipped: {skipped}. Model `{report['model']}`, "
-                f"policy version `{report['policy_version']}`.",
+                (f"{report['examples']} inputs ({kinds}); skipped: {skipped}. Model `{report['model']}`, "
+                f"policy version `{report['policy_version']}`."),
                 "",
                 format_table(report),
             ]

@@ -360,14 +360,14 @@ def model_card(
     lines = [
         f"# Model card: {model_id}",
         "",
-        f"A multi-label moderation classifier: the sentence encoder `{args.encoder}` "
+        (f"A multi-label moderation classifier: the sentence encoder `{args.encoder}` "
         f"({encoder.encoder.dim}-dim, {encoder.encoder.pooling} pooling"  # type: ignore[attr-defined]
         f"{', L2-normalised' if encoder.encoder.normalize else ''}), "  # type: ignore[attr-defined]
         "frozen, and a linear head (one logistic regression per category) trained on its embeddings. "
-        "Scores are independent per category (sigmoid), so one text can score high in several.",
+        "Scores are independent per category (sigmoid), so one text can score high in several."),
         "",
-        "Use it with the local backend: `MODWORKER_BACKEND=local MODWORKER_LOCAL__MODEL=<this directory>` "
-        "and `MODWORKER_POLICY_FILE=<this directory>/policy.yaml` (its thresholds are the ones below).",
+        ("Use it with the local backend: `MODWORKER_BACKEND=local MODWORKER_LOCAL__MODEL=<this directory>` "
+        "and `MODWORKER_POLICY_FILE=<this directory>/policy.yaml` (its thresholds are the ones below)."),
         "",
         "## How it was trained",
         "",
@@ -376,19 +376,19 @@ def model_card(
         "```",
         "",
         f"- Written {datetime.now(UTC).strftime('%Y-%m-%d')} by moderation-worker's `modworker train`.",
-        f"- {n_records} records used ({n_train} train, {n_records - n_train} validation; stratified on label sets, "
-        f"duplicate texts on one side, seed {args.seed}).",
+        (f"- {n_records} records used ({n_train} train, {n_records - n_train} validation; stratified on label sets, "
+        f"duplicate texts on one side, seed {args.seed})."),
         f"- Skipped records: {json.dumps(skipped) if skipped else 'none'}.",
-        f"- Categories trained (positives in the data): "
+        "- Categories trained (positives in the data): "
         + ", ".join(f"`{label}` ({counts[label]})" for label in labels)
         + ".",
     ]
     if dropped:
         lines.append(f"- Not trained (fewer than {args.min_support} positives): {', '.join(dropped)}.")
     lines += [
-        "- Records with no label or `safe` are negatives for every category. Where a source never annotated a "
+        ("- Records with no label or `safe` are negatives for every category. Where a source never annotated a "
         "category (e.g. the tweets are labelled only for hate and offensive language), its records still count as "
-        "negatives for it: scores for categories a source did not annotate are learnt mostly from the other sources.",
+        "negatives for it: scores for categories a source did not annotate are learnt mostly from the other sources."),
         "",
         "## Data and attribution",
         "",
@@ -404,8 +404,8 @@ def model_card(
         "",
         "## Validation (held out from training)",
         "",
-        "At the thresholds in `thresholds.json` (chosen to maximise F1 on this same split, so these F1 values are "
-        "optimistic; AUPRC does not depend on the threshold).",
+        ("At the thresholds in `thresholds.json` (chosen to maximise F1 on this same split, so these F1 values are "
+        "optimistic; AUPRC does not depend on the threshold)."),
         "",
         "| category | support | precision | recall | F1 | AUPRC | threshold |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -420,8 +420,8 @@ def model_card(
         "",
         "## Evaluation with `modworker eval`",
         "",
-        "Numbers on data the head was trained on are optimistic: `--holdout` keeps only the validation split, "
-        "and the conversations were never used for training. Those are the sections to trust.",
+        ("Numbers on data the head was trained on are optimistic: `--holdout` keeps only the validation split, "
+        "and the conversations were never used for training. Those are the sections to trust."),
         "",
         CARD_EVAL_START,
         "(not run yet: `modworker eval DATA --backend local --report OUT.json --card <this directory>` fills this in)",
@@ -429,13 +429,13 @@ def model_card(
         "",
         "## Limitations",
         "",
-        "- Small, English, mostly tweets: the offensive/hate signal comes from one 2017 Twitter data set, and "
-        "some categories have few examples (see support). Do not use its scores as the only safeguard.",
-        "- The encoder truncates inputs at "
-        f"{encoder.max_length} tokens; long texts are judged on their beginning.",
+        ("- Small, English, mostly tweets: the offensive/hate signal comes from one 2017 Twitter data set, and "
+        "some categories have few examples (see support). Do not use its scores as the only safeguard."),
+        ("- The encoder truncates inputs at "
+        f"{encoder.max_length} tokens; long texts are judged on their beginning."),
         "- Conversations are scored on the judged turn alone by default (the head saw single texts).",
-        "- It judges topics more than intent: replies that discuss violence or crime harmlessly (XSTest's safe "
-        "look-alikes) can score high, which is why its numbers on conversations are low.",
+        ("- It judges topics more than intent: replies that discuss violence or crime harmlessly (XSTest's safe "
+        "look-alikes) can score high, which is why its numbers on conversations are low."),
         "",
     ]
     return "\n".join(lines)
