@@ -43,8 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from worker.backends.local import LocalBackend  # noqa: E402
-from worker.config import load_settings  # noqa: E402
+from worker.backends.local import LocalBackend
+from worker.config import load_settings
 
 DATA = REPO.parent / "shared" / "data" / "texts.jsonl"
 
@@ -53,7 +53,7 @@ def load_texts(n: int, seed: int = 0) -> list[str]:
     if DATA.is_file():
         texts = [json.loads(line)["text"] for line in DATA.open(encoding="utf-8")]
     else:
-        words = "the a user wrote this comment about moderation and streaming kafka workers today".split()
+        words = ["the", "a", "user", "wrote", "this", "comment", "about", "moderation", "streaming", "today"]
         rng0 = random.Random(seed)
         texts = [" ".join(rng0.choices(words, k=rng0.randint(5, 60))) for _ in range(4_000)]
     rng = random.Random(seed)
@@ -149,7 +149,7 @@ async def bench(
     }
 
 
-def backend_model_id(model) -> str:  # noqa: ANN001
+def backend_model_id(model) -> str:
     return model.model_id
 
 

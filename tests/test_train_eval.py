@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,13 @@ import pytest
 np = pytest.importorskip("numpy", reason="train/eval need the 'local' extra")
 pytest.importorskip("sklearn")
 
-from worker.eval_metrics import category_metrics, f1_max_threshold, threshold_for_precision  # noqa: E402
-from worker.labelled import LabelledDataError, read_labelled  # noqa: E402
-from worker.train import stratified_split  # noqa: E402
+from worker.eval_metrics import (
+    category_metrics,
+    f1_max_threshold,
+    threshold_for_precision,
+)
+from worker.labelled import LabelledDataError, read_labelled
+from worker.train import stratified_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,14 +15,17 @@ import pytest
 torch = pytest.importorskip("torch", reason="the local backend needs the 'local' extra")
 transformers = pytest.importorskip("transformers")
 
-from schemas import Turn  # noqa: E402
-from worker.backends.base import Conversation, Scored  # noqa: E402
-from worker.backends.local import LocalBackend, category_columns  # noqa: E402
-from worker.backends.local_model import LocalModelError  # noqa: E402
-from worker.backends.token_batches import plan_token_batches  # noqa: E402
-from worker.config import Settings, load_settings  # noqa: E402
+from schemas import Turn
+from worker.backends.base import Conversation, Scored
+from worker.backends.local import LocalBackend, category_columns
+from worker.backends.local_model import LocalModelError
+from worker.backends.token_batches import plan_token_batches
+from worker.config import Settings, load_settings
 
-WORDS = "i you we will kill hurt love hate hello world nice day the a to and people go home".split()
+WORDS = [
+    "i", "you", "we", "will", "kill", "hurt", "love", "hate", "hello", "world",
+    "nice", "day", "the", "a", "to", "and", "people", "go", "home",
+]  # fmt: skip
 LABELS = {0: "toxic", 1: "threat", 2: "neutral"}
 
 
@@ -96,7 +99,7 @@ class ForwardRecorder:
         self.unblocked_in_time: list[bool] = []
         self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args, kwargs):  # noqa: ANN001
+    def _hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.shapes.append(tuple(ids.shape))
         if kwargs.get("token_type_ids") is not None:
@@ -104,7 +107,6 @@ class ForwardRecorder:
         self.threads.add(threading.current_thread().name)
         if self.block_until is not None:
             self.unblocked_in_time.append(self.block_until.wait(timeout=10))
-        return None
 
     def remove(self) -> None:
         self._handle.remove()

@@ -33,7 +33,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, ClassVar
 
-from worker.backends.base import Backend, BackendUnavailable, Conversation, Outcome, Scored
+from worker.backends.base import (
+    Backend,
+    BackendUnavailable,
+    Conversation,
+    Outcome,
+    Scored,
+)
 from worker.config import Settings
 
 if TYPE_CHECKING:

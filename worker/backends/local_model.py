@@ -34,7 +34,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.backends.embedding_head import HeadConfig, HeadFormatError, head_digest, is_head_dir
+from worker.backends.embedding_head import (
+    HeadConfig,
+    HeadFormatError,
+    head_digest,
+    is_head_dir,
+)
 from worker.backends.token_batches import plan_token_batches
 from worker.config import LocalSettings
 
@@ -462,7 +467,7 @@ def load_local_model(settings: LocalSettings) -> LocalModel:
     ``local`` extra not installed).
     """
     try:
-        import torch  # noqa: F401
+        import torch
         import transformers  # noqa: F401
     except ImportError as err:
         raise missing_extra_error(err) from None
