@@ -6,8 +6,13 @@ Two parts:
   order the concurrent backend calls finish in. Verdicts for one key are therefore
   published in the order their inputs were read.
 - ``Sink`` owns the one producer. ``publish`` enqueues a group of records; a single task
-  hands them to the producer in enqueue order (so per-key order survives into Kafka) and
-  calls ``on_acked`` once the broker acknowledged every record of the group (acks=all).
+  takes everything queued at once, appends it in enqueue order to one record batch per
+  output partition (``create_batch``/``send_batch``: one future per batch, not one
+  ``send`` per record) and calls each group's ``on_acked`` once the broker acknowledged
+  every batch of that round (acks=all). Records of one partition keep their enqueue order
+  (a full batch is sent before the next one is started), so per-key order survives into
+  Kafka. Keyed records go where the producer's default partitioner would put them
+  (murmur2 of the key, as the Java client does); unkeyed ones are spread at random.
   A record the producer cannot deliver after its own retries is fatal (``on_error``):
   the message stays uncommitted and is processed again after restart.
 """
@@ -15,11 +20,14 @@ Two parts:
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
 from schemas import DeadLetterHeaders
@@ -133,28 +141,76 @@ class Sink:
         await self._producer.stop()
 
     async def _run(self) -> None:
-        send = self._producer.send
+        queue = self._queue
         while True:
-            item = await self._queue.get()
-            if item is None:
+            groups = [await queue.get()]
+            while not queue.empty() and len(groups) < _MAX_GROUPS_PER_ROUND:
+                groups.append(queue.get_nowait())
+            closing = None in groups
+            if closing:
+                groups = groups[: groups.index(None)]
+            if groups:
+                try:
+                    futures = await self._send_round(groups)
+                except Exception as err:  # noqa: BLE001 - any send failure is fatal to the worker
+                    self._unacked -= len(groups)
+                    self._on_error(err)
+                else:
+                    acked = self._acked_callback([on_acked for _, on_acked in groups])
+                    if not futures:  # groups without records: nothing to wait for
+                        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                        done.set_result(None)
+                    else:
+                        done = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+                    done.add_done_callback(acked)
+            if closing:
                 return
-            records, on_acked = item
-            try:
-                futures = [await send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
-            except Exception as err:  # noqa: BLE001 - any send failure is fatal to the worker
-                self._on_error(err)
-                continue
-            done = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
-            done.add_done_callback(self._acked_callback(on_acked))
 
-    def _acked_callback(self, on_acked: Callable[[], None]) -> Callable[[asyncio.Future[object]], None]:
+    async def _send_round(self, groups: list[tuple[list[OutRecord], Callable[[], None]]]) -> list[asyncio.Future]:
+        """Append every record to its partition's open batch, in order; send full and last batches."""
+        producer = self._producer
+        partitions: dict[str, list[int]] = {}
+        batches: dict[tuple[str, int], Any] = {}  # aiokafka BatchBuilder per output partition
+        futures: list[asyncio.Future] = []
+        for records, _ in groups:
+            for record in records:
+                topic = record.topic
+                choices = partitions.get(topic)
+                if choices is None:
+                    choices = partitions[topic] = sorted(await producer.partitions_for(topic))
+                partition = _partition_of(record.key, choices)
+                slot = (topic, partition)
+                batch = batches.get(slot)
+                if batch is None:
+                    batch = batches[slot] = producer.create_batch()
+                if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))  # full
+                    batch = batches[slot] = producer.create_batch()
+                    batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers)
+        for (topic, partition), batch in batches.items():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
+
+    def _acked_callback(self, acked: list[Callable[[], None]]) -> Callable[[asyncio.Future[object]], None]:
         def callback(future: asyncio.Future[object]) -> None:
-            self._unacked -= 1
+            self._unacked -= len(acked)
             if future.cancelled():
                 self._on_error(asyncio.CancelledError("publish cancelled"))
             elif (err := future.exception()) is not None:
                 self._on_error(err)
             else:
-                on_acked()
+                for on_acked in acked:
+                    on_acked()
 
         return callback
+
+
+_MAX_GROUPS_PER_ROUND = 2_000
+"""Groups taken from the queue per round: bounds a round's batches and its ack latency."""
+
+
+def _partition_of(key: bytes | None, partitions: list[int]) -> int:
+    """The default partitioner's choice (``aiokafka.partitioner.DefaultPartitioner``)."""
+    if key is None:
+        return random.choice(partitions)
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
