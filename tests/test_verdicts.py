@@ -1,0 +1,52 @@
+"""Verdict and violation assembly: the fast path builds exactly what validation would."""
+
+from __future__ import annotations
+
+import json
+
+from aiokafka import ConsumerRecord
+
+from schemas import Verdict, Violation
+from worker.backends.base import Scored
+from worker.decode import Decoder, Job
+from worker.policy import Policy
+from worker.verdicts import VerdictBuilder
+
+DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=1000)
+BUILDER = VerdictBuilder(policy=Policy.load(None), backend_name="mistral", include_text=True)
+SCORES = {"sexual": 0.93, "pii": 0.7, "health": 0.01, "law": 0.0}
+
+
+def job(value: dict, topic: str = "in.c") -> Job:
+    raw = json.dumps(value).encode()
+    decoded = DECODER.decode(ConsumerRecord(topic, 2, 41, 1_700_000_000_000, 0, b"k", raw, None, 1, len(raw), []))
+    assert isinstance(decoded, Job)
+    return decoded
+
+
+def assert_same_as_validated(model: Verdict | Violation) -> None:
+    validated = type(model).model_validate(model.model_dump())
+    assert set(model.__dict__) == set(type(model).model_fields), "a field was left out of the assembly"
+    assert model == validated
+    assert model.model_dump_json() == validated.model_dump_json()
+
+
+def test_scored_content_verdict_equals_the_validated_model():
+    verdict = BUILDER.scored(job({"id": "c1", "text": "hi", "tenant": "t", "metadata": {"a": 1}}),
+                             Scored(scores=SCORES, model="mistral-moderation-2411"))
+    assert_same_as_validated(verdict)
+    assert verdict.action == "block" and verdict.flagged and verdict.input.offset == 41
+    assert {hit.category for hit in verdict.violations} == {"sexual", "pii"}
+    assert verdict.text == "hi" and verdict.metadata == {"a": 1}
+
+
+def test_violation_and_degraded_verdicts_equal_the_validated_models():
+    conversation = job({"id": "t1", "conversation_id": "c", "role": "user", "content": "yo"}, topic="in.v")
+    verdict = BUILDER.scored(conversation, Scored(scores=SCORES, model="m"))
+    violation = BUILDER.violation(verdict)
+    assert violation is not None and violation.verdict_id == verdict.verdict_id
+    assert_same_as_validated(violation)
+    degraded = BUILDER.degraded(conversation, action="review", reason="backend down")
+    assert_same_as_validated(degraded)
+    assert degraded.degraded and degraded.conversation_id == "c" and degraded.scores == {}
+    assert BUILDER.violation(BUILDER.scored(conversation, Scored(scores={"law": 0.0}, model="m"))) is None
