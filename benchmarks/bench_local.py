@@ -13,9 +13,9 @@ Not a test: it prints a table (and ``--json OUT`` writes the numbers). Two model
 Each batch size runs the real ``LocalBackend.score_texts`` on batches of that many texts
 from ``shared/data/texts.jsonl`` (real length mix; synthetic sentences if the file is not
 there), after a warm-up. Each batch size runs under each ``--max-tokens`` budget: the
-backend's default (8192 padded tokens per forward pass: long and short texts are sorted
-into separate passes) and ``0``, one forward pass per call (every text padded to the
-call's longest), which shows what token-sized batching saves.
+backend's default (1024 padded tokens per forward pass on CPU, 16384 on CUDA: long and
+short texts are sorted into separate passes) and ``0``, one forward pass per call (every
+text padded to the call's longest), which shows what token-sized batching saves.
 
     python benchmarks/bench_local.py                                  # starter on CPU
     python benchmarks/bench_local.py --device cuda                    # BERT-base fp16 on GPU
@@ -90,14 +90,15 @@ def save_bert_base_random(directory: Path) -> Path:
 
 
 async def bench(
-    model: str, device: str, dtype: str, batch_sizes: list[int], texts: list[str], seconds: float, max_tokens: int
+    model: str, device: str, dtype: str, batch_sizes: list[int], texts: list[str], seconds: float, max_tokens: int | None
 ) -> dict:
+    """``max_tokens``: None for the backend's default budget, 0 for one forward pass per call."""
     settings = load_settings(
         None,
         require_backend=False,
         backend="local",
         kafka={"bootstrap_servers": "unused.invalid:9092"},
-        local={"model": model, "device": device, "dtype": dtype, "max_tokens_per_batch": max_tokens or 1 << 30},
+        local={"model": model, "device": device, "dtype": dtype, "max_tokens_per_batch": 1 << 30 if max_tokens == 0 else max_tokens},
     )
     backend = LocalBackend(settings)
     started = time.perf_counter()
@@ -126,7 +127,7 @@ async def bench(
             rows.append(
                 {
                     "batch_size": size,
-                    "max_tokens_per_pass": max_tokens or None,
+                    "max_tokens_per_pass": budget_name(max_tokens),
                     "texts_per_s": round(done / elapsed, 1),
                     "batch_latency_ms_p50": round(1000 * statistics.median(latencies), 1),
                     "batch_latency_ms_p95": round(1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1),
@@ -134,7 +135,7 @@ async def bench(
                 }
             )
             print(
-                f"  budget {max_tokens or 'one pass':>8}  batch {size:5d}: {rows[-1]['texts_per_s']:9.1f} texts/s   "
+                f"  budget {budget_name(max_tokens):>12}  batch {size:5d}: {rows[-1]['texts_per_s']:9.1f} texts/s   "
                 f"p50 {rows[-1]['batch_latency_ms_p50']:8.1f} ms   p95 {rows[-1]['batch_latency_ms_p95']:8.1f} ms",
                 flush=True,
             )
@@ -147,6 +148,10 @@ async def bench(
         "load_and_warm_up_s": round(load_s, 2),
         "rows": rows,
     }
+
+
+def budget_name(max_tokens: int | None) -> str:
+    return "default" if max_tokens is None else "one pass" if max_tokens == 0 else str(max_tokens)
 
 
 def backend_model_id(model) -> str:
@@ -171,7 +176,9 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8,32,128 on cpu; 8,32,128,512 on cuda)")
     parser.add_argument("--texts", type=int, default=2_048, help="distinct texts drawn from the data")
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum measuring time per batch size")
-    parser.add_argument("--max-tokens", default="8192,0", help="token budgets per forward pass (0: one pass per call)")
+    parser.add_argument(
+        "--max-tokens", default="default,0", help="token budgets per pass (default: the backend's; 0: one pass per call)"
+    )
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
 
@@ -182,7 +189,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(save_bert_base_random(Path(tmp))) if model_name == "bert-base-random" else "starter"
         runs = [
-            asyncio.run(bench(model, args.device, args.dtype, sizes, texts, args.seconds, int(budget)))
+            asyncio.run(
+                bench(model, args.device, args.dtype, sizes, texts, args.seconds, None if budget == "default" else int(budget))
+            )
             for budget in args.max_tokens.split(",")
         ]
     result = {**runs[0], "rows": [row for run in runs for row in run["rows"]]}

@@ -119,11 +119,13 @@ class LocalSettings(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, description="Model label -> category name; an empty name drops the label."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when torch sees a GPU, else CPU.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: float16 on CUDA, float32 on CPU; half precision needs CUDA."
     )
-    max_tokens_per_batch: int = Field(default=8_192, ge=16, description="Padded tokens per forward pass.")
+    max_tokens_per_batch: int | None = Field(
+        default=None, ge=16, description="Padded tokens per forward pass; unset: 1024 on CPU, 16384 on CUDA."
+    )
     max_length: int = Field(default=256, ge=8, description="Tokens per input; longer inputs are truncated.")
     context_turns: int = Field(default=0, ge=0, description="Earlier turns given with a judged conversation turn.")
     threads: int | None = Field(default=None, ge=1, description="CPU threads for inference (torch default when unset).")

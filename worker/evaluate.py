@@ -318,6 +318,7 @@ async def sample_embeddings(backend: Backend, settings: Settings, texts: list[st
     if embed is not None:
         return await embed(texts), getattr(backend, "model_id", "local")
     try:
+        from worker.backends.local import default_token_budget
         from worker.backends.local_model import LocalModelError, load_encoder
         from worker.train import DEFAULT_ENCODER, embed_with_progress
     except ImportError:
@@ -327,7 +328,8 @@ async def sample_embeddings(backend: Backend, settings: Settings, texts: list[st
     except LocalModelError as err:
         print(f"eval: no embeddings plot ({err})", file=sys.stderr)
         return None, ""
-    vectors = await asyncio.to_thread(embed_with_progress, encoder, texts, settings.local.max_tokens_per_batch)
+    budget = settings.local.max_tokens_per_batch or default_token_budget(encoder.device.type)
+    vectors = await asyncio.to_thread(embed_with_progress, encoder, texts, budget)
     return vectors, DEFAULT_ENCODER
 
 

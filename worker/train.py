@@ -77,6 +77,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from worker.backends.local import default_token_budget
     from worker.backends.local_model import LocalModelError, load_encoder
     from worker.cli import CommandError
 
@@ -104,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except LocalModelError as err:
         raise CommandError(str(err)) from None
     train_idx, val_idx = stratified_split(data.examples, args.validation, args.seed)
-    embeddings = embed_with_progress(encoder, [e.text for e in data.examples], settings.local.max_tokens_per_batch)
+    budget = settings.local.max_tokens_per_batch or default_token_budget(encoder.device.type)
+    embeddings = embed_with_progress(encoder, [e.text for e in data.examples], budget)
     targets = label_matrix(data.examples, labels)
     weight, bias = fit_linear_head(embeddings[train_idx], targets[train_idx], c=args.c)
     val_scores = predict(embeddings[val_idx], weight, bias)
