@@ -223,8 +223,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_requirements(self) -> Settings:
-        if not self.kafka.bootstrap_servers:
-            raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set: export KAFKA_BOOTSTRAP_SERVERS=host:9092")
         if self.policy_file is not None and not self.policy_file.is_file():
             raise ValueError(f"MODWORKER_POLICY_FILE: no such file {self.policy_file}")
         return self
@@ -295,11 +293,14 @@ def check_backend_credentials(settings: Settings) -> None:
         )
 
 
-def load_settings(config_file: Path | None = None, *, require_backend: bool = True, **overrides: Any) -> Settings:
+def load_settings(
+    config_file: Path | None = None, *, require_backend: bool = True, require_kafka: bool = True, **overrides: Any
+) -> Settings:
     """Read the settings once: environment over ``config_file`` (YAML) over defaults.
 
     ``overrides`` are keyword arguments that win over everything (used by tests and the
-    demo). With ``require_backend`` the chosen backend's credentials must be present.
+    demo). With ``require_backend`` the chosen backend's credentials must be present; with
+    ``require_kafka`` a bootstrap address (offline tools such as train/eval need none).
     Raises ``ConfigError`` with one line per problem.
     """
     settings_cls: type[Settings] = Settings
@@ -315,6 +316,10 @@ def load_settings(config_file: Path | None = None, *, require_backend: bool = Tr
         raise ConfigError("\n".join(_describe(e) for e in err.errors())) from None
     except ValueError as err:  # e.g. a YAML file that does not parse
         raise ConfigError(f"configuration error: {err}") from None
+    if require_kafka and not settings.kafka.bootstrap_servers:
+        raise ConfigError(
+            "configuration error: KAFKA_BOOTSTRAP_SERVERS is not set: export KAFKA_BOOTSTRAP_SERVERS=host:9092"
+        )
     if require_backend:
         check_backend_credentials(settings)
     return settings

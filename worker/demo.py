@@ -89,7 +89,7 @@ def read_events(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 def demo_settings(args: argparse.Namespace, bootstrap: str) -> Settings:
     """The user's settings with the demo's broker, topics' group and (for local) the starter policy."""
-    from worker.backends.local_model import STARTER, starter_model_dir
+    from worker.backends import default_policy_file
     from worker.config import load_settings
 
     settings = load_settings(
@@ -99,8 +99,7 @@ def demo_settings(args: argparse.Namespace, bootstrap: str) -> Settings:
         kafka={"bootstrap_servers": bootstrap, "enable_idempotence": False},
         group_id="modworker-demo",
     )
-    if settings.backend == "local" and settings.local.model == STARTER and settings.policy_file is None:
-        settings = settings.model_copy(update={"policy_file": starter_model_dir() / "policy.yaml"})
+    settings = settings.model_copy(update={"policy_file": default_policy_file(settings)})
     return settings
 
 

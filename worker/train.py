@@ -151,21 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def tool_settings(config_file: Path | None, **overrides: Any) -> Settings:
-    """Settings for offline tools (train, eval) that never talk to Kafka.
+    """Settings for offline tools (train, eval) that never talk to Kafka."""
+    from worker.config import load_settings
 
-    The settings object insists on a Kafka address; these tools have none to give, so a
-    placeholder that is never dialled stands in when none is configured.
-    """
-    from worker.config import ConfigError, load_settings
-
-    try:
-        return load_settings(config_file, require_backend=False, **overrides)
-    except ConfigError as err:
-        if "KAFKA_BOOTSTRAP_SERVERS" not in str(err):
-            raise
-    return load_settings(
-        config_file, require_backend=False, kafka={"bootstrap_servers": "unused.invalid:9092"}, **overrides
-    )
+    return load_settings(config_file, require_backend=False, require_kafka=False, **overrides)
 
 
 def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

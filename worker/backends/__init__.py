@@ -13,8 +13,24 @@ and, unless ``cache.enabled`` is false, wraps it in the dedup cache
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from worker.backends.base import Backend
 from worker.config import Settings
+
+
+def default_policy_file(settings: Settings) -> Path | None:
+    """The policy to use when ``MODWORKER_POLICY_FILE`` is unset: the starter model's own
+    (its thresholds were tuned on validation data) for the bundled local model, else None
+    (the built-in default policy)."""
+    if settings.policy_file is not None:
+        return settings.policy_file
+    if settings.backend == "local":
+        from worker.backends.local_model import STARTER, starter_model_dir
+
+        if settings.local.model == STARTER:
+            return starter_model_dir() / "policy.yaml"
+    return None
 
 
 def create_backend(settings: Settings) -> Backend:
