@@ -24,7 +24,7 @@ from pathlib import Path
 
 from worker.config import ConfigError, Settings, load_settings
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["worker.train", "worker.evaluate", "worker.demo"]
 """Modules adding subcommands (train, eval, demo, bench ...)."""
 
 
@@ -92,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
-    from worker.backends import create_backend
+    from worker.backends import create_backend, default_policy_file
     from worker.logs import configure_logging
     from worker.policy import Policy, PolicyError
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
     try:
-        policy = Policy.load(settings.policy_file)
+        policy = Policy.load(default_policy_file(settings))
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
     backend = create_backend(settings)
