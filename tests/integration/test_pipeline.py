@@ -175,8 +175,10 @@ async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(b
     bootstrap = broker.bootstrap_servers
     total = 600
     await produce(bootstrap, topics.content, _content_records(total))
-    mistral.latency_s = 0.02
-    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8")
+    # One slow call at a time (75 calls x 50 ms): the stream lasts seconds, so the kill
+    # lands mid-stream however fast the worker publishes and however late the test sees 80.
+    mistral.latency_s = 0.05
+    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_HTTP__MAX_CONCURRENCY="1")
     first = spawn_worker(env)
     await wait_for_count(bootstrap, topics.verdict, 80)
     first.stop(signal.SIGKILL)
