@@ -57,6 +57,11 @@ log = structlog.get_logger("worker.app")
 
 _POLL_TIMEOUT_MS = 100
 _WAIT_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+_PRODUCER_BATCH_BYTES = 512 * 1024
+"""Record batch size of the output producer. aiokafka keeps one produce request in flight
+per broker, holding at most one batch per partition: at its default of 16 KB (~23
+verdicts) publishing fell behind the pipeline, and verdicts waited in the sink for up to
+~0.6 s (docs/benchmarks.md). 512 KB stays under Kafka's default 1 MB max.message.bytes."""
 
 
 class WorkerFatal(Exception):
@@ -92,7 +97,7 @@ class ModerationWorker:
         self._verdicts = VerdictBuilder(policy=policy, backend_name=backend.name, include_text=settings.include_text)
         self._tracker = OffsetTracker()
         self._sequencer = KeySequencer()
-        self._sink = Sink(make_producer(settings.kafka), on_error=self._on_sink_error)
+        self._sink = Sink(make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES), on_error=self._on_sink_error)
         rebalance_timeout_ms = int(max(settings.kafka.session_timeout_ms, (settings.revoke_timeout_s + 5) * 1000))
         self.source = Source(settings, self, rebalance_timeout_ms=rebalance_timeout_ms)
         self._concurrency = asyncio.Semaphore(settings.http.max_concurrency)
