@@ -159,11 +159,17 @@ async def test_verdict_ids_are_deterministic_across_reprocessing(broker, topics,
     await run_worker_until(monkeypatch, env, lambda: wait_for_count(bootstrap, topics.verdict, 12))
     env["MODWORKER_GROUP_ID"] = topics.group_id + "-again"
     await run_worker_until(monkeypatch, env, lambda: wait_for_count(bootstrap, topics.verdict, 24))
-    verdicts = [json.loads(r.value) for r in await read_all(bootstrap, topics.verdict, expected=24, idle_s=1)]
-    ids = defaultdict(set)
-    for verdict in verdicts:
-        ids[verdict["event_id"]].add(verdict["verdict_id"])
+    ids = verdict_ids(await read_all(bootstrap, topics.verdict, expected=24, idle_s=1))
     assert len(ids) == 12 and all(len(v) == 1 for v in ids.values())
+
+
+def verdict_ids(records) -> dict[str, set[str]]:
+    """event id -> the verdict ids published for it (one id per event when ids are deterministic)."""
+    ids: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        verdict = json.loads(record.value)
+        ids[verdict["event_id"]].add(verdict["verdict_id"])
+    return ids
 
 
 def _content_records(n: int) -> list[tuple[bytes, bytes]]:
@@ -195,10 +201,7 @@ async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(b
         seen = {json.loads(r.value)["event_id"] for r in records}
     assert seen == {f"c-{i}" for i in range(total)}
     assert second.stop(signal.SIGTERM) == 0
-    verdicts = [json.loads(r.value) for r in await read_all(bootstrap, topics.verdict, idle_s=1)]
-    ids = defaultdict(set)
-    for verdict in verdicts:
-        ids[verdict["event_id"]].add(verdict["verdict_id"])
+    ids = verdict_ids(await read_all(bootstrap, topics.verdict, idle_s=1))
     assert all(len(v) == 1 for v in ids.values()), "a reprocessed input must keep its verdict id"
 
 
@@ -306,8 +309,5 @@ async def test_a_member_joining_mid_stream_loses_nothing(broker, topics, mistral
     assert _assigned(second.log()), "the second member never got partitions: no rebalance was tested"
     offsets = await committed(bootstrap, topics.group_id, [topics.content])
     assert sum(offsets.values()) == total
-    ids = defaultdict(set)
-    for record in await read_all(bootstrap, topics.verdict, idle_s=1):
-        verdict = json.loads(record.value)
-        ids[verdict["event_id"]].add(verdict["verdict_id"])
-    assert all(len(v) == 1 for v in ids.values())
+    ids = verdict_ids(await read_all(bootstrap, topics.verdict, idle_s=1))
+    assert all(len(v) == 1 for v in ids.values()), "a reprocessed input must keep its verdict id"
