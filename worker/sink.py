@@ -66,6 +66,7 @@ class KeySequencer:
     def __init__(self) -> None:
         self._queues: dict[tuple[TopicPartition, bytes], deque[Job]] = {}
         self._ready: dict[Job, Callable[[], None]] = {}
+        self._waiting: set[Job] = set()  # entered, not yet released or dropped: O(1) membership
 
     def enter(self, job: Job) -> None:
         """Record the job's place in line. Call in input order, before it is batched."""
@@ -74,17 +75,20 @@ class KeySequencer:
         if queue is None:
             queue = self._queues[key] = deque()
         queue.append(job)
+        self._waiting.add(job)
 
     def complete(self, job: Job, release: Callable[[], None]) -> None:
         """``release`` runs once every earlier job of the same key has been released."""
-        key = (job.tp, job.key)
-        queue = self._queues.get(key)
-        if queue is None or job not in self._ready and not _contains(queue, job):
+        if job not in self._waiting:
             release()  # not sequenced (its partition was dropped): nothing to wait for
             return
+        key = (job.tp, job.key)
+        queue = self._queues[key]
         self._ready[job] = release
         while queue and queue[0] in self._ready:
-            self._ready.pop(queue.popleft())()
+            head = queue.popleft()
+            self._waiting.discard(head)
+            self._ready.pop(head)()
         if not queue:
             del self._queues[key]
 
@@ -95,16 +99,12 @@ class KeySequencer:
         waiting = 0
         for key in [k for k in self._queues if k[0] in revoked]:
             for job in self._queues.pop(key):
+                self._waiting.discard(job)
                 waiting += self._ready.pop(job, None) is not None
         return waiting
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
-
-
-def _contains(queue: deque[Job], job: Job) -> bool:
-    # Queues are short (jobs of one key in flight); the head is the common case.
-    return bool(queue) and (queue[0] is job or any(j is job for j in queue))
+        return len(self._waiting)
 
 
 class Sink:
