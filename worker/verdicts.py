@@ -23,7 +23,6 @@ from worker.backends.base import Scored
 from worker.decode import Job
 from worker.policy import Policy
 
-
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
