@@ -24,7 +24,7 @@ from pathlib import Path
 
 from worker.config import ConfigError, Settings, load_settings
 
-COMMAND_MODULES: list[str] = ["worker.train", "worker.evaluate", "worker.demo"]
+COMMAND_MODULES: list[str] = ["worker.bench", "worker.train", "worker.evaluate", "worker.demo"]
 """Modules adding subcommands (train, eval, demo, bench ...)."""
 
 
