@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import signal
@@ -103,6 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
     backend = create_backend(settings)
+    # Start-up objects (modules, settings, policy) live as long as the process: keep them
+    # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
+    gc.freeze()
     try:
         asyncio.run(_serve(lambda: ModerationWorker(settings, backend=backend, policy=policy)))
     except WorkerFatal as err:

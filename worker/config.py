@@ -53,6 +53,9 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(default=10_000, ge=1_000, description="Group session timeout.")
     heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="Group heartbeat interval.")
     max_poll_records: int = Field(default=500, ge=1, description="Records per poll, at most.")
+    fetch_max_wait_ms: int = Field(
+        default=500, ge=0, description="Longest a fetch waits at the broker for data; lower trades CPU for latency."
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         default="earliest", description="Where a new group starts reading."
     )

@@ -78,6 +78,7 @@ class Source:
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
             rebalance_timeout_ms=rebalance_timeout_ms,
             max_poll_records=kafka.max_poll_records,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         )
         self.paused = False
 
