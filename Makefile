@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint schemas clean
+.PHONY: demo test bench schemas clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
