@@ -172,6 +172,16 @@ def verdict_ids(records) -> dict[str, set[str]]:
     return ids
 
 
+async def verdicted_events(bootstrap: str, topic: str, total: int, timeout_s: float) -> set[str]:
+    """Event ids with a verdict, read until ``total`` distinct ones (duplicates allowed) or timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    seen: set[str] = set()
+    while len(seen) < total and loop.time() < deadline:
+        seen = {json.loads(r.value)["event_id"] for r in await read_all(bootstrap, topic, idle_s=1)}
+    return seen
+
+
 def _content_records(n: int) -> list[tuple[bytes, bytes]]:
     return [(f"c-{i}".encode(), json.dumps(content(i)).encode()) for i in range(n)]
 
@@ -194,12 +204,7 @@ async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(b
 
     mistral.latency_s = 0.0
     second = spawn_worker(env)
-    seen: set[str] = set()
-    deadline = asyncio.get_running_loop().time() + 90
-    while len(seen) < total and asyncio.get_running_loop().time() < deadline:
-        records = await read_all(bootstrap, topics.verdict, idle_s=1)
-        seen = {json.loads(r.value)["event_id"] for r in records}
-    assert seen == {f"c-{i}" for i in range(total)}
+    assert await verdicted_events(bootstrap, topics.verdict, total, timeout_s=90) == {f"c-{i}" for i in range(total)}
     assert second.stop(signal.SIGTERM) == 0
     ids = verdict_ids(await read_all(bootstrap, topics.verdict, idle_s=1))
     assert all(len(v) == 1 for v in ids.values()), "a reprocessed input must keep its verdict id"
@@ -298,12 +303,7 @@ async def test_a_member_joining_mid_stream_loses_nothing(broker, topics, mistral
     second = spawn_worker(env)
     second.wait_for_log('"partitions.assigned"', timeout_s=60)
     first.wait_for_log('"partitions.revoked"', timeout_s=60)
-    seen: set[str] = set()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 120
-    while len(seen) < total and loop.time() < deadline:
-        seen = {json.loads(r.value)["event_id"] for r in await read_all(bootstrap, topics.verdict, idle_s=1)}
-    assert seen == {f"c-{i}" for i in range(total)}
+    assert await verdicted_events(bootstrap, topics.verdict, total, timeout_s=120) == {f"c-{i}" for i in range(total)}
     for w in (first, second):
         assert w.stop(signal.SIGTERM) == 0, w.log()[-3000:]
     assert _assigned(second.log()), "the second member never got partitions: no rebalance was tested"
