@@ -40,7 +40,11 @@ def main(data_dir: Path, out: Path) -> None:
     texts = [json.loads(line) for line in (data_dir / "texts.jsonl").open(encoding="utf-8")]
     events = []
     for source, label, n in CONTENT_PICKS:
-        pool = [r for r in texts if r["source"] == source and r["labels"]["moderation"] == [label] and 20 <= len(r["text"]) <= 140]
+        pool = [
+            r
+            for r in texts
+            if r["source"] == source and r["labels"]["moderation"] == [label] and 20 <= len(r["text"]) <= 140
+        ]
         for record in rng.sample(pool, n):
             events.append((record, label))
     rng.shuffle(events)
@@ -55,20 +59,28 @@ def main(data_dir: Path, out: Path) -> None:
                 "metadata": {"dataset": record["source"], "licence": LICENCES[record["source"]], "label": label},
             }
         )
-    content.insert(len(content) // 2, {"id": "demo-c-blank", "text": "   ", "tenant": "demo", "source": "demo",
-                                        "metadata": {"note": "blank on purpose: goes to the dead-letter topic"}})
+    content.insert(
+        len(content) // 2,
+        {
+            "id": "demo-c-blank",
+            "text": "   ",
+            "tenant": "demo",
+            "source": "demo",
+            "metadata": {"note": "blank on purpose: goes to the dead-letter topic"},
+        },
+    )
 
     conversations = [json.loads(line) for line in (data_dir / "conversations.jsonl").open(encoding="utf-8")]
     turns = []
     for unsafe, final, n in CONVERSATION_PICKS:
         pool = [
-            r for r in conversations
+            r
+            for r in conversations
             if r["source_labels"]["type"].startswith("contrast_") == unsafe
             and r["source_labels"]["final_label"] == final
             and len(r["messages"][1]["content"]) <= 400
         ]
-        for i, record in enumerate(rng.sample(pool, n)):
-            turns.append(record)
+        turns.extend(rng.sample(pool, n))
     conversation_events = []
     for i, record in enumerate(turns, start=1):
         user, assistant = record["messages"]

@@ -44,7 +44,9 @@ class ContentEvent(_Input):
     id: str = Field(min_length=1, description="Unique id of the content item; also the Kafka key.")
     text: str = Field(description="The text to moderate. Must not be blank.")
     tenant: str | None = Field(default=None, description="Platform tenant; selects policy overrides.")
-    source: str | None = Field(default=None, description="Where the content came from (e.g. 'comments'); selects policy overrides.")
+    source: str | None = Field(
+        default=None, description="Where the content came from (e.g. 'comments'); selects policy overrides."
+    )
     author_id: str | None = None
     created_at: datetime | None = Field(default=None, description="When the user wrote it (ISO 8601).")
     metadata: dict[str, Any] | None = Field(default=None, description="Passed through to the verdict untouched.")
@@ -120,7 +122,9 @@ class Verdict(_Output):
     action: Action
     flagged: bool = Field(description="True when action is not 'allow'.")
     violations: list[CategoryHit] = Field(default_factory=list)
-    scores: dict[str, float] = Field(default_factory=dict, description="Raw scores as the backend gave them (open map).")
+    scores: dict[str, float] = Field(
+        default_factory=dict, description="Raw scores as the backend gave them (open map)."
+    )
     model: str | None = Field(default=None, description="Model id the backend reported; None when degraded.")
     backend: str
     policy_version: str

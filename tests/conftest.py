@@ -60,22 +60,26 @@ def mistral(api_key: str) -> Iterator[MistralServer]:
         yield server
 
 
-def worker_env(broker: BrokerHandle, topics: TopicSet, mistral: MistralServer, api_key: str, **extra: str) -> dict[str, str]:
+def worker_env(
+    broker: BrokerHandle, topics: TopicSet, mistral: MistralServer, api_key: str, **extra: str
+) -> dict[str, str]:
     """Environment for a worker process on the test broker and the loopback server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODWORKER_", "MISTRAL_", "OPENAI_"))}
     env.update(topics.env())
-    env.update({
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "MODWORKER_KAFKA__ENABLE_IDEMPOTENCE": "false" if broker.embedded else "true",
-        "MODWORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
-        "MODWORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
-        "MODWORKER_BACKEND": "mistral",
-        "MISTRAL_API_KEY": api_key,
-        "MODWORKER_MISTRAL__BASE_URL": mistral.base_url,
-        "MODWORKER_COMMIT_INTERVAL_MS": "200",
-        "MODWORKER_LOG_FORMAT": "json",
-        "MODWORKER_HTTP_PORT": "0",  # tests that probe it set a free port
-    })
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "MODWORKER_KAFKA__ENABLE_IDEMPOTENCE": "false" if broker.embedded else "true",
+            "MODWORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "MODWORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+            "MODWORKER_BACKEND": "mistral",
+            "MISTRAL_API_KEY": api_key,
+            "MODWORKER_MISTRAL__BASE_URL": mistral.base_url,
+            "MODWORKER_COMMIT_INTERVAL_MS": "200",
+            "MODWORKER_LOG_FORMAT": "json",
+            "MODWORKER_HTTP_PORT": "0",  # tests that probe it set a free port
+        }
+    )
     env.update(extra)
     return env
 
@@ -86,8 +90,9 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def log(self) -> str:
         if not self._log.closed:
@@ -100,7 +105,9 @@ class WorkerProcess:
             if needle in self.log():
                 return
             if self.process.poll() is not None:
-                raise AssertionError(f"worker exited ({self.process.returncode}) before logging {needle!r}:\n{self.log()}")
+                raise AssertionError(
+                    f"worker exited ({self.process.returncode}) before logging {needle!r}:\n{self.log()}"
+                )
             time.sleep(0.05)
         raise AssertionError(f"worker did not log {needle!r} within {timeout_s}s:\n{self.log()[-4000:]}")
 

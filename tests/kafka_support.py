@@ -32,8 +32,14 @@ class TopicSet:
     @classmethod
     def unique(cls) -> TopicSet:
         tag = uuid.uuid4().hex[:8]
-        return cls(f"ugc.content.{tag}", f"ugc.conversations.{tag}", f"moderation.verdicts.{tag}",
-                   f"moderation.violations.{tag}", f"moderation.dead-letter.{tag}", f"modworker-{tag}")
+        return cls(
+            f"ugc.content.{tag}",
+            f"ugc.conversations.{tag}",
+            f"moderation.verdicts.{tag}",
+            f"moderation.violations.{tag}",
+            f"moderation.dead-letter.{tag}",
+            f"modworker-{tag}",
+        )
 
     @property
     def inputs(self) -> list[str]:
@@ -78,12 +84,14 @@ def event_record(event: dict, key_field: str = "id") -> tuple[bytes, bytes]:
     return event[key_field].encode(), json.dumps(event).encode()
 
 
-async def read_all(bootstrap: str, topic: str, *, expected: int | None = None, idle_s: float = 3.0,
-                   timeout_s: float = 60.0) -> list[ConsumerRecord]:
+async def read_all(
+    bootstrap: str, topic: str, *, expected: int | None = None, idle_s: float = 3.0, timeout_s: float = 60.0
+) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the start. Stops at ``expected`` records (then waits
     ``idle_s`` more to catch extras), or after ``idle_s`` without news, or at ``timeout_s``."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     records: list[ConsumerRecord] = []
     try:
@@ -110,7 +118,9 @@ async def wait_for_count(bootstrap: str, topic: str, count: int, timeout_s: floa
     return await read_all(bootstrap, topic, expected=count, idle_s=0.0, timeout_s=timeout_s)
 
 
-async def committed(bootstrap: str, group_id: str, topics: Iterable[str], partitions: int = 4) -> dict[TopicPartition, int]:
+async def committed(
+    bootstrap: str, group_id: str, topics: Iterable[str], partitions: int = 4
+) -> dict[TopicPartition, int]:
     """Committed offsets of ``group_id`` (partitions named: the embedded broker needs that)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

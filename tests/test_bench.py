@@ -14,7 +14,7 @@ import pytest
 
 from worker.cli import main
 
-SAMPLE = Path(__file__).parents[1] / "benchmarks" / "data"
+SAMPLE = Path(__file__).parents[1] / "worker" / "offline" / "bench" / "data"
 EVENTS = 300
 BATCH = 32
 
@@ -22,12 +22,34 @@ BATCH = 32
 @pytest.mark.slow
 def test_tiny_bench_writes_a_consistent_report_and_plot(tmp_path: Path, capsys):
     report_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main([
-        "bench", "--events", str(EVENTS), "--latencies-ms", "0", "--batch-sizes", str(BATCH), "--concurrency", "2",
-        "--sweep-concurrency", "", "--latency-seconds", "1", "--limit-latency-rate", "200",
-        "--data-dir", str(SAMPLE), "--out-dir", str(tmp_path), "--json", str(report_path), "--plot", str(plot_path),
-        "--no-progress",
-    ])
+    code = main(
+        [
+            "bench",
+            "--events",
+            str(EVENTS),
+            "--latencies-ms",
+            "0",
+            "--batch-sizes",
+            str(BATCH),
+            "--concurrency",
+            "2",
+            "--sweep-concurrency",
+            "",
+            "--latency-seconds",
+            "1",
+            "--limit-latency-rate",
+            "200",
+            "--data-dir",
+            str(SAMPLE),
+            "--out-dir",
+            str(tmp_path),
+            "--json",
+            str(report_path),
+            "--plot",
+            str(plot_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
     report = json.loads(report_path.read_text())
@@ -37,8 +59,18 @@ def test_tiny_bench_writes_a_consistent_report_and_plot(tmp_path: Path, capsys):
     assert limit["latency_ms"]["p50"] <= limit["latency_ms"]["p99"]
 
     [scenario] = report["scenarios"]
-    for key in ("limit_msgs_per_s", "worker_msgs_per_s", "ratio", "latency_ms", "peak_rss_mb", "calls_per_1000",
-                "cpu_s_per_1000", "added_latency_ms", "decision_latency_ms", "targets"):
+    for key in (
+        "limit_msgs_per_s",
+        "worker_msgs_per_s",
+        "ratio",
+        "latency_ms",
+        "peak_rss_mb",
+        "calls_per_1000",
+        "cpu_s_per_1000",
+        "added_latency_ms",
+        "decision_latency_ms",
+        "targets",
+    ):
         assert key in scenario, key
     assert (scenario["backend_latency_ms"], scenario["batch_size"], scenario["concurrency"]) == (0, BATCH, 2)
     assert scenario["completed"] and scenario["exit_code"] == 0

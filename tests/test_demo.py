@@ -34,5 +34,11 @@ def test_demo_gives_every_sample_event_a_verdict_or_a_dead_letter_and_exits_clea
     for event in content + conversations:
         [line] = [line for line in lines if f" {event['id']} " in line]
         word = line.split()[0]
-        assert word == ("DEAD" if event["id"] in blank else word) and word in {"ALLOW", "FLAG", "REVIEW", "BLOCK", "DEAD"}
+        assert word == ("DEAD" if event["id"] in blank else word) and word in {
+            "ALLOW",
+            "FLAG",
+            "REVIEW",
+            "BLOCK",
+            "DEAD",
+        }
     assert "model: starter-" in done.stdout

@@ -29,9 +29,9 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from worker import metrics
 from worker.config import Settings, load_settings
-from worker.policy import Policy
+from worker.ops import metrics
+from worker.pipeline.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -54,16 +54,21 @@ needs_kubectl = pytest.mark.skipif(
 
 
 def render(kustomization: str) -> list[dict]:
-    result = subprocess.run([KUBECTL, "kustomize", str(K8S / kustomization)], capture_output=True, text=True, check=False,
-                            timeout=60)
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / kustomization)], capture_output=True, text=True, check=False, timeout=60
+    )
     assert result.returncode == 0, f"kubectl kustomize {kustomization} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def crd_validator(schema_path: Path) -> jsonschema.Draft202012Validator:
     """A validator for a CRD schema whose ``metadata`` refers to the Kubernetes definitions."""
-    definitions_file = (Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-                        / f"v{KUBERNETES_VERSION}-local-strict" / "_definitions.json")
+    definitions_file = (
+        Path(kubernetes_validate.__file__).parent
+        / "kubernetes-json-schema"
+        / f"v{KUBERNETES_VERSION}-local-strict"
+        / "_definitions.json"
+    )
     definitions = json.loads(definitions_file.read_text())
     registry = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
     schema = json.loads(schema_path.read_text())
@@ -100,14 +105,23 @@ def rendered(request) -> dict[str, dict]:
 def test_manifests_render_and_validate(kustomization):
     docs = render(kustomization)
     kinds = sorted(doc["kind"] for doc in docs)
-    assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "ScaledObject", "Service",
-                     "ServiceMonitor"]
+    assert kinds == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "Service",
+        "ServiceMonitor",
+    ]
     for doc in docs:
         try:
             validate(doc)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as err:
-            pytest.fail(f"{kustomization}: {doc['kind']}/{doc['metadata']['name']} is invalid at "
-                        f"{'.'.join(str(p) for p in err.path)}: {err.message}")
+            pytest.fail(
+                f"{kustomization}: {doc['kind']}/{doc['metadata']['name']} is invalid at "
+                f"{'.'.join(str(p) for p in err.path)}: {err.message}"
+            )
 
 
 def test_validation_rejects_what_a_cluster_would():
@@ -243,7 +257,9 @@ def hadolint() -> str:
 
 
 def test_dockerfile_passes_hadolint():
-    result = subprocess.run([hadolint(), str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [hadolint(), str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -269,8 +285,11 @@ def test_dockerfile_builds_a_slim_non_root_api_image():
     sources = [s for line in copied for s in line.split()]
     for source in sources:
         assert (ROOT / source).exists(), source
-    allowed = [line[1:].rstrip("/") for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.startswith("!")]
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
     assert sorted(s.rstrip("/") for s in sources) == sorted(allowed)
     packages = ["worker", "schemas"]
     assert all(f"COPY {p}/ {p}/" in text for p in packages)
@@ -314,15 +333,23 @@ def test_operations_guide_lists_every_metric_and_alerts_on_real_ones():
     exported = exported_sample_names()
     known = set(exported) | set(exported.values())
     table = guide.split("## Metrics", 1)[1].split("## Alerts", 1)[0]
-    listed = {metrics.PREFIX + "_" + name for name in re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)?", table,
-                                                                  flags=re.MULTILINE) for name in name if name}
+    listed = {
+        metrics.PREFIX + "_" + name
+        for name in re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)?", table, flags=re.MULTILINE)
+        for name in name
+        if name
+    }
     assert listed - known == set(), "the table names metrics the worker does not export"
     assert {exported.get(n, n) for n in listed} == set(exported.values()), "metrics missing from the table"
 
     (rules_block,) = re.findall(r"```yaml\n(groups:.*?)```", guide, flags=re.DOTALL)
     rules = yaml.safe_load(rules_block)["groups"][0]["rules"]
-    assert {"ModerationLagGrowing", "ModerationDeadLetters", "ModerationBackendCircuitOpen",
-            "ModerationDegradedVerdicts"} <= {rule["alert"] for rule in rules}
+    assert {
+        "ModerationLagGrowing",
+        "ModerationDeadLetters",
+        "ModerationBackendCircuitOpen",
+        "ModerationDegradedVerdicts",
+    } <= {rule["alert"] for rule in rules}
     for rule in rules:
         used = set(re.findall(r"\bmoderation_worker_[a-z_]+", rule["expr"]))
         assert used and used <= set(exported), (rule["alert"], used - set(exported))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from aiokafka.structs import TopicPartition
 
-from worker import metrics
-from worker.health import Check, StallDetector
-from worker.lag import PartitionLag
+from worker.ops import metrics
+from worker.ops.health import Check, StallDetector
+from worker.ops.lag import PartitionLag
 
 TP = TopicPartition("ugc.content", 0)
 OTHER = TopicPartition("ugc.content", 1)
@@ -58,8 +58,10 @@ def test_only_the_stuck_partition_is_named():
 
 
 def test_check_body_says_what_failed():
-    assert Check(False, "shutting down", {"draining": True}).body() == \
-        b'{"draining": true, "reason": "shutting down", "status": "fail"}\n'
+    assert (
+        Check(False, "shutting down", {"draining": True}).body()
+        == b'{"draining": true, "reason": "shutting down", "status": "fail"}\n'
+    )
     assert Check(True).body() == b'{"status": "ok"}\n'
 
 
@@ -67,7 +69,11 @@ def test_label_cache_binds_each_child_once():
     counted = metrics.LabelCache(metrics.MESSAGES_CONSUMED)
     first = counted("label-cache-test")
     assert counted("label-cache-test") is first
-    before = metrics.REGISTRY.get_sample_value("moderation_worker_messages_consumed_total", {"topic": "label-cache-test"})
+    before = metrics.REGISTRY.get_sample_value(
+        "moderation_worker_messages_consumed_total", {"topic": "label-cache-test"}
+    )
     first.inc(3)
-    after = metrics.REGISTRY.get_sample_value("moderation_worker_messages_consumed_total", {"topic": "label-cache-test"})
+    after = metrics.REGISTRY.get_sample_value(
+        "moderation_worker_messages_consumed_total", {"topic": "label-cache-test"}
+    )
     assert after - before == 3

@@ -60,8 +60,10 @@ class Probe:
             except httpx.TransportError:
                 pass  # not listening yet
             await asyncio.sleep(0.05)
-        raise AssertionError(f"{path} did not answer {status} within {timeout_s}s; last: "
-                             f"{last.status_code if last else None} {last.text if last else ''}")
+        raise AssertionError(
+            f"{path} did not answer {status} within {timeout_s}s; last: "
+            f"{last.status_code if last else None} {last.text if last else ''}"
+        )
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -89,8 +91,9 @@ async def metrics_when(probe: Probe, ready, timeout_s: float = 30.0) -> dict:
 
 def probed_env(broker, topics, mistral, api_key, **extra: str) -> tuple[dict[str, str], int]:
     port = free_port()
-    env = worker_env(broker, topics, mistral, api_key, MODWORKER_HTTP_PORT=str(port),
-                     MODWORKER_HTTP_HOST="127.0.0.1", **extra)
+    env = worker_env(
+        broker, topics, mistral, api_key, MODWORKER_HTTP_PORT=str(port), MODWORKER_HTTP_HOST="127.0.0.1", **extra
+    )
     return env, port
 
 
@@ -134,35 +137,62 @@ async def test_metrics_move_as_messages_flow(broker, topics, mistral, api_key, s
         turns = [turn(c, i, turn_marks.get((c, i))) for c in ("conv-a", "conv-b") for i in range(4)]
         bad = [(b"bad-json", b'{"id": "x", "text": '), (b"bad-empty", json.dumps({"id": "e", "text": " "}).encode())]
         await produce(bootstrap, topics.content, [(e["id"].encode(), json.dumps(e).encode()) for e in contents] + bad)
-        await produce(bootstrap, topics.conversation,
-                      [(t["conversation_id"].encode(), json.dumps(t).encode()) for t in turns])
+        await produce(
+            bootstrap, topics.conversation, [(t["conversation_id"].encode(), json.dumps(t).encode()) for t in turns]
+        )
         valid = len(contents) + len(turns)
         await wait_for_count(bootstrap, topics.verdict, valid)
         await wait_for_count(bootstrap, topics.dead_letter, len(bad))
 
-        samples = await metrics_when(probe, lambda s: total(s, "moderation_worker_verdicts_total") >= valid
-                                     and total(s, "moderation_worker_in_flight_messages") == 0)
+        samples = await metrics_when(
+            probe,
+            lambda s: (
+                total(s, "moderation_worker_verdicts_total") >= valid
+                and total(s, "moderation_worker_in_flight_messages") == 0
+            ),
+        )
 
         # consumed, decoded, dead-lettered by topic
-        assert total(samples, "moderation_worker_messages_consumed_total", topic=topics.content) == len(contents) + len(bad)
+        assert total(samples, "moderation_worker_messages_consumed_total", topic=topics.content) == len(contents) + len(
+            bad
+        )
         assert total(samples, "moderation_worker_messages_consumed_total", topic=topics.conversation) == len(turns)
         assert total(samples, "moderation_worker_messages_decoded_total", topic=topics.content) == len(contents)
         assert total(samples, "moderation_worker_messages_decoded_total", topic=topics.conversation) == len(turns)
-        assert total(samples, "moderation_worker_messages_dead_lettered_total", topic=topics.content,
-                     stage="decode", error_type="not_json") == 1
-        assert total(samples, "moderation_worker_messages_dead_lettered_total", topic=topics.content,
-                     stage="decode", error_type="empty_text") == 1
+        assert (
+            total(
+                samples,
+                "moderation_worker_messages_dead_lettered_total",
+                topic=topics.content,
+                stage="decode",
+                error_type="not_json",
+            )
+            == 1
+        )
+        assert (
+            total(
+                samples,
+                "moderation_worker_messages_dead_lettered_total",
+                topic=topics.content,
+                stage="decode",
+                error_type="empty_text",
+            )
+            == 1
+        )
 
         # verdicts by kind and action, violations by category: as the marks and the policy imply
         expected_actions = Counter(("content", action_of(content_marks.get(i, {}))) for i in range(len(contents)))
-        expected_actions += Counter(("conversation", action_of(turn_marks.get((c, i), {})))
-                                    for c in ("conv-a", "conv-b") for i in range(4))
+        expected_actions += Counter(
+            ("conversation", action_of(turn_marks.get((c, i), {}))) for c in ("conv-a", "conv-b") for i in range(4)
+        )
         for (kind, action), count in expected_actions.items():
-            assert total(samples, "moderation_worker_verdicts_total", kind=kind, action=action,
-                         degraded="false") == count, (kind, action)
+            assert (
+                total(samples, "moderation_worker_verdicts_total", kind=kind, action=action, degraded="false") == count
+            ), (kind, action)
         assert total(samples, "moderation_worker_verdicts_total") == valid
-        expected_hits = Counter(c for marks in [*content_marks.values(), *turn_marks.values()]
-                                for c, s in marks.items() if s >= 0.5)
+        expected_hits = Counter(
+            c for marks in [*content_marks.values(), *turn_marks.values()] for c, s in marks.items() if s >= 0.5
+        )
         for category, count in expected_hits.items():
             assert total(samples, "moderation_worker_violations_total", category=category) == count, category
         assert total(samples, "moderation_worker_violations_total") == sum(expected_hits.values())
@@ -198,7 +228,9 @@ async def test_metrics_move_as_messages_flow(broker, topics, mistral, api_key, s
         hits_before = total(samples, "moderation_worker_cache_hits_total")
         again = [content(100 + i, text=contents[i]["text"]) for i in range(6)]
         await produce(bootstrap, topics.content, [(e["id"].encode(), json.dumps(e).encode()) for e in again])
-        samples = await metrics_when(probe, lambda s: total(s, "moderation_worker_verdicts_total") >= valid + len(again))
+        samples = await metrics_when(
+            probe, lambda s: total(s, "moderation_worker_verdicts_total") >= valid + len(again)
+        )
         assert total(samples, "moderation_worker_cache_hits_total") - hits_before == len(again)
         assert mistral.request_count == requests
         assert total(samples, "moderation_worker_backend_requests_total") == requests
@@ -210,8 +242,15 @@ async def test_metrics_move_as_messages_flow(broker, topics, mistral, api_key, s
 async def test_paused_partitions_and_lag_show_backpressure(broker, topics, mistral, api_key, spawn_worker):
     """At the in-flight cap the worker pauses: the pause and the backlog are visible."""
     bootstrap = broker.bootstrap_servers
-    env, port = probed_env(broker, topics, mistral, api_key, MODWORKER_MAX_IN_FLIGHT="4",
-                           MODWORKER_KAFKA__MAX_POLL_RECORDS="4", MODWORKER_BATCH__MAX_SIZE="4")
+    env, port = probed_env(
+        broker,
+        topics,
+        mistral,
+        api_key,
+        MODWORKER_MAX_IN_FLIGHT="4",
+        MODWORKER_KAFKA__MAX_POLL_RECORDS="4",
+        MODWORKER_BATCH__MAX_SIZE="4",
+    )
     mistral.latency_s = 1.5
     events = [content(i) for i in range(60)]
     await produce(bootstrap, topics.content, [(e["id"].encode(), json.dumps(e).encode()) for e in events])
@@ -223,10 +262,12 @@ async def test_paused_partitions_and_lag_show_backpressure(broker, topics, mistr
         def backlog_accounted(s: dict) -> bool:
             # Every record is either read (consumed) or still waiting (lag). The two are read
             # a moment apart, so a scrape racing a resume may disagree: take a consistent one.
-            return (total(s, "moderation_worker_paused_partitions") > 0
-                    and total(s, "moderation_worker_consumer_lag") > 0
-                    and total(s, "moderation_worker_consumer_lag")
-                    + total(s, "moderation_worker_messages_consumed_total") == len(events))
+            return (
+                total(s, "moderation_worker_paused_partitions") > 0
+                and total(s, "moderation_worker_consumer_lag") > 0
+                and total(s, "moderation_worker_consumer_lag") + total(s, "moderation_worker_messages_consumed_total")
+                == len(events)
+            )
 
         samples = await metrics_when(probe, backlog_accounted)
         assert backlog_accounted(samples)
@@ -282,24 +323,32 @@ async def test_livez_fails_when_the_consume_loop_is_stuck(broker, topics, mistra
     event loop, keeps answering.
     """
     bootstrap = broker.bootstrap_servers
-    env, port = probed_env(broker, topics, mistral, api_key, MODWORKER_REVOKE_TIMEOUT_S="60",
-                           MODWORKER_LIVENESS_TIMEOUT_S="1")
+    env, port = probed_env(
+        broker, topics, mistral, api_key, MODWORKER_REVOKE_TIMEOUT_S="60", MODWORKER_LIVENESS_TIMEOUT_S="1"
+    )
     worker = spawn_worker(env)
     probe = Probe(port)
-    intruder = AIOKafkaConsumer(*topics.inputs, bootstrap_servers=bootstrap, group_id=topics.group_id,
-                                session_timeout_ms=6000, heartbeat_interval_ms=1000, enable_auto_commit=False)
+    intruder = AIOKafkaConsumer(
+        *topics.inputs,
+        bootstrap_servers=bootstrap,
+        group_id=topics.group_id,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        enable_auto_commit=False,
+    )
     joining = None
     try:
         await probe.wait_for("/readyz", 200)
         await probe.wait_for("/livez", 200)
         mistral.latency_s = 60.0
-        await produce(bootstrap, topics.content, [(f"c-{i}".encode(), json.dumps(content(i)).encode()) for i in range(8)])
+        await produce(
+            bootstrap, topics.content, [(f"c-{i}".encode(), json.dumps(content(i)).encode()) for i in range(8)]
+        )
         deadline = asyncio.get_running_loop().time() + 30
         while mistral.request_count == 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         assert mistral.request_count >= 1, "the worker never called the backend"
         assert (await probe.get("/livez")).status_code == 200, "live while the backend is merely slow"
-
 
         async def join() -> None:
             await intruder.start()  # returns once the group has rebalanced: after the test
@@ -332,7 +381,8 @@ async def test_server_answers_only_what_it_serves(broker, topics, mistral, api_k
         async with httpx.AsyncClient(trust_env=False, timeout=3.0) as client:
             posted = await client.post(probe.base + "/metrics")
             openmetrics = await client.get(
-                probe.base + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+                probe.base + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+            )
         assert posted.status_code == 405
         assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
         assert openmetrics.text.rstrip().endswith("# EOF")
@@ -347,10 +397,11 @@ def test_busy_port_stops_start_up_with_one_line(broker, topics, mistral, api_key
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = worker_env(broker, topics, mistral, api_key, MODWORKER_HTTP_PORT=str(port), MODWORKER_HTTP_HOST="127.0.0.1")
+        env = worker_env(
+            broker, topics, mistral, api_key, MODWORKER_HTTP_PORT=str(port), MODWORKER_HTTP_HOST="127.0.0.1"
+        )
         worker = spawn_worker(env)
         assert worker.process.wait(timeout=30) == 2
     log = worker.log()
     assert f"MODWORKER_HTTP_PORT: cannot listen on 127.0.0.1:{port}" in log
     assert "Traceback" not in log
-

@@ -2,7 +2,7 @@
 
 from aiokafka.structs import TopicPartition
 
-from worker.offsets import OffsetTracker
+from worker.pipeline.offsets import OffsetTracker
 
 TP = TopicPartition("t", 0)
 

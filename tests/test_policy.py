@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from schemas import ACTION_SEVERITY
-from worker.policy import Decision, Policy, PolicyError
+from worker.pipeline.policy import Decision, Policy, PolicyError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,10 @@ def test_an_alias_to_a_category_the_policy_does_not_list_uses_the_default():
 OVERRIDES = [
     {"match": {"tenant": "kids"}, "categories": {"sexual": {"threshold": 0.1}}, "default": {"action": "review"}},
     {"match": {"source": "forum"}, "categories": {"pii": {"action": "allow"}}},
-    {"match": {"tenant": "kids", "source": "chat"}, "categories": {"sexual": {"threshold": 0.05}, "pii": {"action": "block"}}},
+    {
+        "match": {"tenant": "kids", "source": "chat"},
+        "categories": {"sexual": {"threshold": 0.05}, "pii": {"action": "block"}},
+    },
 ]
 
 
@@ -199,7 +202,11 @@ def test_later_overrides_win_over_earlier_ones():
 
 
 def test_an_override_can_add_a_category_that_inherits_the_overridden_default():
-    p = policy(overrides=[{"match": {"tenant": "t"}, "default": {"action": "block"}, "categories": {"spam": {"threshold": 0.2}}}])
+    p = policy(
+        overrides=[
+            {"match": {"tenant": "t"}, "default": {"action": "block"}, "categories": {"spam": {"threshold": 0.2}}}
+        ]
+    )
     [hit] = p.decide({"spam": 0.3}, tenant="t").violations
     assert (hit.threshold, hit.action) == (0.2, "block")
     assert p.decide({"spam": 0.3}).violations == []
@@ -227,13 +234,20 @@ def test_version_is_the_same_however_the_document_is_ordered_or_laid_out(tmp_pat
     block_style = tmp_path / "block.yaml"
     block_style.write_text(yaml.safe_dump({**BASE, "overrides": OVERRIDES}, sort_keys=True, default_flow_style=False))
     reordered = {
-        "overrides": [{k: dict(reversed(list(v.items()))) if isinstance(v, dict) else v for k, v in reversed(o.items())} for o in OVERRIDES],
+        "overrides": [
+            {k: dict(reversed(list(v.items()))) if isinstance(v, dict) else v for k, v in reversed(o.items())}
+            for o in OVERRIDES
+        ],
         "default": dict(reversed(list(BASE["default"].items()))),
         "aliases": dict(reversed(list(BASE["aliases"].items()))),
-        "categories": {k: {"action": v["action"], "threshold": v["threshold"]} for k, v in reversed(BASE["categories"].items())},
+        "categories": {
+            k: {"action": v["action"], "threshold": v["threshold"]} for k, v in reversed(BASE["categories"].items())
+        },
     }
     flow_style = tmp_path / "flow.yaml"
-    flow_style.write_text("# a comment\n" + yaml.safe_dump(reordered, sort_keys=False, default_flow_style=True, width=40))
+    flow_style.write_text(
+        "# a comment\n" + yaml.safe_dump(reordered, sort_keys=False, default_flow_style=True, width=40)
+    )
     versions = {
         Policy.from_mapping({**BASE, "overrides": OVERRIDES}).version,
         Policy.from_mapping(reordered).version,
@@ -250,7 +264,10 @@ def test_version_does_not_depend_on_how_a_number_is_written():
 
 
 def test_version_is_the_same_when_the_default_is_spelled_out():
-    assert Policy.from_mapping({}).version == Policy.from_mapping({"default": {"threshold": 0.5, "action": "flag"}}).version
+    assert (
+        Policy.from_mapping({}).version
+        == Policy.from_mapping({"default": {"threshold": 0.5, "action": "flag"}}).version
+    )
 
 
 @pytest.mark.parametrize(
@@ -278,14 +295,35 @@ def test_override_order_is_part_of_the_version():
     ("document", "expected"),
     [
         ({"categores": {}}, ["unknown key 'categores'", "categories, aliases, default, overrides"]),
-        ({"categories": {"sexual": {"threshold": 0.5, "action": "block", "severity": 3}}}, ["categories.sexual", "unknown key 'severity'", "threshold, action"]),
-        ({"categories": {"sexual": {"threshold": 1.5, "action": "block"}}}, ["categories.sexual.threshold", "from 0 to 1", "1.5"]),
-        ({"categories": {"sexual": {"threshold": -0.1, "action": "block"}}}, ["categories.sexual.threshold", "from 0 to 1"]),
-        ({"categories": {"sexual": {"threshold": "high", "action": "block"}}}, ["categories.sexual.threshold", "from 0 to 1", "'high'"]),
-        ({"categories": {"sexual": {"threshold": True, "action": "block"}}}, ["categories.sexual.threshold", "from 0 to 1"]),
-        ({"categories": {"sexual": {"threshold": 0.5, "action": "ban"}}}, ["categories.sexual.action", "allow, flag, review, block", "'ban'"]),
+        (
+            {"categories": {"sexual": {"threshold": 0.5, "action": "block", "severity": 3}}},
+            ["categories.sexual", "unknown key 'severity'", "threshold, action"],
+        ),
+        (
+            {"categories": {"sexual": {"threshold": 1.5, "action": "block"}}},
+            ["categories.sexual.threshold", "from 0 to 1", "1.5"],
+        ),
+        (
+            {"categories": {"sexual": {"threshold": -0.1, "action": "block"}}},
+            ["categories.sexual.threshold", "from 0 to 1"],
+        ),
+        (
+            {"categories": {"sexual": {"threshold": "high", "action": "block"}}},
+            ["categories.sexual.threshold", "from 0 to 1", "'high'"],
+        ),
+        (
+            {"categories": {"sexual": {"threshold": True, "action": "block"}}},
+            ["categories.sexual.threshold", "from 0 to 1"],
+        ),
+        (
+            {"categories": {"sexual": {"threshold": 0.5, "action": "ban"}}},
+            ["categories.sexual.action", "allow, flag, review, block", "'ban'"],
+        ),
         ({"categories": {"sexual": {"threshold": 0.5}}}, ["categories.sexual.action", "required key missing"]),
-        ({"categories": {"self-harm/intent": {"action": "review"}}}, ["categories['self-harm/intent'].threshold", "required"]),
+        (
+            {"categories": {"self-harm/intent": {"action": "review"}}},
+            ["categories['self-harm/intent'].threshold", "required"],
+        ),
         ({"default": {"threshold": 0.5, "action": "maybe"}}, ["default.action", "allow, flag, review, block"]),
         ({"default": "flag"}, ["default", "mapping"]),
         ({"overrides": {"match": {"tenant": "a"}}}, ["overrides", "must be a list"]),
@@ -293,12 +331,30 @@ def test_override_order_is_part_of_the_version():
         ({"overrides": [{"match": {}}]}, ["overrides[0].match", "give tenant, source or both"]),
         ({"overrides": [{"match": {"user": "x"}}]}, ["overrides[0].match", "unknown key 'user'", "tenant, source"]),
         ({"overrides": [{"match": {"tenant": 42}}]}, ["overrides[0].match.tenant", "string", "quote"]),
-        ({"overrides": [{"match": {"tenant": "a"}, "categories": {"pii": {}}}]}, ["overrides[0].categories.pii", "give threshold, action or both"]),
-        ({"overrides": [{"match": {"source": "a"}}, {"match": {"tenant": "b"}, "default": {"threshold": 2}}]}, ["overrides[1].default.threshold", "from 0 to 1"]),
+        (
+            {"overrides": [{"match": {"tenant": "a"}, "categories": {"pii": {}}}]},
+            ["overrides[0].categories.pii", "give threshold, action or both"],
+        ),
+        (
+            {"overrides": [{"match": {"source": "a"}}, {"match": {"tenant": "b"}, "default": {"threshold": 2}}]},
+            ["overrides[1].default.threshold", "from 0 to 1"],
+        ),
         ({"aliases": {"a": "b", "b": "c"}}, ["aliases.a", "itself an alias", "'c'"]),
         ({"aliases": {"x": 5}}, ["aliases.x", "string"]),
-        ({"aliases": {"hate": "hate_and_discrimination"}, "categories": {"hate": {"threshold": 0.5, "action": "block"}}}, ["categories.hate", "alias of 'hate_and_discrimination'", "configure 'hate_and_discrimination' instead"]),
-        ({"aliases": {"hate": "h"}, "overrides": [{"match": {"tenant": "t"}, "categories": {"hate": {"action": "flag"}}}]}, ["overrides[0].categories.hate", "alias of 'h'"]),
+        (
+            {
+                "aliases": {"hate": "hate_and_discrimination"},
+                "categories": {"hate": {"threshold": 0.5, "action": "block"}},
+            },
+            ["categories.hate", "alias of 'hate_and_discrimination'", "configure 'hate_and_discrimination' instead"],
+        ),
+        (
+            {
+                "aliases": {"hate": "h"},
+                "overrides": [{"match": {"tenant": "t"}, "categories": {"hate": {"action": "flag"}}}],
+            },
+            ["overrides[0].categories.hate", "alias of 'h'"],
+        ),
     ],
 )
 def test_a_bad_document_is_refused_with_the_key_path_and_the_fix(document, expected):
@@ -325,7 +381,10 @@ def test_every_problem_of_a_document_is_reported_one_per_line():
     ("text", "expected"),
     [
         ("categories:\n  pii: {threshold: 0.5, action: flag\n", ["not valid YAML", "line "]),
-        ("categories:\n  pii: {threshold: 0.5, action: flag}\n  pii: {threshold: 0.9, action: flag}\n", ["duplicate key 'pii'", "line 3"]),
+        (
+            "categories:\n  pii: {threshold: 0.5, action: flag}\n  pii: {threshold: 0.9, action: flag}\n",
+            ["duplicate key 'pii'", "line 3"],
+        ),
         ("", ["empty"]),
         ("# only a comment\n", ["empty"]),
         ("- categories\n", ["top level must be a mapping", "list"]),
@@ -394,7 +453,7 @@ def builtin() -> Policy:
 
 @pytest.mark.parametrize(("category", "action"), MISTRAL_2411.items())
 def test_builtin_decides_each_2411_category_at_one_half(builtin, category, action):
-    quiet = {name: 0.01 for name in MISTRAL_2411}
+    quiet = dict.fromkeys(MISTRAL_2411, 0.01)
     assert builtin.decide({**quiet, category: 0.49}).action == "allow"
     decision = builtin.decide({**quiet, category: 0.5})
     assert decision.action == action
@@ -424,12 +483,16 @@ def test_builtin_on_a_whole_2603_response(builtin):
 @pytest.mark.parametrize(("raw", "canonical"), OPENAI_OMNI.items())
 def test_builtin_maps_every_openai_omni_category_to_its_nearest_harm(builtin, raw, canonical):
     assert builtin.canonical(raw) == canonical
-    [hit] = builtin.decide({name: 0.0 for name in OPENAI_OMNI} | {raw: 0.51}).violations
+    [hit] = builtin.decide(dict.fromkeys(OPENAI_OMNI, 0.0) | {raw: 0.51}).violations
     assert (hit.category, hit.action) == (canonical, MISTRAL_2411[canonical])
 
 
 def test_builtin_on_an_openai_response_takes_the_highest_alias(builtin):
-    scores = {name: 0.0 for name in OPENAI_OMNI} | {"self-harm": 0.3, "self-harm/intent": 0.65, "self-harm/instructions": 0.4}
+    scores = dict.fromkeys(OPENAI_OMNI, 0.0) | {
+        "self-harm": 0.3,
+        "self-harm/intent": 0.65,
+        "self-harm/instructions": 0.4,
+    }
     [hit] = builtin.decide(scores).violations
     assert (hit.category, hit.score, hit.action) == ("selfharm", 0.65, "review")
 
@@ -441,7 +504,7 @@ def test_builtin_flags_unknown_categories_at_one_half(builtin):
 
 
 def test_builtin_is_the_packaged_yaml_file(builtin):
-    document = yaml.safe_load((REPO / "worker" / "default_policy.yaml").read_text())
+    document = yaml.safe_load((REPO / "worker" / "pipeline" / "default_policy.yaml").read_text())
     assert Policy.from_mapping(document).version == builtin.version
 
 

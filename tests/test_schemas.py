@@ -163,7 +163,7 @@ def test_outputs_forbid_unknown_fields(model, fields):
 def test_a_verdict_forbids_unknown_fields_in_nested_parts():
     fields = _verdict_fields()
     fields["input"] = {**fields["input"], "timestamp": 1}
-    with pytest.raises(ValidationError, match="input.timestamp"):
+    with pytest.raises(ValidationError, match=r"input\.timestamp"):
         Verdict.model_validate(fields)
 
 

@@ -8,22 +8,34 @@ import json
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from worker.batching import MicroBatcher
-from worker.decode import Decoder, DecodeFailure, Job
-from worker.sink import KeySequencer, dead_letter_record
+from worker.pipeline.batching import MicroBatcher
+from worker.pipeline.decode import DecodeFailure, Decoder, Job
+from worker.pipeline.sink import KeySequencer, dead_letter_record
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=50)
 
 
-def record(value: bytes | None, topic: str = "in.c", offset: int = 0, key: bytes | None = b"k", partition: int = 0,
-           headers: list | None = None):
+def record(
+    value: bytes | None,
+    topic: str = "in.c",
+    offset: int = 0,
+    key: bytes | None = b"k",
+    partition: int = 0,
+    headers: list | None = None,
+):
     return ConsumerRecord(topic, partition, offset, 0, 0, key, value, None, len(value or b""), 0, headers or [])
 
 
 def test_decode_valid_content_and_conversation():
     job = DECODER.decode(record(json.dumps({"id": "1", "text": "hello", "extra": 1}).encode()))
     assert isinstance(job, Job) and job.kind == "content" and job.text == "hello"
-    turn = {"id": "t", "conversation_id": "c", "role": "user", "content": "hi", "context": [{"role": "assistant", "content": "yo"}]}
+    turn = {
+        "id": "t",
+        "conversation_id": "c",
+        "role": "user",
+        "content": "hi",
+        "context": [{"role": "assistant", "content": "yo"}],
+    }
     job = DECODER.decode(record(json.dumps(turn).encode(), topic="in.v", key=None))
     assert isinstance(job, Job) and job.kind == "conversation" and job.text == "hi"
     assert job.key == b"c"  # no key on the record: the conversation id it should have had
@@ -48,8 +60,13 @@ def test_decode_failures_are_classified():
 
 
 def test_conversation_context_counts_towards_the_length_limit():
-    turn = {"id": "t", "conversation_id": "c", "role": "user", "content": "short",
-            "context": [{"role": "user", "content": "y" * 60}]}
+    turn = {
+        "id": "t",
+        "conversation_id": "c",
+        "role": "user",
+        "content": "short",
+        "context": [{"role": "user", "content": "y" * 60}],
+    }
     assert DECODER.decode(record(json.dumps(turn).encode(), topic="in.v")).error_type == "too_long"
 
 
@@ -74,8 +91,12 @@ def _job(i: int, kind: str = "content", size: int = 10, key: bytes = b"k", parti
 
 async def test_batches_flush_on_count_bytes_and_wait():
     batches: list[tuple[str, list[int]]] = []
-    batcher = MicroBatcher(max_size=3, max_bytes=100, max_wait_s=0.05,
-                           on_batch=lambda kind, jobs: batches.append((kind, [j.record.offset for j in jobs])))
+    batcher = MicroBatcher(
+        max_size=3,
+        max_bytes=100,
+        max_wait_s=0.05,
+        on_batch=lambda kind, jobs: batches.append((kind, [j.record.offset for j in jobs])),
+    )
     for i in range(3):
         batcher.add(_job(i))
     assert batches == [("content", [0, 1, 2])]  # count

@@ -12,13 +12,13 @@ import pytest
 np = pytest.importorskip("numpy", reason="train/eval need the 'local' extra")
 pytest.importorskip("sklearn")
 
-from worker.eval_metrics import (
+from worker.offline.eval_metrics import (
     category_metrics,
     f1_max_threshold,
     threshold_for_precision,
 )
-from worker.labelled import LabelledDataError, read_labelled
-from worker.train import stratified_split
+from worker.offline.labelled import LabelledDataError, read_labelled
+from worker.offline.train import stratified_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,12 +38,16 @@ def synthetic_records() -> list[dict]:
     ]
     insults = [
         f"you are a {adj} {noun}"
-        for adj, noun in itertools.product(["stupid", "worthless", "pathetic", "dumb"], ["idiot", "moron", "loser", "clown"])
+        for adj, noun in itertools.product(
+            ["stupid", "worthless", "pathetic", "dumb"], ["idiot", "moron", "loser", "clown"]
+        )
     ]
     safe = [
         f"the {thing} is {state} {when}"
         for thing, state, when in itertools.product(
-            ["museum", "library", "bakery", "park", "station"], ["open", "busy", "quiet"], ["today", "on sundays", "this week"]
+            ["museum", "library", "bakery", "park", "station"],
+            ["open", "busy", "quiet"],
+            ["today", "on sundays", "this week"],
         )
     ]
     records = [{"text": t, "labels": {"moderation": ["violence_and_threats"]}, "source": "toy"} for t in threats]
@@ -181,7 +185,10 @@ def test_train_then_eval_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     report = json.loads(report_path.read_text())
     expected_support = {
-        "violence_and_threats": sum("violence_and_threats" in r.get("labels", {}).get("moderation", []) for r in records) + 1,
+        "violence_and_threats": sum(
+            "violence_and_threats" in r.get("labels", {}).get("moderation", []) for r in records
+        )
+        + 1,
         "offensive": sum("offensive" in r.get("labels", {}).get("moderation", []) for r in records),
     }
     assert set(report["categories"]) == set(expected_support)

@@ -8,9 +8,9 @@ from aiokafka import ConsumerRecord
 
 from schemas import Verdict, Violation
 from worker.backends.base import Scored
-from worker.decode import Decoder, Job
-from worker.policy import Policy
-from worker.verdicts import VerdictBuilder
+from worker.pipeline.decode import Decoder, Job
+from worker.pipeline.policy import Policy
+from worker.pipeline.verdicts import VerdictBuilder
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=1000)
 BUILDER = VerdictBuilder(policy=Policy.load(None), backend_name="mistral", include_text=True)
@@ -32,8 +32,10 @@ def assert_same_as_validated(model: Verdict | Violation) -> None:
 
 
 def test_scored_content_verdict_equals_the_validated_model():
-    verdict = BUILDER.scored(job({"id": "c1", "text": "hi", "tenant": "t", "metadata": {"a": 1}}),
-                             Scored(scores=SCORES, model="mistral-moderation-2411"))
+    verdict = BUILDER.scored(
+        job({"id": "c1", "text": "hi", "tenant": "t", "metadata": {"a": 1}}),
+        Scored(scores=SCORES, model="mistral-moderation-2411"),
+    )
     assert_same_as_validated(verdict)
     assert verdict.action == "block" and verdict.flagged and verdict.input.offset == 41
     assert {hit.category for hit in verdict.violations} == {"sexual", "pii"}

@@ -33,7 +33,6 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from schemas import ConversationEvent, Kind, Turn
-from worker import metrics
 from worker.backends.base import (
     Backend,
     BackendAuthError,
@@ -43,15 +42,16 @@ from worker.backends.base import (
     Rejected,
     Scored,
 )
-from worker.batching import MicroBatcher
 from worker.config import Settings
-from worker.decode import Decoder, DecodeFailure, Job
-from worker.logs import Event
-from worker.offsets import OffsetTracker, PartitionOffsets
-from worker.policy import Policy
-from worker.sink import KeySequencer, OutRecord, Sink, dead_letter_record
-from worker.source import Source, make_producer
-from worker.verdicts import VerdictBuilder
+from worker.ops import metrics
+from worker.ops.logs import Event
+from worker.pipeline.batching import MicroBatcher
+from worker.pipeline.decode import DecodeFailure, Decoder, Job
+from worker.pipeline.offsets import OffsetTracker, PartitionOffsets
+from worker.pipeline.policy import Policy
+from worker.pipeline.sink import KeySequencer, OutRecord, Sink, dead_letter_record
+from worker.pipeline.source import Source, make_producer
+from worker.pipeline.verdicts import VerdictBuilder
 
 log = structlog.get_logger("worker.app")
 
@@ -97,7 +97,9 @@ class ModerationWorker:
         self._verdicts = VerdictBuilder(policy=policy, backend_name=backend.name, include_text=settings.include_text)
         self._tracker = OffsetTracker()
         self._sequencer = KeySequencer()
-        self._sink = Sink(make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES), on_error=self._on_sink_error)
+        self._sink = Sink(
+            make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES), on_error=self._on_sink_error
+        )
         rebalance_timeout_ms = int(max(settings.kafka.session_timeout_ms, (settings.revoke_timeout_s + 5) * 1000))
         self.source = Source(settings, self, rebalance_timeout_ms=rebalance_timeout_ms)
         self._concurrency = asyncio.Semaphore(settings.http.max_concurrency)
@@ -125,8 +127,13 @@ class ModerationWorker:
 
     async def run(self) -> None:
         """Consume until ``stop()``; then drain, commit and close. Raises ``WorkerFatal``."""
-        log.info(Event.WORKER_STARTING, backend=self.backend.name, policy_version=self.policy.version,
-                 group_id=self.settings.group_id, topics=[self.settings.content_topic, self.settings.conversation_topic])
+        log.info(
+            Event.WORKER_STARTING,
+            backend=self.backend.name,
+            policy_version=self.policy.version,
+            group_id=self.settings.group_id,
+            topics=[self.settings.content_topic, self.settings.conversation_topic],
+        )
         await self.backend.start()
         try:
             await self._sink.start()
@@ -205,8 +212,12 @@ class ModerationWorker:
                     self._publish_verdict(job, verdict)
                     continue
             if isinstance(outcome, Rejected):
-                self._sequencer.complete(job, lambda job=job, outcome=outcome: self._dead_letter(
-                    job.slot, job.record, stage="backend", error_type=outcome.error_type, message=outcome.reason))
+                self._sequencer.complete(
+                    job,
+                    lambda job=job, outcome=outcome: self._dead_letter(
+                        job.slot, job.record, stage="backend", error_type=outcome.error_type, message=outcome.reason
+                    ),
+                )
             else:
                 self._publish_verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
@@ -225,13 +236,17 @@ class ModerationWorker:
             except BackendUnavailable as err:
                 reason = str(err)
                 not_before = err.retry_in_s or 0.0
-            except Exception as err:  # noqa: BLE001 - a backend bug must not kill the stream silently
+            except Exception as err:
                 log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
                 reason = f"unexpected backend error: {type(err).__name__}: {err}"
                 not_before = 0.0
             else:
                 if len(outcomes) != len(jobs):
-                    self._fail(RuntimeError(f"backend {self.backend.name} returned {len(outcomes)} results for {len(jobs)} inputs"))
+                    self._fail(
+                        RuntimeError(
+                            f"backend {self.backend.name} returned {len(outcomes)} results for {len(jobs)} inputs"
+                        )
+                    )
                     return None
                 return outcomes
             if fail_policy != "wait":
@@ -255,12 +270,25 @@ class ModerationWorker:
             records.append(OutRecord(settings.violation_topic, key, violation.model_dump_json().encode()))
         record = job.record
         if verdict.flagged:
-            log.info(Event.MESSAGE_FLAGGED, topic=record.topic, partition=record.partition, offset=record.offset,
-                     event_id=verdict.event_id, action=verdict.action, degraded=verdict.degraded,
-                     categories=[hit.category for hit in verdict.violations])
+            log.info(
+                Event.MESSAGE_FLAGGED,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                event_id=verdict.event_id,
+                action=verdict.action,
+                degraded=verdict.degraded,
+                categories=[hit.category for hit in verdict.violations],
+            )
         else:
-            log.debug(Event.MESSAGE_VERDICT, topic=record.topic, partition=record.partition, offset=record.offset,
-                      event_id=verdict.event_id, action=verdict.action)
+            log.debug(
+                Event.MESSAGE_VERDICT,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                event_id=verdict.event_id,
+                action=verdict.action,
+            )
         on_acked = self._verdict_acked(job, verdict)
         self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked))
 
@@ -282,11 +310,19 @@ class ModerationWorker:
         return acked
 
     def _dead_letter(self, slot: PartitionOffsets, record, *, stage: str, error_type: str, message: str) -> None:
-        log.warning(Event.MESSAGE_DEAD_LETTERED, topic=record.topic, partition=record.partition, offset=record.offset,
-                    stage=stage, error_type=error_type, reason=message)
+        log.warning(
+            Event.MESSAGE_DEAD_LETTERED,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage=stage,
+            error_type=error_type,
+            reason=message,
+        )
         metrics.dead_lettered(record.topic, stage, error_type).inc()
-        out = dead_letter_record(record, topic=self.settings.dead_letter_topic, stage=stage,
-                                 error_type=error_type, message=message)
+        out = dead_letter_record(
+            record, topic=self.settings.dead_letter_topic, stage=stage, error_type=error_type, message=message
+        )
         offset = record.offset
         self._sink.publish([out], lambda: self._finish(slot, offset))
 
@@ -303,8 +339,10 @@ class ModerationWorker:
     # -- commits, rebalance, shutdown -----------------------------------------------
 
     async def _maybe_commit(self) -> None:
-        due = (self._finished_since_commit >= self.settings.commit_every
-               or time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000)
+        due = (
+            self._finished_since_commit >= self.settings.commit_every
+            or time.monotonic() - self._last_commit >= self.settings.commit_interval_ms / 1000
+        )
         if due:
             await self._commit()
 

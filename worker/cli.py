@@ -25,7 +25,12 @@ from pathlib import Path
 
 from worker.config import ConfigError, Settings, load_settings
 
-COMMAND_MODULES: list[str] = ["worker.bench", "worker.train", "worker.evaluate", "worker.demo"]
+COMMAND_MODULES: list[str] = [
+    "worker.offline.bench",
+    "worker.offline.train",
+    "worker.offline.evaluate",
+    "worker.offline.demo",
+]
 """Modules adding subcommands (train, eval, demo, bench ...)."""
 
 
@@ -94,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
     from worker.backends import create_backend, default_policy_file
-    from worker.logs import configure_logging
-    from worker.policy import Policy, PolicyError
+    from worker.ops.logs import configure_logging
+    from worker.pipeline.policy import Policy, PolicyError
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
@@ -120,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _serve(make_worker) -> None:
-    from worker.health import serve_health
+    from worker.ops.health import serve_health
 
     worker = make_worker()  # inside the loop: aiokafka clients need a running loop
     loop = asyncio.get_running_loop()
@@ -158,7 +163,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 async def _produce(settings: Settings, path: Path, topic: str, key_field: str | None) -> int:
-    from worker.source import make_producer
+    from worker.pipeline.source import make_producer
 
     producer = make_producer(settings.kafka, linger_ms=20)
     try:
@@ -209,10 +214,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 async def _tail(settings: Settings, topic: str, *, as_json: bool, limit: int, idle_timeout: float) -> None:
     from aiokafka import AIOKafkaConsumer
 
-    from worker.source import client_options
+    from worker.pipeline.source import client_options
 
-    consumer = AIOKafkaConsumer(topic, **client_options(settings.kafka), group_id=None, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, **client_options(settings.kafka), group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     try:
         await consumer.start()
     except _KAFKA_START_ERRORS as err:

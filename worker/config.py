@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -89,7 +89,9 @@ class MistralSettings(BaseModel):
 
     api_key: SecretStr | None = Field(default=None, description="Or MISTRAL_API_KEY.")
     base_url: str = Field(default="https://api.mistral.ai", description="Mistral API root.")
-    model: str = Field(default="mistral-moderation-latest", description="Moderation model, or a fine-tuned classifier id.")
+    model: str = Field(
+        default="mistral-moderation-latest", description="Moderation model, or a fine-tuned classifier id."
+    )
     endpoint: Literal["moderation", "classifier"] = Field(
         default="moderation",
         description="moderation: /v1/(chat/)moderations; classifier: /v1/(chat/)classifications with a "
@@ -117,12 +119,15 @@ class LocalSettings(BaseModel):
         description="'starter' (the bundled MiniLM head), a model directory, or an installed package shipping one.",
     )
     kind: Literal["auto", "sequence-classification", "embedding-head"] = Field(
-        default="auto", description="auto: embedding-head when the directory has head.json, else sequence-classification."
+        default="auto",
+        description="auto: embedding-head when the directory has head.json, else sequence-classification.",
     )
     labels: dict[str, str] = Field(
         default_factory=dict, description="Model label -> category name; an empty name drops the label."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when torch sees a GPU, else CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: CUDA when torch sees a GPU, else CPU."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: float16 on CUDA, float32 on CPU; half precision needs CUDA."
     )
@@ -146,18 +151,29 @@ class HttpSettings(BaseModel):
     pool_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free pooled connection.")
     keepalive_expiry_s: float = Field(default=20.0, ge=0, description="Idle pooled connections close after this.")
     retry_attempts: int = Field(default=6, ge=1, description="Tries per call, the first included.")
-    retry_base_wait_s: float = Field(default=0.5, gt=0, description="Backoff before the 2nd try (doubles, full jitter).")
-    retry_max_wait_s: float = Field(default=10.0, gt=0, description="Longest backoff between tries (Retry-After may exceed it).")
+    retry_base_wait_s: float = Field(
+        default=0.5, gt=0, description="Backoff before the 2nd try (doubles, full jitter)."
+    )
+    retry_max_wait_s: float = Field(
+        default=10.0, gt=0, description="Longest backoff between tries (Retry-After may exceed it)."
+    )
     retry_budget_s: float = Field(
         default=60.0, gt=0, description="A call gives up (BackendUnavailable) rather than wait past this in total."
     )
     requests_per_second: float | None = Field(default=None, gt=0, description="Client-side request limit; unset: none.")
     tokens_per_minute: int | None = Field(default=None, ge=1, description="Client-side input-token limit; unset: none.")
     rate_limit_low_watermark: float = Field(
-        default=0.1, ge=0, le=1, description="Spread requests out when x-ratelimit-remaining-* falls below this fraction."
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Spread requests out when x-ratelimit-remaining-* falls below this fraction.",
     )
-    breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive failed tries that open the circuit.")
-    breaker_reset_s: float = Field(default=30.0, gt=0, description="Open circuit: seconds before one probe is let through.")
+    breaker_failure_threshold: int = Field(
+        default=5, ge=1, description="Consecutive failed tries that open the circuit."
+    )
+    breaker_reset_s: float = Field(
+        default=30.0, gt=0, description="Open circuit: seconds before one probe is let through."
+    )
     chunk_overlap_tokens: int = Field(default=200, ge=0, description="Overlap between chunks of an over-long text.")
     fail_policy: Literal["wait", "review", "allow"] = Field(
         default="wait",
@@ -190,7 +206,9 @@ class Settings(BaseSettings):
     conversation_topic: str = Field(default="ugc.conversations", description="Input: ConversationEvent.")
     verdict_topic: str = Field(default="moderation.verdicts", description="Output: a Verdict per valid input.")
     violation_topic: str = Field(default="moderation.violations", description="Output: a Violation per flagged input.")
-    dead_letter_topic: str = Field(default="moderation.dead-letter", description="Output: inputs that could not be judged.")
+    dead_letter_topic: str = Field(
+        default="moderation.dead-letter", description="Output: inputs that could not be judged."
+    )
 
     backend: Literal["mistral", "openai", "local"] = Field(default="mistral", description="mistral, openai or local.")
     mistral: MistralSettings = Field(default_factory=MistralSettings)
@@ -202,7 +220,9 @@ class Settings(BaseSettings):
 
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")
-    max_in_flight: int = Field(default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause.")
+    max_in_flight: int = Field(
+        default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause."
+    )
     commit_interval_ms: int = Field(default=1_000, ge=0, description="Commit finished offsets at least this often.")
     commit_every: int = Field(default=1_000, ge=1, description="Commit after this many finished messages, if sooner.")
     drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
@@ -257,7 +277,7 @@ class _UnprefixedEnvSource(PydanticBaseSettingsSource):
     the unprefixed one.
     """
 
-    NAMES = {
+    NAMES: ClassVar[dict[str, tuple[str, str]]] = {
         "KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
         "MISTRAL_API_KEY": ("mistral", "api_key"),
         "OPENAI_API_KEY": ("openai", "api_key"),
@@ -345,8 +365,11 @@ def _looks_secret(loc: list[str]) -> bool:
     return any(word in part.lower() for part in loc for word in ("key", "password", "secret", "token"))
 
 
-_UNPREFIXED = {"KAFKA__BOOTSTRAP_SERVERS": "KAFKA_BOOTSTRAP_SERVERS", "MISTRAL__API_KEY": "MISTRAL_API_KEY",
-               "OPENAI__API_KEY": "OPENAI_API_KEY"}
+_UNPREFIXED = {
+    "KAFKA__BOOTSTRAP_SERVERS": "KAFKA_BOOTSTRAP_SERVERS",
+    "MISTRAL__API_KEY": "MISTRAL_API_KEY",
+    "OPENAI__API_KEY": "OPENAI_API_KEY",
+}
 
 
 def settings_reference() -> list[tuple[str, str, str]]:

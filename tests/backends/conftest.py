@@ -29,7 +29,9 @@ def settings_for(api_key: str) -> Callable[..., Settings]:
     The key defaults to the ``api_key`` fixture (the server's key); pass ``key=`` to send another.
     """
 
-    def build(server: LoopbackApiServer, *, backend: str = "mistral", key: str | None = None, **sections: Any) -> Settings:
+    def build(
+        server: LoopbackApiServer, *, backend: str = "mistral", key: str | None = None, **sections: Any
+    ) -> Settings:
         section = dict(sections.pop(backend, {}))
         section.setdefault("api_key", key if key is not None else api_key)
         section.setdefault("base_url", server.base_url)

@@ -23,7 +23,9 @@ class FakeClock:
         return self.now
 
 
-def cached(settings: Settings, *, max_entries: int = 1_000, ttl_s: float = 60.0, clock: FakeClock | None = None) -> CachingBackend:
+def cached(
+    settings: Settings, *, max_entries: int = 1_000, ttl_s: float = 60.0, clock: FakeClock | None = None
+) -> CachingBackend:
     return CachingBackend(MistralBackend(settings), max_entries=max_entries, ttl_s=ttl_s, clock=clock or FakeClock())
 
 
@@ -31,7 +33,9 @@ def sent_inputs(server: MistralServer) -> list[str]:
     return [text for body in server.bodies for text in body["input"]]
 
 
-async def test_repeats_cost_no_call_and_every_input_still_gets_an_outcome(mistral: MistralServer, settings_for: SettingsFor) -> None:
+async def test_repeats_cost_no_call_and_every_input_still_gets_an_outcome(
+    mistral: MistralServer, settings_for: SettingsFor
+) -> None:
     backend = cached(settings_for(mistral))
     async with started(backend):
         first = await backend.score_texts(["a", "b", "a", "c"])

@@ -20,7 +20,16 @@ from worker.backends.base import BackendAuthError, BackendUnavailable, Rejected,
 from worker.backends.breaker import CircuitOpenError
 from worker.backends.mistral import MistralBackend
 from worker.config import Settings
-from worker.testing import Fault, MistralServer, RateLimit, RecordedRequest, every, fake_scores, first, when_input_contains
+from worker.testing import (
+    Fault,
+    MistralServer,
+    RateLimit,
+    RecordedRequest,
+    every,
+    fake_scores,
+    first,
+    when_input_contains,
+)
 from worker.testing.faults import combine
 from worker.testing.openapi import load_spec_validator
 
@@ -60,7 +69,9 @@ async def test_429_retry_after_http_date_is_honoured(api_key: str, settings_for:
     assert limited.answered_at is not None and retried.received_at - limited.answered_at >= 1.0
 
 
-async def test_retry_after_beyond_the_budget_gives_up_without_retrying_early(api_key: str, settings_for: SettingsFor) -> None:
+async def test_retry_after_beyond_the_budget_gives_up_without_retrying_early(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     with server(api_key, fault_plan=[Fault(status=429, retry_after="120")]) as srv:
         settings = settings_for(srv, http={"retry_budget_s": 5})
         async with started(MistralBackend(settings)) as backend:
@@ -88,7 +99,9 @@ async def test_other_server_errors_are_retried(api_key: str, settings_for: Setti
     assert isinstance(outcome, Scored)
 
 
-async def test_spent_retry_attempts_raise_backend_unavailable_with_the_reason(api_key: str, settings_for: SettingsFor) -> None:
+async def test_spent_retry_attempts_raise_backend_unavailable_with_the_reason(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     with server(api_key, fault_plan=lambda request: Fault(status=503)) as srv:
         async with started(MistralBackend(settings_for(srv, http={"retry_attempts": 3}))) as backend:
             with pytest.raises(BackendUnavailable, match=r"HTTP 503 on POST /v1/moderations; gave up after 3 tries"):
@@ -122,11 +135,21 @@ async def test_an_unreachable_api_raises_backend_unavailable(settings_for: Setti
             await backend.score_texts(["a"])
 
 
-async def test_one_bad_input_in_a_batch_is_bisected_out_and_the_rest_scored(api_key: str, settings_for: SettingsFor) -> None:
+async def test_one_bad_input_in_a_batch_is_bisected_out_and_the_rest_scored(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     texts = [f"fine {i}" for i in range(8)]
     texts[5] = "POISON input"
-    bad = Fault(status=400, body={"object": "error", "message": "Input 5 is invalid", "type": "invalid_request_error",
-                                  "param": None, "code": None})
+    bad = Fault(
+        status=400,
+        body={
+            "object": "error",
+            "message": "Input 5 is invalid",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        },
+    )
     with server(api_key, fault_plan=when_input_contains("POISON", bad)) as srv:
         async with started(MistralBackend(settings_for(srv))) as backend:
             outcomes = await backend.score_texts(texts)
@@ -134,12 +157,16 @@ async def test_one_bad_input_in_a_batch_is_bisected_out_and_the_rest_scored(api_
         assert srv.violations == []
 
     assert outcomes[5] == Rejected(reason="Mistral API refused the input (HTTP 400): Input 5 is invalid")
-    assert [o for i, o in enumerate(outcomes) if i != 5] == [Scored(fake_scores(t), MODEL) for i, t in enumerate(texts) if i != 5]
+    assert [o for i, o in enumerate(outcomes) if i != 5] == [
+        Scored(fake_scores(t), MODEL) for i, t in enumerate(texts) if i != 5
+    ]
     # 8 -> 4+4 -> 2+2 -> 1+1: four refusals, never a retry of the same body, and three good sub-batches.
     assert statuses.count(400) == 4 and statuses.count(200) == 3
 
 
-async def test_an_input_over_the_context_gets_the_api_message_when_chunking_is_off(api_key: str, settings_for: SettingsFor) -> None:
+async def test_an_input_over_the_context_gets_the_api_message_when_chunking_is_off(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     long_text = "word " * 2_000  # 10,000 bytes: 2,500 server tokens
     with server(api_key, max_input_tokens=1_000) as srv:
         # The worker believes the model's context is larger than it is: the API's 400 decides.
@@ -153,7 +180,10 @@ async def test_an_input_over_the_context_gets_the_api_message_when_chunking_is_o
 
 
 async def test_422_is_not_retried(api_key: str, settings_for: SettingsFor) -> None:
-    with server(api_key, fault_plan=[Fault(status=422, body={"detail": [{"loc": ["body", "input"], "msg": "bad", "type": "x"}]})]) as srv:
+    with server(
+        api_key,
+        fault_plan=[Fault(status=422, body={"detail": [{"loc": ["body", "input"], "msg": "bad", "type": "x"}]})],
+    ) as srv:
         async with started(MistralBackend(settings_for(srv))) as backend:
             (outcome,) = await backend.score_texts(["a"])
         assert srv.request_count == 1
@@ -178,7 +208,9 @@ async def test_missing_key_stops_at_start_with_the_variable_to_set(api_key: str,
         assert srv.request_count == 0
 
 
-async def test_breaker_opens_after_consecutive_failures_then_probes_and_closes(api_key: str, settings_for: SettingsFor) -> None:
+async def test_breaker_opens_after_consecutive_failures_then_probes_and_closes(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     with server(api_key, fault_plan=first(3, Fault(status=503))) as srv:
         settings = settings_for(srv, http={"retry_attempts": 1, "breaker_failure_threshold": 3, "breaker_reset_s": 0.3})
         async with started(MistralBackend(settings)) as backend:
@@ -220,7 +252,9 @@ async def test_low_remaining_rate_limit_headers_slow_the_client_down(api_key: st
             assert backend.api.pacer.interval_s == pytest.approx(60.0)
 
 
-async def test_an_enforced_server_window_answers_429_and_the_client_waits_it_out(api_key: str, settings_for: SettingsFor) -> None:
+async def test_an_enforced_server_window_answers_429_and_the_client_waits_it_out(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     limit = RateLimit(requests_per_minute=2, window_s=1.0)
     with server(api_key, rate_limit=limit) as srv:
         # Header pacing off: it would assume Mistral's 60 s window, not this 1 s test window.

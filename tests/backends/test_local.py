@@ -275,7 +275,7 @@ async def test_conversation_context_goes_first_as_a_sentence_pair(tiny_model: Pa
 
 async def test_a_missing_model_says_how_to_fix_it_and_downloads_nothing(tmp_path: Path) -> None:
     backend = LocalBackend(local_settings("no-such-model-anywhere"))
-    with pytest.raises(LocalModelError, match="MODWORKER_LOCAL__MODEL.*ALLOW_DOWNLOAD"):
+    with pytest.raises(LocalModelError, match=r"MODWORKER_LOCAL__MODEL.*ALLOW_DOWNLOAD"):
         await backend.start()
     await backend.close()
 

@@ -21,7 +21,7 @@ def test_cli_and_local_backend_import_without_loading_torch() -> None:
         import sys
         from worker.cli import build_parser
         build_parser()
-        import worker.backends.local, worker.backends.local_model, worker.train, worker.evaluate, worker.demo
+        import worker.backends.local, worker.backends.local_model, worker.offline.train, worker.offline.evaluate, worker.offline.demo
         print(sorted(m for m in {HEAVY!r} if m in sys.modules))
         """
     )

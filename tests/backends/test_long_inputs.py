@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 from schemas import Turn
@@ -28,7 +29,7 @@ def test_chunks_fit_overlap_and_cover_the_whole_text() -> None:
 
     assert len(chunks) > 12
     assert all(estimate_tokens(chunk) <= 500 for chunk in chunks)
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in itertools.pairwise(chunks):
         shared = before[-30:]
         assert shared in after, "consecutive chunks share their boundary text"
     # Every word is whole in at least one chunk.
@@ -59,7 +60,9 @@ def test_a_judged_turn_over_the_limit_is_chunked_without_context() -> None:
     assert all(len(piece) == 1 and piece[0].role == "user" for piece in pieces)
 
 
-async def test_a_long_text_is_chunked_under_the_context_and_scored_as_the_max(api_key: str, settings_for: SettingsFor) -> None:
+async def test_a_long_text_is_chunked_under_the_context_and_scored_as_the_max(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     tail_marker = "<<selfharm:0.91>>"
     head_marker = "<<pii:0.66>>"
     long_text = head_marker + " " + "lorem ipsum dolor " * 1_500 + tail_marker  # ~27k bytes
@@ -80,7 +83,9 @@ async def test_a_long_text_is_chunked_under_the_context_and_scored_as_the_max(ap
 
 
 async def test_a_long_conversation_is_trimmed_so_the_api_accepts_it(api_key: str, settings_for: SettingsFor) -> None:
-    context = tuple(Turn(role="user" if i % 2 == 0 else "assistant", content=f"old turn {i} " + "z " * 600) for i in range(12))
+    context = tuple(
+        Turn(role="user" if i % 2 == 0 else "assistant", content=f"old turn {i} " + "z " * 600) for i in range(12)
+    )
     judged = Turn(role="assistant", content="final answer <<violence_and_threats:0.77>>")
     with MistralServer(api_key=api_key, max_input_tokens=2_000, validator=load_spec_validator(SPEC)) as server:
         settings = settings_for(server, mistral={"max_input_tokens": 2_000})
@@ -92,6 +97,6 @@ async def test_a_long_conversation_is_trimmed_so_the_api_accepts_it(api_key: str
     (sent,) = request.body["input"]
     assert sent[-1] == {"role": "assistant", "content": judged.content}
     kept = [m["content"] for m in sent[:-1]]
-    assert kept == [t.content for t in context[-len(kept):]], "the newest context is kept, the oldest dropped"
+    assert kept == [t.content for t in context[-len(kept) :]], "the newest context is kept, the oldest dropped"
     assert 0 < len(kept) < len(context)
     assert isinstance(outcome, Scored) and outcome.scores["violence_and_threats"] == 0.77

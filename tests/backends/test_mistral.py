@@ -27,7 +27,9 @@ def conversation(judged: str, *context: tuple[str, str]) -> Conversation:
     )
 
 
-async def test_text_batch_is_one_spec_valid_request_with_a_list_of_strings(mistral: MistralServer, settings_for: SettingsFor) -> None:
+async def test_text_batch_is_one_spec_valid_request_with_a_list_of_strings(
+    mistral: MistralServer, settings_for: SettingsFor
+) -> None:
     texts = ["hello there", "I will hurt you <<violence_and_threats:0.91>>", "buy now <<financial:0.6>>"]
     async with started(MistralBackend(settings_for(mistral))) as backend:
         outcomes = await backend.score_texts(texts)
@@ -110,7 +112,9 @@ async def test_bad_key_raises_auth_error_naming_the_variable_but_not_the_key(
     assert mistral.requests[0].headers["authorization"] == f"Bearer {wrong_key}"
 
 
-async def test_the_key_travels_only_in_the_authorization_header(mistral: MistralServer, settings_for: SettingsFor, api_key: str) -> None:
+async def test_the_key_travels_only_in_the_authorization_header(
+    mistral: MistralServer, settings_for: SettingsFor, api_key: str
+) -> None:
     async with started(MistralBackend(settings_for(mistral))) as backend:
         await backend.score_texts(["x"])
 
@@ -120,14 +124,18 @@ async def test_the_key_travels_only_in_the_authorization_header(mistral: Mistral
     assert api_key not in repr(backend.api)
 
 
-def test_create_backend_picks_by_settings_and_wraps_the_cache(mistral: MistralServer, settings_for: SettingsFor) -> None:
+def test_create_backend_picks_by_settings_and_wraps_the_cache(
+    mistral: MistralServer, settings_for: SettingsFor
+) -> None:
     cached = create_backend(settings_for(mistral))
     assert isinstance(cached, CachingBackend) and isinstance(cached.inner, MistralBackend)
     assert cached.name == "mistral"
     assert isinstance(create_backend(settings_for(mistral, cache={"enabled": False})), MistralBackend)
 
 
-async def test_classifier_endpoint_turns_target_and_label_into_categories(api_key: str, settings_for: SettingsFor) -> None:
+async def test_classifier_endpoint_turns_target_and_label_into_categories(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     model = "ft:classifier:ministral-3b-latest:acme:20250101:abcd1234"
     targets = {"moderation": ["toxicity", "insult", "safe"], "intent": ["sales", "support"]}
     with MistralServer(api_key=api_key, classifier_targets=targets, validator=load_spec_validator(SPEC)) as server:
@@ -139,7 +147,12 @@ async def test_classifier_endpoint_turns_target_and_label_into_categories(api_ke
         assert server.violations == []
         assert [r.path for r in server.requests] == ["/v1/classifications", "/v1/chat/classifications"]
         assert server.requests[1].body["input"] == [
-            {"messages": [{"role": "user", "content": "hm"}, {"role": "assistant", "content": "buy it <<intent/sales:0.7>>"}]}
+            {
+                "messages": [
+                    {"role": "user", "content": "hm"},
+                    {"role": "assistant", "content": "buy it <<intent/sales:0.7>>"},
+                ]
+            }
         ]
     labels = ["moderation/toxicity", "moderation/insult", "moderation/safe", "intent/sales", "intent/support"]
     assert text == Scored(scores=fake_scores("you are an idiot <<moderation/insult:0.88>>", labels), model=model)

@@ -38,7 +38,9 @@ async def test_text_batch_wire_format_categories_and_model(api_key: str, setting
 
 async def test_conversations_are_scored_on_the_judged_turn(api_key: str, settings_for: SettingsFor) -> None:
     judged = "here is how <<illicit:0.8>>"
-    conversation = Conversation(turn=Turn(role="assistant", content=judged), context=(Turn(role="user", content="how?"),))
+    conversation = Conversation(
+        turn=Turn(role="assistant", content=judged), context=(Turn(role="user", content="how?"),)
+    )
     with server(api_key) as srv:
         async with started(OpenAIBackend(settings_for(srv, backend="openai"))) as backend:
             (outcome,) = await backend.score_conversations([conversation])
@@ -46,7 +48,9 @@ async def test_conversations_are_scored_on_the_judged_turn(api_key: str, setting
     assert outcome == Scored(fake_scores(judged, OPENAI_CATEGORIES), MODEL)
 
 
-async def test_bad_key_names_openai_api_key_and_copies_nothing_from_the_body(api_key: str, settings_for: SettingsFor) -> None:
+async def test_bad_key_names_openai_api_key_and_copies_nothing_from_the_body(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     with server(api_key) as srv:
         backend = OpenAIBackend(settings_for(srv, backend="openai", key="sk-proj-wrong-123456"))
         async with started(backend):
@@ -66,7 +70,9 @@ async def test_400_for_one_input_is_bisected(api_key: str, settings_for: Setting
     assert isinstance(outcomes[1], Rejected) and "maximum context length is 100 tokens" in outcomes[1].reason
 
 
-async def test_openai_rate_limit_headers_with_reset_durations_drive_the_pacer(api_key: str, settings_for: SettingsFor) -> None:
+async def test_openai_rate_limit_headers_with_reset_durations_drive_the_pacer(
+    api_key: str, settings_for: SettingsFor
+) -> None:
     with server(api_key, rate_limit=RateLimit(requests_per_minute=10, enforce=False, window_s=60)) as srv:
         settings = settings_for(srv, backend="openai", http={"rate_limit_low_watermark": 0.5})
         async with started(OpenAIBackend(settings)) as backend:

@@ -59,10 +59,20 @@ async def test_a_thousand_messages_through_503s_and_429s_all_verdicted_retry_aft
     events = contents(800) + turns(200)
     with MistralServer(api_key=api_key, validator=load_spec_validator(SPEC), fault_plan=plan) as server:
         await produce(broker.bootstrap_servers, topics.content, [event_record(e) for e in events[:800]])
-        await produce(broker.bootstrap_servers, topics.conversation,
-                      [event_record(e, "conversation_id") for e in events[800:]])
-        worker = spawn_worker(worker_env(broker, topics, server, api_key, **FAST_RETRIES,
-                                         MODWORKER_BATCH__MAX_SIZE="32", MODWORKER_LOG_LEVEL="debug"))
+        await produce(
+            broker.bootstrap_servers, topics.conversation, [event_record(e, "conversation_id") for e in events[800:]]
+        )
+        worker = spawn_worker(
+            worker_env(
+                broker,
+                topics,
+                server,
+                api_key,
+                **FAST_RETRIES,
+                MODWORKER_BATCH__MAX_SIZE="32",
+                MODWORKER_LOG_LEVEL="debug",
+            )
+        )
         verdict_records = await wait_for_count(broker.bootstrap_servers, topics.verdict, len(events), timeout_s=180)
         assert worker.stop(signal.SIGTERM) == 0
         requests = server.requests
@@ -87,22 +97,35 @@ async def test_a_thousand_messages_through_503s_and_429s_all_verdicted_retry_aft
 
     outputs = [worker.log()]
     for topic in topics.outputs:
-        outputs += [bytes(r.value or b"").decode(errors="replace") for r in await read_all(broker.bootstrap_servers, topic, idle_s=1.0)]
+        outputs += [
+            bytes(r.value or b"").decode(errors="replace")
+            for r in await read_all(broker.bootstrap_servers, topic, idle_s=1.0)
+        ]
     assert "backend.http.retry" in outputs[0], "the retries must show in the log"
     assert not any(api_key in output for output in outputs), "the API key leaked into an output"
 
 
-async def test_wait_policy_pauses_with_bounded_in_flight_and_loses_nothing(broker, topics, api_key, spawn_worker) -> None:
+async def test_wait_policy_pauses_with_bounded_in_flight_and_loses_nothing(
+    broker, topics, api_key, spawn_worker
+) -> None:
     events = contents(600, prefix="w")
     cap, poll = 100, 50
     with MistralServer(api_key=api_key, fault_plan=lambda request: Fault(status=503)) as server:
         await produce(broker.bootstrap_servers, topics.content, [event_record(e) for e in events])
-        worker = spawn_worker(worker_env(
-            broker, topics, server, api_key, **FAST_RETRIES,
-            MODWORKER_HTTP__FAIL_POLICY="wait", MODWORKER_HTTP__RETRY_ATTEMPTS="2",
-            MODWORKER_MAX_IN_FLIGHT=str(cap), MODWORKER_KAFKA__MAX_POLL_RECORDS=str(poll),
-            MODWORKER_BATCH__MAX_SIZE="20",
-        ))
+        worker = spawn_worker(
+            worker_env(
+                broker,
+                topics,
+                server,
+                api_key,
+                **FAST_RETRIES,
+                MODWORKER_HTTP__FAIL_POLICY="wait",
+                MODWORKER_HTTP__RETRY_ATTEMPTS="2",
+                MODWORKER_MAX_IN_FLIGHT=str(cap),
+                MODWORKER_KAFKA__MAX_POLL_RECORDS=str(poll),
+                MODWORKER_BATCH__MAX_SIZE="20",
+            )
+        )
         worker.wait_for_log("consumption.paused", timeout_s=60)
         worker.wait_for_log("backend.circuit.opened", timeout_s=60)
         await asyncio.sleep(3)  # down for a while: the worker must hold, not publish or buffer
@@ -120,12 +143,23 @@ async def test_wait_policy_pauses_with_bounded_in_flight_and_loses_nothing(broke
 
 
 @pytest.mark.parametrize("policy", ["review", "allow"])
-async def test_spent_retry_budget_publishes_degraded_verdicts(broker, topics, api_key, spawn_worker, policy: str) -> None:
+async def test_spent_retry_budget_publishes_degraded_verdicts(
+    broker, topics, api_key, spawn_worker, policy: str
+) -> None:
     events = contents(30, prefix=policy)
     with MistralServer(api_key=api_key, fault_plan=lambda request: Fault(status=503)) as server:
         await produce(broker.bootstrap_servers, topics.content, [event_record(e) for e in events])
-        worker = spawn_worker(worker_env(broker, topics, server, api_key, **FAST_RETRIES,
-                                         MODWORKER_HTTP__FAIL_POLICY=policy, MODWORKER_HTTP__RETRY_ATTEMPTS="2"))
+        worker = spawn_worker(
+            worker_env(
+                broker,
+                topics,
+                server,
+                api_key,
+                **FAST_RETRIES,
+                MODWORKER_HTTP__FAIL_POLICY=policy,
+                MODWORKER_HTTP__RETRY_ATTEMPTS="2",
+            )
+        )
         verdict_records = await wait_for_count(broker.bootstrap_servers, topics.verdict, len(events), timeout_s=90)
         assert worker.stop(signal.SIGTERM) == 0
 

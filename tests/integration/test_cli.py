@@ -9,26 +9,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+from schemas import json_schemas
 from tests.conftest import worker_env
 from tests.kafka_support import read_all, wait_for_count
-from schemas import json_schemas
 
 
 def modworker(*args: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None):
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True,
-                          timeout=timeout, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, timeout=timeout, input=stdin
+    )
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MODWORKER_", "MISTRAL_", "OPENAI_")) and k != "KAFKA_BOOTSTRAP_SERVERS"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MODWORKER_", "MISTRAL_", "OPENAI_")) and k != "KAFKA_BOOTSTRAP_SERVERS"
+    }
     env.update(extra)
     return env
 
 
 def test_a_bad_setting_stops_start_up_with_one_line_naming_it():
-    result = modworker("run", env=clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", MISTRAL_API_KEY="k",
-                                            MODWORKER_BATCH__MAX_SIZE="lots"))
+    result = modworker(
+        "run",
+        env=clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", MISTRAL_API_KEY="k", MODWORKER_BATCH__MAX_SIZE="lots"),
+    )
     err = result.stderr.decode()
     assert result.returncode == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -46,8 +52,11 @@ def test_a_missing_key_or_broker_names_the_setting_and_the_fix():
 
 def test_unreachable_kafka_is_one_line_not_a_traceback():
     secret = "sk-never-print-me-123"
-    result = modworker("run", env=clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", MISTRAL_API_KEY=secret,
-                                            MODWORKER_HTTP_PORT="0"), timeout=120)
+    result = modworker(
+        "run",
+        env=clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", MISTRAL_API_KEY=secret, MODWORKER_HTTP_PORT="0"),
+        timeout=120,
+    )
     out = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 1
     assert "cannot reach Kafka at 127.0.0.1:1" in out and "Traceback" not in out
@@ -59,14 +68,21 @@ def test_schemas_export_writes_the_checked_in_files(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     written = {p.name: p.read_text() for p in (tmp_path / "out").iterdir()}
     assert written == json_schemas()
-    assert set(written) == {"content_event.schema.json", "conversation_event.schema.json",
-                            "verdict.schema.json", "violation.schema.json"}
+    assert set(written) == {
+        "content_event.schema.json",
+        "conversation_event.schema.json",
+        "verdict.schema.json",
+        "violation.schema.json",
+    }
 
 
-async def test_produce_run_tail_round_trip_with_the_key_in_no_output(broker, topics, mistral, api_key, spawn_worker,
-                                                                    tmp_path: Path):
-    events = [{"id": f"p-{i}", "text": f"hello {i}" + (" <<hate_and_discrimination:0.9>>" if i == 2 else "")}
-              for i in range(5)]
+async def test_produce_run_tail_round_trip_with_the_key_in_no_output(
+    broker, topics, mistral, api_key, spawn_worker, tmp_path: Path
+):
+    events = [
+        {"id": f"p-{i}", "text": f"hello {i}" + (" <<hate_and_discrimination:0.9>>" if i == 2 else "")}
+        for i in range(5)
+    ]
     source = tmp_path / "events.jsonl"
     source.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json at all\n")
     env = worker_env(broker, topics, mistral, api_key)

@@ -23,7 +23,7 @@ from tests.kafka_support import committed, produce, read_all, wait_for_count
 from worker.app import ModerationWorker
 from worker.backends import create_backend
 from worker.config import load_settings
-from worker.policy import Policy
+from worker.pipeline.policy import Policy
 
 SCHEMAS = Path(__file__).parents[2] / "schemas" / "json"
 DEFAULT_ACTIONS = {"sexual": "block", "selfharm": "review", "pii": "flag", "violence_and_threats": "block"}
@@ -41,8 +41,13 @@ def turn(conversation: str, i: int, marks: dict[str, float] | None = None) -> di
     text = f"turn {i} of {conversation}"
     for category, score in (marks or {}).items():
         text += f" <<{category}:{score}>>"
-    return {"id": f"{conversation}-t{i}", "conversation_id": conversation, "role": "user" if i % 2 == 0 else "assistant",
-            "content": text, "context": [{"role": "user", "content": f"earlier in {conversation}"}]}
+    return {
+        "id": f"{conversation}-t{i}",
+        "conversation_id": conversation,
+        "role": "user" if i % 2 == 0 else "assistant",
+        "content": text,
+        "context": [{"role": "user", "content": f"earlier in {conversation}"}],
+    }
 
 
 def expected_action(marks: dict[str, float]) -> str:
@@ -83,10 +88,16 @@ async def test_mixed_stream_verdicts_violations_and_dead_letters(broker, topics,
         b"bad-empty": (json.dumps({"id": "e", "text": "   "}).encode(), "empty_text"),
         b"bad-long": (json.dumps({"id": "l", "text": "x" * 3000}).encode(), "too_long"),
     }
-    await produce(bootstrap, topics.content, [(e["id"].encode(), json.dumps(e).encode()) for e in contents[:20]]
-                  + [(k, v) for k, (v, _) in bad.items()]
-                  + [(e["id"].encode(), json.dumps(e).encode()) for e in contents[20:]])
-    await produce(bootstrap, topics.conversation, [(t["conversation_id"].encode(), json.dumps(t).encode()) for t in turns])
+    await produce(
+        bootstrap,
+        topics.content,
+        [(e["id"].encode(), json.dumps(e).encode()) for e in contents[:20]]
+        + [(k, v) for k, (v, _) in bad.items()]
+        + [(e["id"].encode(), json.dumps(e).encode()) for e in contents[20:]],
+    )
+    await produce(
+        bootstrap, topics.conversation, [(t["conversation_id"].encode(), json.dumps(t).encode()) for t in turns]
+    )
     valid = len(contents) + len(turns)
 
     async def all_out():
@@ -107,8 +118,17 @@ async def test_mixed_stream_verdicts_violations_and_dead_letters(broker, topics,
     for verdict in verdicts:
         jsonschema.validate(verdict, verdict_schema)
         assert verdict["model"] == "mistral-moderation-2411" and verdict["backend"] == "mistral"
-        assert set(verdict["scores"]) == {"sexual", "hate_and_discrimination", "violence_and_threats",
-                                          "dangerous_and_criminal_content", "selfharm", "health", "financial", "law", "pii"}
+        assert set(verdict["scores"]) == {
+            "sexual",
+            "hate_and_discrimination",
+            "violence_and_threats",
+            "dangerous_and_criminal_content",
+            "selfharm",
+            "health",
+            "financial",
+            "law",
+            "pii",
+        }
 
     # exactly the violations the scores and policy imply
     expectations = {e["id"]: marks.get(i, {}) for i, e in enumerate(contents)}
@@ -187,14 +207,18 @@ def _content_records(n: int) -> list[tuple[bytes, bytes]]:
 
 
 @pytest.mark.slow
-async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(broker, topics, mistral, api_key, spawn_worker):
+async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(
+    broker, topics, mistral, api_key, spawn_worker
+):
     bootstrap = broker.bootstrap_servers
     total = 600
     await produce(bootstrap, topics.content, _content_records(total))
     # One slow call at a time (75 calls x 50 ms): the stream lasts seconds, so the kill
     # lands mid-stream however fast the worker publishes and however late the test sees 80.
     mistral.latency_s = 0.05
-    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_HTTP__MAX_CONCURRENCY="1")
+    env = worker_env(
+        broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_HTTP__MAX_CONCURRENCY="1"
+    )
     first = spawn_worker(env)
     await wait_for_count(bootstrap, topics.verdict, 80)
     first.stop(signal.SIGKILL)
@@ -218,12 +242,19 @@ async def test_two_workers_split_partitions_and_verdict_everything_once(broker, 
     for w in workers:
         w.wait_for_log('"partitions.assigned"', timeout_s=60)
     # wait until the group settled: both members hold partitions
-    await _until(lambda: all(_assigned(w.log()) for w in workers) and
-                 len(_assigned(workers[0].log()) | _assigned(workers[1].log())) == 8, timeout_s=60)
+    await _until(
+        lambda: (
+            all(_assigned(w.log()) for w in workers)
+            and len(_assigned(workers[0].log()) | _assigned(workers[1].log())) == 8
+        ),
+        timeout_s=60,
+    )
     total = 400
     await produce(bootstrap, topics.content, _content_records(total))
     turns = [turn(f"conv-{i % 10}", i) for i in range(100)]
-    await produce(bootstrap, topics.conversation, [(t["conversation_id"].encode(), json.dumps(t).encode()) for t in turns])
+    await produce(
+        bootstrap, topics.conversation, [(t["conversation_id"].encode(), json.dumps(t).encode()) for t in turns]
+    )
     await wait_for_count(bootstrap, topics.verdict, total + len(turns))
     owned = [_assigned(w.log()) for w in workers]
     for w in workers:
@@ -231,7 +262,9 @@ async def test_two_workers_split_partitions_and_verdict_everything_once(broker, 
 
     assert owned[0] and owned[1] and not owned[0] & owned[1], owned
     assert owned[0] | owned[1] == {f"{t}-{p}" for t in topics.inputs for p in range(4)}
-    verdicts = [json.loads(r.value) for r in await read_all(bootstrap, topics.verdict, expected=total + 100, idle_s=1.5)]
+    verdicts = [
+        json.loads(r.value) for r in await read_all(bootstrap, topics.verdict, expected=total + 100, idle_s=1.5)
+    ]
     counts = Counter(v["event_id"] for v in verdicts)
     assert len(counts) == total + len(turns)
     assert max(counts.values()) == 1, "an input was verdicted twice: two owners processed it"
@@ -240,7 +273,9 @@ async def test_two_workers_split_partitions_and_verdict_everything_once(broker, 
 
 
 @pytest.mark.slow
-async def test_sigterm_drains_commits_exits_zero_and_restart_repeats_nothing(broker, topics, mistral, api_key, spawn_worker):
+async def test_sigterm_drains_commits_exits_zero_and_restart_repeats_nothing(
+    broker, topics, mistral, api_key, spawn_worker
+):
     bootstrap = broker.bootstrap_servers
     total = 500
     await produce(bootstrap, topics.content, _content_records(total))

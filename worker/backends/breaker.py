@@ -45,9 +45,7 @@ class CircuitOpenError(BackendUnavailable):
     """The circuit is open: the call was not attempted. Try again after ``retry_in_s``."""
 
     def __init__(self, name: str, retry_in_s: float) -> None:
-        super().__init__(
-            f"{name} API circuit open after repeated failures; next probe in {retry_in_s:.1f}s"
-        )
+        super().__init__(f"{name} API circuit open after repeated failures; next probe in {retry_in_s:.1f}s")
         self.retry_in_s = retry_in_s
 
 

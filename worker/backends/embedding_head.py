@@ -14,7 +14,7 @@
 - ``policy.yaml``: a policy document using those thresholds (``MODWORKER_POLICY_FILE``).
 - ``MODEL_CARD.md``: how it was trained, on what, and how well it does.
 
-Only this module and ``worker.train`` know the file names.
+Only this module and ``worker.offline.train`` know the file names.
 """
 
 from __future__ import annotations

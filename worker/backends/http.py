@@ -36,19 +36,26 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import structlog
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception_type, stop_after_attempt, stop_before_delay
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+)
 
-from worker import metrics
 from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
 from worker.backends.breaker import CircuitBreaker, CircuitOpenError
 from worker.backends.pacing import RateLimitHeaders, RequestPacer
 from worker.config import HttpSettings
+from worker.ops import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -222,7 +229,9 @@ class RemoteApi:
                 except httpx.TransportError as err:
                     metrics.observe_backend_request(self.dialect.name, path, "transport_error", time.monotonic() - sent)
                     raise _Transient(f"{type(err).__name__} on POST {path}: {err}") from None
-                metrics.observe_backend_request(self.dialect.name, path, str(response.status_code), time.monotonic() - sent)
+                metrics.observe_backend_request(
+                    self.dialect.name, path, str(response.status_code), time.monotonic() - sent
+                )
             self.pacer.observe(self.dialect.rate_limit_headers(response.headers))
             result = self._interpret(path, response)
         except _Transient as failure:
@@ -327,8 +336,8 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -146,7 +146,7 @@ class LocalBackend(Backend):
 def default_token_budget(device_type: str) -> int:
     """Padded tokens per forward pass when unset: small on CPU, where compute grows with
     padded tokens and padding is pure waste (1024 ran the starter ~2x faster than 8192 on
-    mixed-length batches of 32-128 in benchmarks/bench_local.py); large on CUDA, where wide
+    mixed-length batches of 32-128 in worker/offline/bench/local_model.py); large on CUDA, where wide
     passes are what keeps the GPU busy."""
     return 16_384 if device_type == "cuda" else 1_024
 

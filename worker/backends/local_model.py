@@ -157,9 +157,7 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[setting]
     if dtype != torch.float32 and device.type != "cuda":
-        raise LocalModelError(
-            f"MODWORKER_LOCAL__DTYPE={setting} needs a CUDA device; use float32 (or auto) on CPU"
-        )
+        raise LocalModelError(f"MODWORKER_LOCAL__DTYPE={setting} needs a CUDA device; use float32 (or auto) on CPU")
     return dtype
 
 
@@ -497,8 +495,12 @@ def load_encoder(spec: str, settings: LocalSettings) -> EncoderModel:
     source = resolve_model_source(spec, allow_download=settings.allow_download)
     if source.is_local and is_head_dir(Path(source.location)):
         head = HeadConfig.read(Path(source.location))
-        source = resolve_model_source(head.encoder, allow_download=settings.allow_download, relative_to=Path(source.location))
+        source = resolve_model_source(
+            head.encoder, allow_download=settings.allow_download, relative_to=Path(source.location)
+        )
     pooling, normalize = sentence_transformers_pooling(Path(source.location)) if source.is_local else ("mean", True)
     device = pick_device(settings.device)
-    encoder = Encoder(source, settings, device, pick_dtype(settings.dtype, device), pooling=pooling, normalize=normalize)
+    encoder = Encoder(
+        source, settings, device, pick_dtype(settings.dtype, device), pooling=pooling, normalize=normalize
+    )
     return EncoderModel(encoder)

@@ -68,7 +68,9 @@ class MistralBackend(RemoteBackend):
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         mistral = settings.mistral
-        api = RemoteApi(MISTRAL, base_url=mistral.base_url, api_key=mistral.api_key, http=settings.http, transport=transport)
+        api = RemoteApi(
+            MISTRAL, base_url=mistral.base_url, api_key=mistral.api_key, http=settings.http, transport=transport
+        )
         super().__init__(
             api,
             model=mistral.model,
@@ -85,7 +87,9 @@ class MistralBackend(RemoteBackend):
 
     async def _post_conversations(self, conversations: list[list[Turn]]) -> list[Scored]:
         path = PATHS[(self.endpoint, "chat")]
-        wire = [[{"role": turn.role, "content": turn.content} for turn in conversation] for conversation in conversations]
+        wire = [
+            [{"role": turn.role, "content": turn.content} for turn in conversation] for conversation in conversations
+        ]
         if self.endpoint == "classifier":
             body: dict[str, Any] = {"model": self.model, "input": [{"messages": messages} for messages in wire]}
         else:

@@ -59,7 +59,9 @@ class OpenAIBackend(RemoteBackend):
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         openai = settings.openai
-        api = RemoteApi(OPENAI, base_url=openai.base_url, api_key=openai.api_key, http=settings.http, transport=transport)
+        api = RemoteApi(
+            OPENAI, base_url=openai.base_url, api_key=openai.api_key, http=settings.http, transport=transport
+        )
         super().__init__(
             api,
             model=openai.model,
@@ -69,7 +71,9 @@ class OpenAIBackend(RemoteBackend):
         )
 
     async def _post_texts(self, texts: list[str]) -> list[Scored]:
-        answer = await self.api.post(PATH, {"model": self.model, "input": texts}, tokens=sum(map(estimate_tokens, texts)))
+        answer = await self.api.post(
+            PATH, {"model": self.model, "input": texts}, tokens=sum(map(estimate_tokens, texts))
+        )
         return _parse(answer)
 
     async def _post_conversations(self, conversations: list[list[Turn]]) -> list[Scored]:

@@ -32,7 +32,9 @@ Piece = TypeVar("Piece")
 class RemoteBackend(Backend):
     """Base class of the HTTP backends; subclasses speak one API's wire format."""
 
-    def __init__(self, api: RemoteApi, *, model: str, endpoint: str, max_input_tokens: int, overlap_tokens: int) -> None:
+    def __init__(
+        self, api: RemoteApi, *, model: str, endpoint: str, max_input_tokens: int, overlap_tokens: int
+    ) -> None:
         self.api = api
         self.model = model
         """The configured model (what requests ask for); ``Scored.model`` is what the API answered."""
@@ -91,7 +93,11 @@ class RemoteBackend(Backend):
             scored = await post(pieces)
         except ApiRejected as rejected:
             if len(pieces) == 1:
-                return [Rejected(reason=f"{self.api.dialect.name} API refused the input (HTTP {rejected.status}): {rejected.message}")]
+                return [
+                    Rejected(
+                        reason=f"{self.api.dialect.name} API refused the input (HTTP {rejected.status}): {rejected.message}"
+                    )
+                ]
             middle = len(pieces) // 2
             return [*await self._bisecting(pieces[:middle], post), *await self._bisecting(pieces[middle:], post)]
         if len(scored) != len(pieces):

@@ -15,10 +15,10 @@ from worker.testing.openai_server import OPENAI_CATEGORIES, OpenAIServer
 __all__ = [
     "CATEGORIES_2411",
     "CATEGORIES_2603",
+    "OPENAI_CATEGORIES",
     "Fault",
     "FaultPlan",
     "MistralServer",
-    "OPENAI_CATEGORIES",
     "OpenAIServer",
     "RateLimit",
     "RecordedRequest",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worker.testing.loopback import RecordedRequest
@@ -44,7 +44,7 @@ class Fault:
 
 
 FaultFunction = Callable[["RecordedRequest"], Fault | None]
-FaultPlan = Union[Sequence[Fault | None], FaultFunction, None]
+FaultPlan = Sequence[Fault | None] | FaultFunction | None
 
 
 def first(n: int, fault: Fault) -> FaultFunction:

@@ -22,6 +22,7 @@ Timestamps are ``time.monotonic()`` values of this process, comparable with the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -387,10 +388,8 @@ class _HttpServer(ThreadingHTTPServer):
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
-            try:
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-answer (its timeout fired) is expected here.
@@ -404,8 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _HttpServer
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.server.api._serve(self)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log is the record; stderr noise helps nobody

@@ -246,7 +246,9 @@ class MistralServer(LoopbackApiServer):
         return headers
 
     def count_tokens(self, body: Any) -> int:
-        return sum(count_tokens_server(text) for text in _all_strings(body.get("input") if isinstance(body, dict) else None))
+        return sum(
+            count_tokens_server(text) for text in _all_strings(body.get("input") if isinstance(body, dict) else None)
+        )
 
 
 def _texts(value: Any) -> list[str]:

@@ -1,0 +1,415 @@
+"""``modworker eval DATA.jsonl --backend NAME --report OUT.json``: measure a backend.
+
+Runs any backend (``local``, ``mistral``, ``openai``, configured as for ``modworker
+run``) over labelled JSONL (``worker.offline.labelled``: text records and conversation records),
+applies the policy exactly as the worker does, and reports per category found in the
+data's labels:
+
+- ``support`` (positives), and ``precision``, ``recall``, ``f1`` of the policy's
+  decision: the category is predicted for an input when it is among the violations
+  ``Policy.decide`` returns for the input's scores (so the policy's threshold, aliases
+  and actions all apply; a category whose action is ``allow`` is never predicted);
+- ``auprc`` (average precision) of the raw score, merged through the policy's aliases
+  (highest raw score per canonical category, as the policy does);
+- ``threshold_at_target_precision`` / ``recall_at_target_precision``: the lowest
+  threshold reaching ``--target-precision`` and the recall it gives (None if unreachable);
+- ``best_f1`` / ``best_f1_threshold`` on this data (optimistic: chosen on what it measures).
+
+``OUT.json``: ``{"categories": {name: {"support", "precision", "recall", "f1", "auprc",
+...}}, "data", "backend", "model", "policy_version", "examples", "skipped", "rejected",
+"target_precision", "plots"}``. PNG plots go beside it (``--plots DIR`` to choose, see
+``worker.offline.eval_plots``). ``--holdout HEAD_DIR`` keeps only the texts of that head's
+validation split (``split.json``), i.e. data it was not trained on. ``--card HEAD_DIR``
+writes the table and the command into that head's MODEL_CARD.md.
+
+Policy: ``--policy FILE``, else ``MODWORKER_POLICY_FILE``, else the built-in default.
+Needs the ``local`` extra (numpy, scikit-learn, matplotlib; torch for local models and
+for the embeddings plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.offline.labelled import Example, LabelledData, LabelledDataError, read_labelled
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from worker.backends.base import Backend, Scored
+    from worker.config import Settings
+    from worker.pipeline.policy import Policy
+
+SCORE_CHUNK = 64
+"""Inputs per backend call (one progress-bar step)."""
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``modworker eval``."""
+    parser = subparsers.add_parser("eval", help="measure a backend and the policy on labelled JSONL")
+    parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s): text and conversation records")
+    parser.add_argument("--backend", required=True, choices=["local", "mistral", "openai"])
+    parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
+    parser.add_argument("--model", help="local backend: model to load (else MODWORKER_LOCAL__MODEL)")
+    parser.add_argument("--policy", type=Path, help="policy YAML (else MODWORKER_POLICY_FILE, else built-in)")
+    parser.add_argument("--target-precision", type=float, default=0.9)
+    parser.add_argument("--holdout", type=Path, help="head directory: evaluate only its validation split")
+    parser.add_argument("--plots", type=Path, help="directory for PNG plots (default: beside the report)")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--projection", choices=["pca", "tsne"], default="pca")
+    parser.add_argument("--projection-sample", type=int, default=2_000, help="inputs shown in the embeddings plot")
+    parser.add_argument("--limit", type=int, help="first N records of each file only")
+    parser.add_argument("--card", type=Path, help="head directory whose MODEL_CARD.md gets these results")
+    parser.add_argument("--config", type=Path, help="settings YAML, as for 'modworker run'")
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from worker.cli import CommandError
+    from worker.config import check_backend_credentials
+    from worker.offline.train import tool_settings
+    from worker.pipeline.policy import Policy, PolicyError
+
+    # No dedup cache: eval measures the backend itself, and the local backend's embeddings
+    # (for the projection plot) are only reachable on the bare backend.
+    overrides: dict[str, Any] = {"backend": args.backend, "cache": {"enabled": False}}
+    if args.model:
+        overrides["local"] = {"model": args.model}
+    settings = tool_settings(args.config, **overrides)
+    check_backend_credentials(settings)
+    try:
+        policy = Policy.load(args.policy or settings.policy_file)
+    except PolicyError as err:
+        raise CommandError(str(err)) from None
+    try:
+        data = read_labelled(args.data, limit=args.limit)
+    except LabelledDataError as err:
+        raise CommandError(str(err)) from None
+    if args.holdout:
+        data = holdout_only(data, args.holdout)
+    if not data.examples:
+        raise CommandError("no usable labelled records in the data; see worker/offline/labelled.py for the formats")
+    report = asyncio.run(evaluate(settings, policy, data, args))
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_table(report), file=sys.stderr)
+    print(f"eval: report {args.report}", file=sys.stderr)
+    if args.card:
+        update_model_card(args.card / "MODEL_CARD.md", eval_command(args), report)
+        print(f"eval: results written into {args.card / 'MODEL_CARD.md'}", file=sys.stderr)
+    return 0
+
+
+def holdout_only(data: LabelledData, head_dir: Path) -> LabelledData:
+    """Keep the examples whose text was in the head's validation split (``split.json``)."""
+    from worker.cli import CommandError
+
+    split_file = head_dir / "split.json"
+    try:
+        keys = set(json.loads(split_file.read_text(encoding="utf-8"))["validation_keys"])
+    except (OSError, ValueError, KeyError) as err:
+        raise CommandError(
+            f"--holdout: cannot read {split_file} ({err}); give a directory written by 'modworker train'"
+        ) from None
+    kept = [e for e in data.examples if e.key in keys]
+    skipped = Counter(data.skipped)
+    skipped["used in training (--holdout)"] += len(data.examples) - len(kept)
+    return LabelledData(kept, skipped)
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The backend the settings choose (the worker's own factory when it has one)."""
+    try:
+        from worker.backends import create_backend as factory  # type: ignore[attr-defined]
+    except ImportError:
+        factory = None
+    if factory is not None:
+        return factory(settings)
+    if settings.backend == "local":
+        from worker.backends.local import LocalBackend
+
+        return LocalBackend(settings)
+    from worker.cli import CommandError
+
+    raise CommandError(f"backend {settings.backend!r} is not available in this build")
+
+
+async def score_examples(backend: Backend, examples: Sequence[Example]) -> list[Scored | None]:
+    """The backend's outcome per example (None where it rejected it), with a progress bar."""
+    from tqdm import tqdm
+
+    from schemas import Turn
+    from worker.backends.base import Conversation, Scored
+
+    results: list[Scored | None] = [None] * len(examples)
+    texts = [i for i, e in enumerate(examples) if e.kind == "content"]
+    conversations = [i for i, e in enumerate(examples) if e.kind != "content"]
+    with tqdm(total=len(examples), desc="scoring", unit="input", disable=None, file=sys.stderr) as bar:
+        for group, is_text in ((texts, True), (conversations, False)):
+            for start in range(0, len(group), SCORE_CHUNK):
+                chunk = group[start : start + SCORE_CHUNK]
+                if is_text:
+                    outcomes = await backend.score_texts([examples[i].text for i in chunk])
+                else:
+                    outcomes = await backend.score_conversations(
+                        [
+                            Conversation(
+                                turn=Turn(role=_judged_role(examples[i]), content=examples[i].text),
+                                context=examples[i].context,
+                            )
+                            for i in chunk
+                        ]
+                    )
+                for i, outcome in zip(chunk, outcomes, strict=True):
+                    results[i] = outcome if isinstance(outcome, Scored) else None
+                bar.update(len(chunk))
+    return results
+
+
+def _judged_role(example: Example) -> str:
+    # The judged turn answers the last context turn: the other role, or user when alone.
+    if example.context:
+        return "assistant" if example.context[-1].role == "user" else "user"
+    return "user"
+
+
+async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args: argparse.Namespace) -> dict[str, Any]:
+    """Score the data with the backend, apply the policy, compute the report (and plots)."""
+    import numpy as np
+
+    from worker.offline.eval_metrics import category_metrics
+
+    backend = create_backend(settings)
+    try:
+        await _start(backend)
+        raw = await score_examples(backend, data.examples)
+        kept = [i for i, outcome in enumerate(raw) if outcome is not None]
+        examples = [data.examples[i] for i in kept]
+        scored = [dict(raw[i].scores) for i in kept]  # type: ignore[union-attr]
+        models = sorted({raw[i].model for i in kept})  # type: ignore[union-attr]
+        categories = data.categories()
+        decisions = [policy.decide(scores) for scores in scored]  # type: ignore[arg-type]
+        positives = {c: np.array([c in e.labels for e in examples], dtype=bool) for c in categories}
+        scores = {c: np.array([canonical_score(policy, s, c) for s in scored], dtype=np.float64) for c in categories}  # type: ignore[arg-type]
+        produced = {policy.canonical(name) for s in scored for name in s}  # type: ignore[union-attr]
+        report_categories: dict[str, dict[str, Any]] = {}
+        thresholds: dict[str, float | None] = {}
+        for c in categories:
+            hits = np.array([any(v.category == c for v in d.violations) for d in decisions], dtype=bool)
+            entry = category_metrics(positives[c], scores[c], hits, target_precision=args.target_precision)
+            thresholds[c] = policy_threshold(policy, c)
+            entry["policy_threshold"] = thresholds[c]
+            entry["scored_by_backend"] = c in produced
+            report_categories[c] = entry
+        report: dict[str, Any] = {
+            "categories": report_categories,
+            "data": [str(p) for p in args.data],
+            "holdout": str(args.holdout) if args.holdout else None,
+            "backend": settings.backend,
+            "model": ", ".join(models) or None,
+            "policy_version": policy.version,
+            "examples": len(examples),
+            "by_kind": dict(Counter(e.kind for e in examples)),
+            "skipped": dict(data.skipped),
+            "rejected": len(raw) - len(kept),
+            "target_precision": args.target_precision,
+            "plots": [],
+        }
+        if not args.no_plots and categories:
+            report["plots"] = await _plots(backend, settings, args, examples, categories, positives, scores, report)
+        return report
+    finally:
+        await backend.close()
+
+
+async def _start(backend: Backend) -> None:
+    from worker.backends.local_model import LocalModelError
+    from worker.cli import CommandError
+
+    try:
+        await backend.start()
+    except LocalModelError as err:
+        raise CommandError(str(err)) from None
+
+
+def canonical_score(policy: Policy, scores: dict[str, float], category: str) -> float:
+    """The score the policy sees for ``category``: the highest raw score aliased onto it, 0 if none."""
+    return max((v for k, v in scores.items() if policy.canonical(k) == category), default=0.0)
+
+
+def policy_threshold(policy: Policy, category: str) -> float | None:
+    """The policy's threshold for ``category`` (no tenant/source), None when its action is ``allow``."""
+    hits = policy.decide({category: 1.0}).violations
+    return hits[0].threshold if hits else None
+
+
+async def _plots(
+    backend: Backend,
+    settings: Settings,
+    args: argparse.Namespace,
+    examples: Sequence[Example],
+    categories: Sequence[str],
+    positives: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    report: dict[str, Any],
+) -> list[str]:
+    from worker.offline import eval_plots
+
+    directory = args.plots or args.report.parent / f"{args.report.stem}_plots"
+    directory.mkdir(parents=True, exist_ok=True)
+    points = {}
+    for c in categories:
+        m = report["categories"][c]
+        points[c] = (m["recall"], m["precision"])
+    paths = [
+        eval_plots.plot_pr_curves(directory / "pr_curves.png", categories, positives, scores, points),
+        eval_plots.plot_score_histograms(
+            directory / "score_histograms.png",
+            categories,
+            positives,
+            scores,
+            {c: report["categories"][c]["policy_threshold"] for c in categories},
+        ),
+    ]
+    sample = projection_sample(examples, args.projection_sample)
+    embeddings, source = await sample_embeddings(backend, settings, [examples[i].text for i in sample])
+    if embeddings is not None:
+        names = [primary_label(examples[i], positives, sample_index=i) for i in sample]
+        paths.append(
+            eval_plots.plot_embeddings(
+                directory / "embeddings_2d.png",
+                embeddings,
+                names,
+                method=args.projection,
+                title=f"{len(sample)} inputs, {source} embeddings, {args.projection.upper()} projection",
+            )
+        )
+    return [str(p) for p in paths]
+
+
+def projection_sample(examples: Sequence[Example], size: int) -> list[int]:
+    """Indices for the embeddings plot: every labelled example first (rare labels must show), then safe ones."""
+    rng = random.Random(0)
+    harmful = [i for i, e in enumerate(examples) if e.labels]
+    safe = [i for i, e in enumerate(examples) if not e.labels]
+    rng.shuffle(harmful)
+    rng.shuffle(safe)
+    take_harmful = harmful[: max(size // 2, size - len(safe))]
+    return sorted(take_harmful + safe[: size - len(take_harmful)])
+
+
+def primary_label(example: Example, positives: dict[str, np.ndarray], *, sample_index: int) -> str:
+    """The label that colours an example: its rarest positive label, ``safe`` when none."""
+    if not example.labels:
+        return "safe"
+    return min(example.labels, key=lambda c: (int(positives[c].sum()) if c in positives else 0, c))
+
+
+async def sample_embeddings(backend: Backend, settings: Settings, texts: list[str]) -> tuple[np.ndarray | None, str]:
+    """Embeddings from the backend when it has them (local), else from the starter encoder."""
+    embed = getattr(backend, "embed_texts", None)
+    if embed is not None:
+        return await embed(texts), getattr(backend, "model_id", "local")
+    try:
+        from worker.backends.local import default_token_budget
+        from worker.backends.local_model import LocalModelError, load_encoder
+        from worker.offline.train import DEFAULT_ENCODER, embed_with_progress
+    except ImportError:
+        return None, ""
+    try:
+        encoder = await asyncio.to_thread(load_encoder, DEFAULT_ENCODER, settings.local)
+    except LocalModelError as err:
+        print(f"eval: no embeddings plot ({err})", file=sys.stderr)
+        return None, ""
+    budget = settings.local.max_tokens_per_batch or default_token_budget(encoder.device.type)
+    vectors = await asyncio.to_thread(embed_with_progress, encoder, texts, budget)
+    return vectors, DEFAULT_ENCODER
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The per-category numbers as a Markdown table."""
+    target = report["target_precision"]
+    lines = [
+        f"| category | support | precision | recall | F1 | AUPRC | policy threshold | threshold for P>={target} (recall) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, m in report["categories"].items():
+        at_target = (
+            f"{m['threshold_at_target_precision']:.3f} ({m['recall_at_target_precision']:.3f})"
+            if m["threshold_at_target_precision"] is not None
+            else "not reached"
+        )
+        threshold = f"{m['policy_threshold']:.3f}" if m["policy_threshold"] is not None else "allow"
+        auprc = f"{m['auprc']:.3f}" if m["auprc"] is not None else "-"
+        lines.append(
+            f"| {name} | {m['support']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {auprc} | "
+            f"{threshold} | {at_target} |"
+        )
+    return "\n".join(lines)
+
+
+def eval_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this evaluation (as recorded in a model card)."""
+    words = ["modworker", "eval", *map(str, args.data), "--backend", args.backend, "--report", str(args.report)]
+    for flag, value in (
+        ("--model", args.model),
+        ("--policy", args.policy),
+        ("--holdout", args.holdout),
+        ("--limit", args.limit),
+        ("--card", args.card),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    if args.target_precision != 0.9:
+        words += ["--target-precision", str(args.target_precision)]
+    return shlex.join(words)
+
+
+def update_model_card(card: Path, command: str, report: dict[str, Any]) -> None:
+    """Put this run's table under its own heading inside the card's eval block (replacing a previous run's)."""
+    from worker.offline.train import CARD_EVAL_END, CARD_EVAL_START
+
+    text = card.read_text(encoding="utf-8") if card.is_file() else f"{CARD_EVAL_START}\n{CARD_EVAL_END}\n"
+    if CARD_EVAL_START not in text or CARD_EVAL_END not in text:
+        text = text.rstrip("\n") + f"\n\n## Evaluation with `modworker eval`\n\n{CARD_EVAL_START}\n{CARD_EVAL_END}\n"
+    head, rest = text.split(CARD_EVAL_START, 1)
+    block, tail = rest.split(CARD_EVAL_END, 1)
+    title = (
+        "### "
+        + ", ".join(Path(p).name for p in report["data"])
+        + (" (held-out split only)" if report["holdout"] else "")
+    )
+    sections = [s for s in ("\n" + block).split("\n### ")[1:] if s.strip() and not s.startswith("(")]
+    sections = ["### " + s.strip("\n") for s in sections if not ("### " + s).startswith(title + "\n")]
+    kinds = ", ".join(f"{n} {k}" for k, n in report["by_kind"].items())
+    skipped = "; ".join(f"{n} {why}" for why, n in report["skipped"].items()) or "none"
+    sections.append(
+        "\n".join(
+            [
+                title,
+                "",
+                "```",
+                command,
+                "```",
+                "",
+                (
+                    f"{report['examples']} inputs ({kinds}); skipped: {skipped}. Model `{report['model']}`, "
+                    f"policy version `{report['policy_version']}`."
+                ),
+                "",
+                format_table(report),
+            ]
+        )
+    )
+    card.write_text(
+        head + CARD_EVAL_START + "\n" + "\n\n".join(sections) + "\n" + CARD_EVAL_END + tail, encoding="utf-8"
+    )

@@ -1,0 +1,1 @@
+"""Runtime plumbing around the pipeline: metrics, health probes, lag, logging."""

@@ -1,0 +1,286 @@
+"""Prometheus metrics: every metric of the worker declared once, here.
+
+All names start with ``moderation_worker_``. They live in this module's own ``REGISTRY``
+(with the process and Python platform collectors), which ``worker.ops.health`` serves on
+``/metrics``; nothing is registered in prometheus-client's global default registry, so
+importing this module twice-over in tests or next to other libraries never collides.
+
+Three kinds of metric, by how they are updated:
+
+- **Event counters and histograms** updated on the hot path by the stage where the event
+  happens (``worker.pipeline.source``, ``worker.app``, ``worker.pipeline.batching``,
+  ``worker.backends.http``). Per-message updates go through ``LabelCache`` children, bound
+  once per label set, so a message costs a dict lookup and a locked add, never a
+  ``.labels()`` call with its validation; records read are counted once per partition
+  and poll.
+- **Gauges read at scrape time** (in-flight messages, paused and assigned partitions):
+  ``bind_worker`` points them at the running worker; nothing is done per message.
+- **Collectors**: the circuit-breaker state and openings of every watched breaker
+  (``watch_breaker``), the dedup cache's hits and misses (``cache_stats()`` of the bound
+  worker's backend), and the consumer lag, which ``worker.ops.lag.LagSampler`` refreshes just
+  before each scrape (lag needs an ``await`` on the consumer, a collector cannot await).
+
+The README's operations section (docs/operations.md) lists every metric; keep it in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "moderation_worker"
+
+# ``*_created`` series double the output and no dashboard here uses them (process-wide).
+disable_created_metrics()
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+"""The registry ``/metrics`` serves."""
+
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# Latency buckets (seconds). Backend calls: tens of ms to the 60 s retry budget. End to
+# end: from the producer's timestamp to the verdict's acknowledgement, so a backlog shows
+# up here as minutes.
+_FAST_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BACKEND_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_END_TO_END_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# -- pipeline ---------------------------------------------------------------------------
+
+MESSAGES_CONSUMED = Counter(
+    f"{PREFIX}_messages_consumed", "Records read from the input topics.", ["topic"], registry=REGISTRY
+)
+MESSAGES_DECODED = Counter(
+    f"{PREFIX}_messages_decoded", "Records decoded into a valid event.", ["topic"], registry=REGISTRY
+)
+MESSAGES_DEAD_LETTERED = Counter(
+    f"{PREFIX}_messages_dead_lettered",
+    "Records sent to the dead-letter topic, by origin topic, stage (decode, backend) and error type.",
+    ["topic", "stage", "error_type"],
+    registry=REGISTRY,
+)
+VERDICTS = Counter(
+    f"{PREFIX}_verdicts",
+    "Verdicts acknowledged by the broker, by kind (content, conversation), action and whether degraded.",
+    ["kind", "action", "degraded"],
+    registry=REGISTRY,
+)
+VIOLATIONS = Counter(
+    f"{PREFIX}_violations",
+    "Policy categories over threshold in acknowledged verdicts (one verdict may count in several).",
+    ["category"],
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    f"{PREFIX}_batch_size", "Inputs per backend batch.", ["kind"], buckets=_BATCH_SIZES, registry=REGISTRY
+)
+BATCH_WAIT = Histogram(
+    f"{PREFIX}_batch_wait_seconds",
+    "Time a batch stayed open: from its first input to its flush (count, bytes or max wait).",
+    ["kind"],
+    buckets=_FAST_S,
+    registry=REGISTRY,
+)
+END_TO_END_LATENCY = Histogram(
+    f"{PREFIX}_end_to_end_latency_seconds",
+    "From the input record's timestamp to its verdict's acknowledgement by the broker.",
+    ["kind"],
+    buckets=_END_TO_END_S,
+    registry=REGISTRY,
+)
+COMMIT_LATENCY = Histogram(
+    f"{PREFIX}_commit_latency_seconds", "Offset commits to the group coordinator.", buckets=_FAST_S, registry=REGISTRY
+)
+COMMIT_FAILURES = Counter(
+    f"{PREFIX}_commit_failures",
+    "Offset commits the coordinator refused (retried by the next commit).",
+    registry=REGISTRY,
+)
+REBALANCES = Counter(
+    f"{PREFIX}_rebalances",
+    "Rebalances this member took part in (event=assigned, one per completed rebalance) and those that took "
+    "partitions away from it (event=revoked).",
+    ["event"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    f"{PREFIX}_in_flight_messages", "Messages read and not yet finished (outputs acknowledged).", registry=REGISTRY
+)
+PAUSED_PARTITIONS = Gauge(
+    f"{PREFIX}_paused_partitions", "Assigned partitions paused for backpressure.", registry=REGISTRY
+)
+ASSIGNED_PARTITIONS = Gauge(
+    f"{PREFIX}_assigned_partitions", "Input partitions assigned to this member.", registry=REGISTRY
+)
+CONSUMER_LAG = Gauge(
+    f"{PREFIX}_consumer_lag",
+    "Messages in the partition not yet read by this member: highwater minus position (sampled per scrape).",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+WORKER_INFO = Info(
+    f"{PREFIX}_build", "The running worker: version, backend, policy version, consumer group.", registry=REGISTRY
+)
+
+# -- backend ----------------------------------------------------------------------------
+
+BACKEND_REQUEST_LATENCY = Histogram(
+    f"{PREFIX}_backend_request_duration_seconds",
+    "One HTTP try to a remote moderation API, answered or failed.",
+    ["api", "path"],
+    buckets=_BACKEND_S,
+    registry=REGISTRY,
+)
+BACKEND_REQUESTS = Counter(
+    f"{PREFIX}_backend_requests",
+    "HTTP tries to a remote moderation API, by status (the HTTP code, or timeout / transport_error).",
+    ["api", "status"],
+    registry=REGISTRY,
+)
+BACKEND_ERRORS = Counter(
+    f"{PREFIX}_backend_errors",
+    "Backend calls that failed for the pipeline after retries, by error (unavailable, circuit_open, auth, rejected).",
+    ["api", "error"],
+    registry=REGISTRY,
+)
+BACKEND_RETRIES = Counter(
+    f"{PREFIX}_backend_retries", "Tries repeated after a transient failure.", ["api"], registry=REGISTRY
+)
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+"""Value of ``moderation_worker_backend_circuit_state`` for each breaker state."""
+
+
+# -- cheap label binding ----------------------------------------------------------------
+
+M = TypeVar("M", Counter, Histogram, Gauge)
+
+
+class LabelCache(Generic[M]):
+    """``cache(*labels)`` returns the metric's child for those label values, bound once.
+
+    For label sets that are small and never removed (topics, kinds, actions, categories).
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+consumed = LabelCache(MESSAGES_CONSUMED)
+decoded = LabelCache(MESSAGES_DECODED)
+dead_lettered = LabelCache(MESSAGES_DEAD_LETTERED)
+verdicts = LabelCache(VERDICTS)
+violations = LabelCache(VIOLATIONS)
+batch_size = LabelCache(BATCH_SIZE)
+batch_wait = LabelCache(BATCH_WAIT)
+end_to_end_latency = LabelCache(END_TO_END_LATENCY)
+rebalances = LabelCache(REBALANCES)
+backend_request_latency = LabelCache(BACKEND_REQUEST_LATENCY)
+backend_requests = LabelCache(BACKEND_REQUESTS)
+backend_errors = LabelCache(BACKEND_ERRORS)
+backend_retries = LabelCache(BACKEND_RETRIES)
+
+
+def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:
+    """One HTTP try finished: ``status`` is the HTTP code, ``timeout`` or ``transport_error``."""
+    backend_request_latency(api, path).observe(seconds)
+    backend_requests(api, status).inc()
+
+
+# -- scrape-time gauges -----------------------------------------------------------------
+
+
+def bind_worker(worker: Any, *, version: str) -> None:
+    """Point the scrape-time gauges at ``worker`` (a ``ModerationWorker``) and label the build.
+
+    Called once per process by whoever serves ``/metrics``; a later call rebinds (tests
+    that run several workers in one process see the latest).
+    """
+    IN_FLIGHT.set_function(lambda: worker.in_flight)
+    ASSIGNED_PARTITIONS.set_function(lambda: len(worker.source.assignment()))
+    PAUSED_PARTITIONS.set_function(lambda: len(worker.source.consumer.paused()))
+    _backend_state.cache = worker.backend if hasattr(worker.backend, "cache_stats") else None
+    WORKER_INFO.info(
+        {
+            "version": version,
+            "backend": worker.backend.name,
+            "policy_version": worker.policy.version,
+            "group_id": worker.settings.group_id,
+        }
+    )
+
+
+class _BackendCollector(Collector):
+    """Reads backend state at scrape time: watched circuit breakers and the dedup cache."""
+
+    def __init__(self) -> None:
+        self.breakers: dict[str, Any] = {}
+        self.cache: Any = None
+        """An object with ``cache_stats()`` (``worker.backends.cache.CachingBackend``), or None."""
+
+    def describe(self) -> list[Any]:
+        return list(self._families({}, None))
+
+    def collect(self) -> Iterator[Any]:
+        return self._families(dict(self.breakers), self.cache)
+
+    @staticmethod
+    def _families(breakers: dict[str, Any], cache: Any) -> Iterator[Any]:
+        state = GaugeMetricFamily(
+            f"{PREFIX}_backend_circuit_state",
+            "Circuit breaker of a remote API: 0 closed, 1 half-open, 2 open.",
+            labels=["api"],
+        )
+        opened = CounterMetricFamily(
+            f"{PREFIX}_backend_circuit_opened", "Times the circuit breaker opened.", labels=["api"]
+        )
+        for api, breaker in breakers.items():
+            state.add_metric([api], CIRCUIT_STATES.get(breaker.state, 2))
+            opened.add_metric([api], breaker.times_opened)
+        yield state
+        yield opened
+        stats = cache.cache_stats() if cache is not None else None
+        hits = CounterMetricFamily(
+            f"{PREFIX}_cache_hits", "Inputs whose scores came from the dedup cache (no backend call)."
+        )
+        misses = CounterMetricFamily(f"{PREFIX}_cache_misses", "Inputs looked up in the dedup cache and not found.")
+        entries = GaugeMetricFamily(f"{PREFIX}_cache_entries", "Inputs held in the dedup cache.")
+        if stats is not None:
+            hits.add_metric([], stats.hits)
+            misses.add_metric([], stats.misses)
+            entries.add_metric([], stats.size)
+        yield hits
+        yield misses
+        yield entries
+
+
+_backend_state = _BackendCollector()
+REGISTRY.register(_backend_state)
+
+
+def watch_breaker(api: str, breaker: Any) -> None:
+    """Report ``breaker`` (``worker.backends.breaker.CircuitBreaker``) under ``api``."""
+    _backend_state.breakers[api] = breaker

@@ -1,0 +1,123 @@
+"""Decode stage: raw Kafka record bytes -> a validated event, or a reason to dead-letter it.
+
+Pydantic validates straight from the value bytes (no intermediate ``json.loads``). Only
+when validation fails is the failure classified, so the common path stays cheap.
+
+Contract: ``Decoder.decode`` never raises for bad input; every record yields either a
+``Job`` or a ``DecodeFailure`` whose ``error_type`` is one of ``not_utf8``, ``not_json``,
+``schema``, ``empty_text``, ``too_long`` or ``unknown_topic``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from aiokafka.structs import TopicPartition
+from pydantic import ValidationError
+
+from schemas import ContentEvent, ConversationEvent, Kind
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One decoded input travelling through batcher, backend, policy and sink."""
+
+    record: ConsumerRecord
+    tp: TopicPartition
+    kind: Kind
+    event: ContentEvent | ConversationEvent
+    size: int
+    """Bytes of the record value: a cheap upper bound of the text the backend will see."""
+    slot: Any = field(default=None)
+    """The offset tracker's partition state this job belongs to (set by the app)."""
+
+    @property
+    def text(self) -> str:
+        """The judged text: a content item's text or a conversation turn's content."""
+        event = self.event
+        return event.text if isinstance(event, ContentEvent) else event.content
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key for outputs: the input's key, else the id that key should have been."""
+        if self.record.key is not None:
+            return self.record.key
+        event = self.event
+        return (event.id if isinstance(event, ContentEvent) else event.conversation_id).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFailure:
+    """Why a record could not become an event. Goes to the dead-letter topic."""
+
+    record: ConsumerRecord
+    error_type: str
+    message: str
+
+
+class Decoder:
+    """Turns records of the two input topics into ``Job`` or ``DecodeFailure``."""
+
+    def __init__(self, *, content_topic: str, conversation_topic: str, max_text_chars: int) -> None:
+        self._models: dict[str, tuple[Kind, type[ContentEvent] | type[ConversationEvent]]] = {
+            content_topic: ("content", ContentEvent),
+            conversation_topic: ("conversation", ConversationEvent),
+        }
+        self._max_text_chars = max_text_chars
+
+    def decode(self, record: ConsumerRecord) -> Job | DecodeFailure:
+        entry = self._models.get(record.topic)
+        if entry is None:
+            return DecodeFailure(record, "unknown_topic", f"no decoder for topic {record.topic!r}")
+        kind, model = entry
+        value = record.value
+        if value is None:
+            return DecodeFailure(record, "not_json", "record has no value (tombstone)")
+        try:
+            event = model.model_validate_json(value)
+        except ValidationError as err:
+            return self._classify(record, err)
+        if isinstance(event, ConversationEvent):
+            text_len = len(event.content) + sum(len(turn.content) for turn in event.context)
+            judged = event.content
+        else:
+            judged = event.text
+            text_len = len(judged)
+        if text_len > self._max_text_chars:
+            return DecodeFailure(
+                record,
+                "too_long",
+                f"text is {text_len} characters; the limit is {self._max_text_chars} (MODWORKER_MAX_TEXT_CHARS)",
+            )
+        return Job(
+            record=record, tp=TopicPartition(record.topic, record.partition), kind=kind, event=event, size=len(value)
+        )
+
+    @staticmethod
+    def _classify(record: ConsumerRecord, err: ValidationError) -> DecodeFailure:
+        value: bytes = record.value
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as decode_err:
+            return DecodeFailure(record, "not_utf8", f"value is not UTF-8: {decode_err}")
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as json_err:
+            return DecodeFailure(record, "not_json", f"value is not JSON: {json_err}")
+        errors = err.errors(include_url=False)
+        if all(_is_blank_text_error(e) for e in errors):
+            return DecodeFailure(record, "empty_text", "text is empty or whitespace only")
+        return DecodeFailure(record, "schema", _summarise(errors))
+
+
+def _is_blank_text_error(error: Any) -> bool:
+    return error.get("loc") in (("text",), ("content",)) and "non-whitespace" in str(error.get("msg", ""))
+
+
+def _summarise(errors: list[Any]) -> str:
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or '<root>'}: {e.get('msg')}" for e in errors[:5]]
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "schema violation: " + "; ".join(parts) + more

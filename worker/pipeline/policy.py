@@ -1,0 +1,418 @@
+"""Policy stage: turn a backend's raw category scores into an action and its violations.
+
+``Policy.decide(scores, tenant=..., source=...)`` applies a versioned YAML document to the
+raw score map a backend returned. ``violations`` and ``action`` on every verdict come from
+here, never from a backend's own booleans.
+
+The document
+============
+
+.. code-block:: yaml
+
+    # Every category the policy knows: a hit when score >= threshold.
+    categories:
+      sexual:        {threshold: 0.5, action: block}
+      selfharm:      {threshold: 0.5, action: review}
+      pii:           {threshold: 0.5, action: flag}
+      jailbreaking:  {threshold: 0.9, action: allow}   # monitored, never a violation
+
+    # Raw names a backend may report -> the canonical name above. Several raw names may map
+    # to one canonical name; its score is then the highest of theirs.
+    aliases:
+      dangerous: dangerous_and_criminal_content
+      criminal:  dangerous_and_criminal_content
+
+    # Categories are an open set: any category not listed above uses this rule.
+    default: {threshold: 0.5, action: flag}        # optional; this is its default value
+
+    # Applied in order on top of the base, for matching inputs; a later match wins.
+    overrides:
+      - match: {tenant: kids-app}                  # tenant, source, or both (all must match)
+        categories:
+          sexual: {threshold: 0.2}                 # a partial rule keeps the other field
+        default: {action: review}
+      - match: {tenant: kids-app, source: chat}
+        categories:
+          pii: {action: block}
+
+Top-level keys: ``categories`` (name -> ``{threshold, action}``, both required),
+``aliases`` (raw name -> canonical name), ``default`` (``{threshold, action}``; flag at
+0.5 when omitted) and ``overrides`` (a list). Each override has ``match`` (``tenant``
+and/or ``source``, exact strings; every key given must equal the input's), and
+``categories`` and/or ``default`` whose rules may give only ``threshold`` or only
+``action``: the missing field is taken from the rule in force at that point (the
+category's own rule, else the default as changed by this override). Overrides cannot
+change aliases.
+
+- ``threshold`` is a number in [0, 1]; a category *hits* when ``score >= threshold``.
+- ``action`` is one of ``allow < flag < review < block``. A hit whose action is
+  ``allow`` is monitored only: it never becomes a violation.
+- A verdict's action is the most severe action among the violations, ``allow`` if none.
+- Names under ``categories`` (base and overrides) must be canonical: naming an alias there
+  is an error, as are alias chains (an alias whose target is itself an alias).
+- Unknown keys, out-of-range thresholds, unknown actions and duplicate YAML keys are
+  rejected with ``PolicyError``, one line per problem naming the key path and the fix.
+
+``Policy.version`` is the first 12 hex digits of the SHA-256 of the validated document in
+a canonical form (keys sorted, defaults filled in, numbers as floats), so the same content
+gives the same version however it is laid out, and any change of content changes it.
+Verdicts carry it as ``policy_version``.
+
+With no file (``Policy.load(None)``), the built-in ``worker/pipeline/default_policy.yaml`` applies:
+the harms of ``mistral-moderation-2411`` block (``selfharm`` goes to review), its advisory
+categories flag, and the category names of ``mistral-moderation-2603`` and OpenAI's
+``omni-moderation`` are aliased onto them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas import ACTION_SEVERITY, Action, CategoryHit
+
+POLICY_FORMAT = 1
+"""Version of the document format and its semantics; part of every ``Policy.version``."""
+
+DEFAULT_POLICY_FILE = "default_policy.yaml"
+
+
+class PolicyError(Exception):
+    """A policy document that cannot be used. ``str(err)`` names the key path and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy decided for one input.
+
+    ``violations`` are the categories that hit with an action other than ``allow``, most
+    severe action first, then highest score, then name. ``action`` is the first one's
+    action, ``allow`` when there are none.
+    """
+
+    action: Action
+    violations: list[CategoryHit]
+
+    @property
+    def flagged(self) -> bool:
+        """True when downstream must do something: the action is not ``allow``."""
+        return self.action != "allow"
+
+
+# --- the document's models -------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Rejects unknown keys with a message that lists the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys_only(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                allowed = ", ".join(cls.model_fields)
+                raise ValueError(f"unknown key {unknown[0]!r}; allowed keys here: {allowed}")
+        return data
+
+
+class _Rule(_Strict):
+    threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    action: Action
+
+
+class _RulePatch(_Strict):
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    action: Action | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> _RulePatch:
+        if self.threshold is None and self.action is None:
+            raise ValueError("empty rule: give threshold, action or both")
+        return self
+
+    def over(self, rule: _Rule) -> _Rule:
+        return _Rule(
+            threshold=rule.threshold if self.threshold is None else self.threshold,
+            action=rule.action if self.action is None else self.action,
+        )
+
+
+class _Match(_Strict):
+    tenant: str | None = Field(default=None, min_length=1)
+    source: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> _Match:
+        if self.tenant is None and self.source is None:
+            raise ValueError("empty match: give tenant, source or both")
+        return self
+
+    def matches(self, tenant: str | None, source: str | None) -> bool:
+        return (self.tenant is None or self.tenant == tenant) and (self.source is None or self.source == source)
+
+
+class _Override(_Strict):
+    match: _Match
+    categories: dict[str, _RulePatch] = Field(default_factory=dict)
+    default: _RulePatch | None = None
+
+
+class _Document(_Strict):
+    categories: dict[str, _Rule] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    default: _Rule = Field(default_factory=lambda: _Rule(threshold=0.5, action="flag"))
+    overrides: list[_Override] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _aliases_are_consistent(self) -> _Document:
+        problems = []
+        for raw, target in self.aliases.items():
+            if not raw or not target:
+                problems.append(f"aliases: empty category name in {raw!r}: {target!r}")
+            elif target in self.aliases:
+                problems.append(
+                    f"aliases.{raw}: its target {target!r} is itself an alias; point it at the final name"
+                    f" {self.aliases[target]!r}"
+                    if target != raw
+                    else f"aliases.{raw}: an alias of itself; remove it"
+                )
+        named = [("categories", self.categories)] + [
+            (f"overrides[{i}].categories", o.categories) for i, o in enumerate(self.overrides)
+        ]
+        for where, categories in named:
+            for name in categories:
+                if not name:
+                    problems.append(f"{where}: empty category name")
+                elif name in self.aliases:
+                    problems.append(
+                        f"{where}.{name}: {name!r} is an alias of {self.aliases[name]!r} (see aliases);"
+                        f" configure {self.aliases[name]!r} instead"
+                    )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# --- the policy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """The rules in force for one combination of matching overrides."""
+
+    categories: dict[str, _Rule]
+    default: _Rule
+
+
+class Policy:
+    """A validated policy document, ready to decide. Immutable; safe to share.
+
+    Create with ``Policy.load(path)`` (``None``: the built-in default) or
+    ``Policy.from_mapping(document)``; both raise ``PolicyError`` on a bad document.
+    """
+
+    version: str
+    """Stable content hash of the document: 12 hex digits."""
+
+    _BUILTIN: ClassVar[str] = "built-in default policy"
+
+    def __init__(self, document: _Document) -> None:
+        """Use ``load`` or ``from_mapping``; this takes an already validated document."""
+        self._document = document
+        self._aliases = dict(document.aliases)
+        self._overrides = tuple(document.overrides)
+        self._base = _Rules(dict(document.categories), document.default)
+        # Keyed by which overrides matched: bounded by the distinct tenant/source values the
+        # document names, however many tenants the stream carries.
+        self._resolved: dict[tuple[int, ...], _Rules] = {(): self._base}
+        canonical_form = json.dumps(
+            {"format": POLICY_FORMAT, "document": document.model_dump(mode="json")},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        self.version = hashlib.sha256(canonical_form.encode("utf-8")).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return f"Policy(version={self.version!r}, categories={len(self._base.categories)}, overrides={len(self._overrides)})"
+
+    @classmethod
+    def load(cls, path: Path | None) -> Policy:
+        """Read a policy YAML file, or the built-in default when ``path`` is ``None``.
+
+        Raises ``PolicyError`` when the file is missing, is not YAML, or is not a valid
+        policy document.
+        """
+        if path is None:
+            text = resources.files("worker.pipeline").joinpath(DEFAULT_POLICY_FILE).read_text(encoding="utf-8")
+            return cls._from_yaml(text, cls._BUILTIN)
+        origin = f"policy file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PolicyError(
+                f"{origin}: no such file; fix MODWORKER_POLICY_FILE, or unset it to use the built-in default"
+            ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise PolicyError(f"{origin}: cannot read it ({err}); it must be a readable UTF-8 YAML file") from None
+        return cls._from_yaml(text, origin)
+
+    @classmethod
+    def from_mapping(cls, document: Mapping[str, Any]) -> Policy:
+        """Validate an already parsed document (the YAML file's content as a mapping)."""
+        return cls._validate(document, "policy document")
+
+    @classmethod
+    def _from_yaml(cls, text: str, origin: str) -> Policy:
+        try:
+            document = yaml.load(text, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as err:
+            raise PolicyError(f"{origin}: not valid YAML: {_yaml_problem(err)}; fix it there") from None
+        if document is None:
+            raise PolicyError(f"{origin}: the document is empty; give at least 'categories' or 'default'")
+        return cls._validate(document, origin)
+
+    @classmethod
+    def _validate(cls, document: Any, origin: str) -> Policy:
+        if not isinstance(document, Mapping):
+            raise PolicyError(
+                f"{origin}: the top level must be a mapping with keys categories, aliases, default, overrides"
+                f" (got {type(document).__name__})"
+            )
+        try:
+            return cls(_Document.model_validate(dict(document)))
+        except ValidationError as err:
+            raise PolicyError("\n".join(f"{origin}: {line}" for e in err.errors() for line in _describe(e))) from None
+
+    def canonical(self, category: str) -> str:
+        """The canonical name of a raw category name (itself when it has no alias)."""
+        return self._aliases.get(category, category)
+
+    def decide(self, scores: Mapping[str, float], *, tenant: str | None = None, source: str | None = None) -> Decision:
+        """Apply the policy to one input's raw scores.
+
+        ``scores`` is the backend's open map of raw category -> score in [0, 1]. Raw names
+        are resolved through the aliases; a canonical category's score is the highest of
+        the raw scores that map to it. Rules come from the base document with the
+        overrides matching ``tenant``/``source`` applied in order. Categories the policy
+        does not name use the default rule.
+
+        Raises ``ValueError`` when a score is not a finite number: backends promise
+        scores in [0, 1], and guessing a value for a broken one could let harm through.
+        """
+        merged: dict[str, float] = {}
+        for raw, score in scores.items():
+            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+                raise ValueError(f"score for category {raw!r} is not a finite number: {score!r}")
+            name = self._aliases.get(raw, raw)
+            previous = merged.get(name)
+            merged[name] = float(score) if previous is None else max(previous, float(score))
+
+        rules = self._rules_for(tenant, source)
+        violations = []
+        for name, score in merged.items():
+            rule = rules.categories.get(name, rules.default)
+            if score >= rule.threshold and rule.action != "allow":
+                violations.append(CategoryHit(category=name, score=score, threshold=rule.threshold, action=rule.action))
+        violations.sort(key=lambda hit: (-ACTION_SEVERITY[hit.action], -hit.score, hit.category))
+        return Decision(action=violations[0].action if violations else "allow", violations=violations)
+
+    def _rules_for(self, tenant: str | None, source: str | None) -> _Rules:
+        matched = tuple(i for i, override in enumerate(self._overrides) if override.match.matches(tenant, source))
+        rules = self._resolved.get(matched)
+        if rules is None:
+            categories = dict(self._base.categories)
+            default = self._base.default
+            for i in matched:
+                override = self._overrides[i]
+                if override.default is not None:
+                    default = override.default.over(default)
+                for name, patch in override.categories.items():
+                    categories[name] = patch.over(categories.get(name, default))
+            rules = self._resolved[matched] = _Rules(categories, default)
+        return rules
+
+
+# --- YAML and error messages -----------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: PyYAML would silently keep the last one."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(err).replace("\n", " ")
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(str(part)):
+            path += f".{part}" if path else str(part)
+        else:
+            path += f"[{str(part)!r}]"
+    return path
+
+
+def _describe(error: Mapping[str, Any]) -> list[str]:
+    """One line per problem: the key path, what is wrong, and what to write instead."""
+    # pydantic adds the failing type (e.g. 'function-after[...]') to the location of
+    # validator errors; it is noise to someone editing YAML.
+    loc = tuple(p for p in error.get("loc", ()) if not (isinstance(p, str) and "[" in p and p.endswith("]")))
+    path = _key_path(loc) or "top level"
+    kind = error.get("type", "")
+    got = error.get("input")
+    if kind == "value_error":
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        lines = message.split("\n")
+        # Document-level checks name their own paths already.
+        return lines if not loc else [f"{path}: {line}" for line in lines]
+    if kind == "missing":
+        return [f"{path}: required key missing; add it"]
+    if loc and loc[-1] == "threshold":
+        return [f"{path}: must be a number from 0 to 1 (got {got!r}); fix the value"]
+    if (loc and loc[-1] == "action") or kind == "literal_error":
+        return [f"{path}: must be one of allow, flag, review, block (got {got!r}); fix the value"]
+    if kind in ("string_type", "string_too_short"):
+        return [f"{path}: must be a non-empty string (got {got!r}); quote it if it looks like a number"]
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return [f"{path}: must be a mapping of keys to values (got {type(got).__name__}); fix its layout"]
+    if kind == "list_type":
+        return [f"{path}: must be a list (got {type(got).__name__}); write each override as '- match: ...'"]
+    return [f"{path}: {error.get('msg', 'invalid value')} (got {got!r}); fix the value"]

@@ -1,0 +1,119 @@
+"""Source stage: the consumer-group member.
+
+One aiokafka consumer per process, subscribed to the input topics, with manual commits
+(auto-commit off: only the offset tracker decides what is committed), a rebalance
+listener that the app provides, and pause/resume of all assigned partitions for
+backpressure.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import TopicPartition
+
+from worker.config import KafkaSettings, Settings
+from worker.ops import metrics
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """aiokafka keyword arguments shared by consumer, producer and admin clients."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
+    if kafka.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = kafka.sasl_mechanism
+        options["sasl_plain_username"] = kafka.sasl_username
+        options["sasl_plain_password"] = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+    return options
+
+
+def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """The producer all outputs go through: acks from all in-sync replicas."""
+    options = {
+        **client_options(kafka),
+        "acks": "all",
+        "enable_idempotence": kafka.enable_idempotence,
+        "linger_ms": 5,
+        **overrides,
+    }
+    return AIOKafkaProducer(**options)
+
+
+class RebalanceHandler(Protocol):
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None: ...
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None: ...
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, handler: RebalanceHandler) -> None:
+        self._handler = handler
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._handler.on_partitions_revoked(sorted(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._handler.on_partitions_assigned(sorted(assigned))
+
+
+class Source:
+    """Reads records of the input topics as a member of ``settings.group_id``."""
+
+    def __init__(self, settings: Settings, handler: RebalanceHandler, *, rebalance_timeout_ms: int) -> None:
+        kafka = settings.kafka
+        self._topics = [settings.content_topic, settings.conversation_topic]
+        self._listener = _Listener(handler)
+        self._consumer = AIOKafkaConsumer(
+            **client_options(kafka),
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=kafka.auto_offset_reset,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            rebalance_timeout_ms=rebalance_timeout_ms,
+            max_poll_records=kafka.max_poll_records,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+        )
+        self.paused = False
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        """The underlying consumer (read-only uses: lag, highwater, assignment)."""
+        return self._consumer
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe(self._topics, listener=self._listener)
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def poll(self, *, timeout_ms: int, max_records: int) -> list[ConsumerRecord]:
+        """Records of all assigned, unpaused partitions, each partition in offset order."""
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        for tp, records in batches.items():  # counted per partition and poll, not per record
+            metrics.consumed(tp.topic).inc(len(records))
+        if len(batches) == 1:
+            return next(iter(batches.values()))
+        return [record for records in batches.values() for record in records]
+
+    def pause(self, tps: list[TopicPartition] | None = None) -> None:
+        """Stop fetching ``tps`` (default: everything assigned) until ``resume``."""
+        self._consumer.pause(*(tps if tps is not None else self._consumer.assignment()))
+        self.paused = True
+
+    def resume(self) -> None:
+        self._consumer.resume(*self._consumer.assignment())
+        self.paused = False
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await self._consumer.commit(offsets)
