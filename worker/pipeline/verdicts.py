@@ -65,6 +65,7 @@ class VerdictBuilder:
             scores=dict(result.scores),
             model=result.model,
             id_model=result.model,
+            details=result.details,
         )
 
     def degraded(self, job: Job, *, action: str, reason: str) -> Verdict:
@@ -79,7 +80,9 @@ class VerdictBuilder:
             degraded_reason=reason,
         )
 
-    def _verdict(self, job, *, action, violations, scores, model, id_model, degraded_reason=None) -> Verdict:
+    def _verdict(
+        self, job, *, action, violations, scores, model, id_model, degraded_reason=None, details=None
+    ) -> Verdict:
         event = job.event
         record = job.record
         now_ms = time.time() * 1000
@@ -100,6 +103,7 @@ class VerdictBuilder:
                 "scores": scores,
                 "model": model,
                 "backend": self._backend_name,
+                "backend_details": details,
                 "policy_version": self._policy.version,
                 "degraded": degraded_reason is not None,
                 "degraded_reason": degraded_reason,
