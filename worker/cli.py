@@ -108,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = Policy.load(default_policy_file(settings))
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
-    backend = create_backend(settings)
+    backend = create_backend(settings, policy=policy)
     # Start-up objects (modules, settings, policy) live as long as the process: keep them
     # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
     gc.freeze()

@@ -120,12 +120,13 @@ class LlmSettings(BaseModel):
     )
     model: str = Field(default="mistral-small-latest", description="Model name the server knows.")
     api_key: SecretStr | None = Field(
-        default=None, description="Bearer key; falls back to MISTRAL_API_KEY for Mistral's URL; a local server needs none."
+        default=None,
+        description="Bearer key; falls back to MISTRAL_API_KEY for Mistral's URL; a local server needs none.",
     )
     dialect: Literal["json", "llama-guard", "qwen3guard"] = Field(
         default="json",
         description="json: a chat model judges the policy's categories (their descriptions); "
-        "llama-guard / qwen3guard: a guard model's own labels."
+        "llama-guard / qwen3guard: a guard model's own labels.",
     )
     parse_retries: int = Field(
         default=1, ge=0, le=10, description="Extra tries for an answer that cannot be parsed; then llm_unparseable."
