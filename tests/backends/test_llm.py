@@ -121,7 +121,10 @@ async def test_llama_guard_on_a_keyless_self_hosted_server_with_logprobs(setting
         "top_logprobs": 5,
     }
     # A judged assistant turn without context: an empty user turn first, as the template needs.
-    assert requests[-1].body["messages"] == [{"role": "user", "content": ""}, {"role": "assistant", "content": "<<S12:0.8>>"}]
+    assert requests[-1].body["messages"] == [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "<<S12:0.8>>"},
+    ]
     assert isinstance(safe, Scored) and isinstance(unsafe, Scored) and isinstance(conversation, Scored)
     assert set(safe.scores) == set(LLAMA_GUARD_HAZARDS.values()) and set(safe.scores.values()) == {0.0}
     assert unsafe.scores["violent_crimes"] == pytest.approx(0.93) and unsafe.scores["hate"] == pytest.approx(0.93)
@@ -298,4 +301,3 @@ def test_mistral_url_needs_a_key_and_falls_back_to_mistral_api_key(monkeypatch: 
     assert llm_api_key(own) is None  # a self-hosted server: no key needed, none sent
     with pytest.raises(ConfigError, match="MODWORKER_LLM__DIALECT"):
         load_settings(require_kafka=False, backend="llm", llm={"base_url": "http://x", "dialect": "shieldgemma"})
-

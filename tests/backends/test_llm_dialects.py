@@ -36,7 +36,10 @@ def test_json_prompt_lists_every_category_with_its_description_and_the_answer_co
     system = dialect.system_prompt
     assert "- spam: Unsolicited advertising." in system
     assert "- off_topic\n" in system  # no description: the name alone
-    assert '{"scores": {"spam": <number in [0, 1]>, "off_topic": <number in [0, 1]>, "sexual": <number in [0, 1]>}}' in system
+    assert (
+        '{"scores": {"spam": <number in [0, 1]>, "off_topic": <number in [0, 1]>, "sexual": <number in [0, 1]>}}'
+        in system
+    )
     assert dialect.request_fields() == {"response_format": {"type": "json_object"}}
     assert JsonDialect(CATEGORIES, json_mode=False).request_fields() == {}
 
@@ -170,7 +173,11 @@ def test_qwen3guard_score_from_logprobs_counts_controversial_half() -> None:
         logprobs=tokens(
             ("Safety", 0.0, {}),
             (":", 0.0, {}),
-            (" Unsafe", math.log(0.6), {" Unsafe": math.log(0.6), " Controversial": math.log(0.3), " Safe": math.log(0.1)}),
+            (
+                " Unsafe",
+                math.log(0.6),
+                {" Unsafe": math.log(0.6), " Controversial": math.log(0.3), " Safe": math.log(0.1)},
+            ),
             ("\nCategories", 0.0, {}),
             (":", 0.0, {}),
             (" PII", 0.0, {}),
@@ -207,5 +214,10 @@ def test_label_probabilities_need_logprobs_that_mention_a_label() -> None:
     unrelated = Reply("safe", logprobs=tokens(("safe", 0.0, {"Hello": -0.1})))
     # The chosen token itself always counts: "safe" with probability 1.
     assert label_probabilities(unrelated, r"(safe|unsafe)", ("safe", "unsafe")) == {"safe": 1.0, "unsafe": 0.0}
-    split = Reply("unsafe", logprobs=tokens(("un", math.log(0.7), {"un": math.log(0.7), "safe": math.log(0.3)}), ("safe", 0.0, {})))
-    assert label_probabilities(split, r"(safe|unsafe)", ("safe", "unsafe")) == pytest.approx({"unsafe": 0.7, "safe": 0.3})
+    split = Reply(
+        "unsafe",
+        logprobs=tokens(("un", math.log(0.7), {"un": math.log(0.7), "safe": math.log(0.3)}), ("safe", 0.0, {})),
+    )
+    assert label_probabilities(split, r"(safe|unsafe)", ("safe", "unsafe")) == pytest.approx(
+        {"unsafe": 0.7, "safe": 0.3}
+    )

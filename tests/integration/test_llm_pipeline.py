@@ -128,7 +128,15 @@ async def test_json_dialect_custom_categories_follow_the_answers_and_the_forum_p
     ]
     with LlmServer(api_key=api_key) as server:
         verdicts, dead = await run(
-            broker, topics, spawn_worker, server, api_key, events, turns, dead=2, MODWORKER_POLICY_FILE=str(FORUM_POLICY)
+            broker,
+            topics,
+            spawn_worker,
+            server,
+            api_key,
+            events,
+            turns,
+            dead=2,
+            MODWORKER_POLICY_FILE=str(FORUM_POLICY),
         )
         requests = server.requests
         assert server.violations == []
@@ -140,7 +148,9 @@ async def test_json_dialect_custom_categories_follow_the_answers_and_the_forum_p
         assert violations_of(verdict) == expected[event_id], event_id
         assert verdict["backend"] == "llm" and verdict["model"] == "judge"
         details = verdict["backend_details"]
-        assert details["score_kind"] == "probability" and details["prompt_tokens"] > 0 and details["completion_tokens"] > 0
+        assert (
+            details["score_kind"] == "probability" and details["prompt_tokens"] > 0 and details["completion_tokens"] > 0
+        )
     assert_unparseable(dead, {"c-8", "t-3"})
     # The default one retry: two requests for each unparseable input.
     assert sum("unparseable" in json.dumps(r.body) for r in requests) == 4
@@ -150,7 +160,12 @@ async def test_json_dialect_custom_categories_follow_the_answers_and_the_forum_p
 async def test_guard_dialects_map_onto_the_builtin_policy(broker, topics, api_key, spawn_worker, dialect) -> None:
     marks = {
         "llama-guard": ["<<S1:0.9>>", "<<S12:0.8>>", "<<S5:0.9>>", "<<S7:0.6>>"],
-        "qwen3guard": ["<<violent:0.9>>", "<<sexual_content_or_sexual_acts:0.85>>", "<<unethical_acts:0.9>>", "<<pii:0.6>>"],
+        "qwen3guard": [
+            "<<violent:0.9>>",
+            "<<sexual_content_or_sexual_acts:0.85>>",
+            "<<unethical_acts:0.9>>",
+            "<<pii:0.6>>",
+        ],
     }[dialect]
     expected = {
         "c-0": {},
