@@ -177,6 +177,10 @@ class LlmServer(LoopbackApiServer):
         self.json_mode = json_mode
         self.max_context_tokens = max_context_tokens
         self.answer = answer
+        self.prompt_tokens = 0
+        """Sum of the ``usage.prompt_tokens`` answered so far (what a bill would count)."""
+        self.completion_tokens = 0
+        """Sum of the ``usage.completion_tokens`` answered so far."""
 
     def routes(self) -> Mapping[str, RouteHandler]:
         return {PATH: self._complete}
@@ -208,6 +212,9 @@ class LlmServer(LoopbackApiServer):
         if len(tokens) > max_tokens:
             tokens, finish_reason = tokens[:max_tokens], "length"
             content = "".join(tokens)
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += len(tokens)
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": content, "tool_calls": []},
