@@ -137,7 +137,7 @@ async def _serve(make_worker) -> None:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret value in the settings, for log redaction."""
-    values = [settings.mistral.api_key, settings.openai.api_key, settings.kafka.sasl_password]
+    values = [settings.mistral.api_key, settings.openai.api_key, settings.llm.api_key, settings.kafka.sasl_password]
     return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
 

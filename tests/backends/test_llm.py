@@ -10,7 +10,7 @@ import pytest
 from schemas import Turn
 from tests.backends.conftest import started
 from worker.backends import create_backend
-from worker.backends.base import BackendAuthError, Conversation, Rejected, Scored
+from worker.backends.base import BackendAuthError, BackendUnavailable, Conversation, Rejected, Scored
 from worker.backends.cache import CachingBackend
 from worker.backends.llm import LlmBackend
 from worker.backends.llm_dialects import LLAMA_GUARD_HAZARDS
@@ -301,3 +301,31 @@ def test_mistral_url_needs_a_key_and_falls_back_to_mistral_api_key(monkeypatch: 
     assert llm_api_key(own) is None  # a self-hosted server: no key needed, none sent
     with pytest.raises(ConfigError, match="MODWORKER_LLM__DIALECT"):
         load_settings(require_kafka=False, backend="llm", llm={"base_url": "http://x", "dialect": "shieldgemma"})
+
+
+async def test_a_body_that_is_not_a_chat_completion_is_unavailable_and_names_the_setting(
+    api_key: str, settings_for: SettingsFor
+) -> None:
+    with LlmServer(
+        api_key=api_key, fault_plan=lambda request: Fault(status=200, body={"object": "list", "data": []})
+    ) as srv:
+        async with started(LlmBackend(llm_settings(settings_for, srv), policy=FORUM)) as backend:
+            with pytest.raises(BackendUnavailable, match="MODWORKER_LLM__BASE_URL"):
+                await backend.score_texts(["a", "b"])
+
+
+async def test_a_null_content_without_model_or_usage_is_an_unparseable_answer(
+    api_key: str, settings_for: SettingsFor
+) -> None:
+    refusal = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]}
+    with LlmServer(api_key=api_key, fault_plan=lambda request: Fault(status=200, body=refusal)) as srv:
+        async with started(LlmBackend(llm_settings(settings_for, srv), policy=FORUM)) as backend:
+            (outcome,) = await backend.score_texts(["a"])
+    assert isinstance(outcome, Rejected) and outcome.error_type == "llm_unparseable"
+
+
+def test_the_llm_key_is_redacted_from_logs() -> None:
+    from worker.cli import secrets_of
+
+    settings = load_settings(require_kafka=False, backend="llm", llm={"base_url": "http://x", "api_key": "llm-secret"})
+    assert "llm-secret" in secrets_of(settings)

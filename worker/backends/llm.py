@@ -207,7 +207,7 @@ class LlmBackend(Backend):
                 details = BackendDetails(
                     score_kind=judgement.score_kind, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
                 )
-                return Scored(scores=judgement.scores, model=model, details=details)
+                return Scored(scores=judgement.scores, model=model or self.model, details=details)
         return Rejected(
             reason=f"the {self.dialect.name} answer could not be parsed after {self.tries} "
             f"tr{'y' if self.tries == 1 else 'ies'}: {problem}; "
@@ -223,7 +223,8 @@ class LlmBackend(Backend):
 def _read(answer: Any) -> tuple[str, Reply, tuple[int, int]]:
     """``(model, reply, (prompt_tokens, completion_tokens))`` of a chat-completions answer.
 
-    A body without ``choices[0].message`` is not a chat-completions server speaking:
+    ``model`` is ``""`` when the server names none. A body without ``choices[0].message``
+    is not a chat-completions server speaking:
     ``BackendUnavailable`` naming the setting to check. A ``null`` content (a refusal, a
     tool call) is an empty reply, which no dialect parses.
     """

@@ -155,7 +155,8 @@ class LlmServer(LoopbackApiServer):
     """OpenAI-compatible chat completions on loopback, answering as ``dialect`` (see the module docstring).
 
     ``with LlmServer(dialect="llama-guard", api_key=None) as srv`` plays a self-hosted vLLM
-    without a key. Every request body is validated unless ``validator`` is given.
+    without a key. Every request body is validated (needs ``jsonschema``, the test extra)
+    unless ``validator`` is given (``None``: no validation).
     """
 
     default_model: ClassVar[str] = "mistral-small-2506"
