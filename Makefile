@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench schemas clean
+.PHONY: demo test check bench chaos schemas clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m worker.cli demo
 
-test: $(STAMP)
+# Lint, format and types first (seconds), then the suite.
+test: check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+check: $(STAMP)
+	$(VENV)/bin/ruff check worker schemas tests demo
+	$(VENV)/bin/ruff format --check worker schemas tests demo
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) -m worker.cli bench

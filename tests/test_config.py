@@ -259,3 +259,22 @@ def test_a_misplaced_secret_in_the_yaml_file_is_not_echoed(tmp_path, monkeypatch
         load_settings(config_file=path, require_backend=False)
     assert SECRET not in str(caught.value)
     assert ENV_PREFIX in str(caught.value)
+
+
+def test_scoring_settings_keep_their_old_http_names_for_one_release(monkeypatch):
+    monkeypatch.setenv("MODWORKER_HTTP__FAIL_POLICY", "review")
+    monkeypatch.setenv("MODWORKER_HTTP__MAX_CONCURRENCY", "7")
+    settings = Settings()
+    assert settings.scoring.fail_policy == "review" and settings.scoring.max_concurrency == 7
+    assert len(settings.deprecations) == 2
+    assert all("deprecated" in note and "MODWORKER_SCORING__" in note for note in settings.deprecations)
+
+
+def test_the_new_scoring_name_wins_over_its_deprecated_alias(monkeypatch):
+    monkeypatch.setenv("MODWORKER_HTTP__FAIL_POLICY", "review")
+    monkeypatch.setenv("MODWORKER_SCORING__FAIL_POLICY", "allow")
+    settings = Settings()
+    assert settings.scoring.fail_policy == "allow"
+    assert settings.deprecations == [
+        "MODWORKER_HTTP__FAIL_POLICY is deprecated and ignored: MODWORKER_SCORING__FAIL_POLICY is set"
+    ]

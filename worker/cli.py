@@ -2,8 +2,10 @@
 
 ``run`` starts the worker; ``produce`` publishes JSONL events (how a platform tries the
 worker); ``tail`` prints what arrives on an output topic; ``schemas export`` writes the
-JSON Schemas. Further commands register themselves from the modules in
-``COMMAND_MODULES`` (each exposes ``add_command(subparsers)`` and sets ``func``).
+JSON Schemas. The offline tools' commands (``train``, ``eval``, ``demo``, ``bench``)
+register themselves from the modules in ``COMMAND_MODULES`` (each exposes
+``add_command(subparsers)`` and sets ``func``); a module is imported only when its command
+is the one asked for (or for the full help), so ``modworker run`` never loads them.
 
 Every expected failure ends with one line on stderr and a non-zero exit code, never a
 traceback: 2 for a configuration problem, 1 for a runtime one.
@@ -20,18 +22,26 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
 
 from worker.config import ConfigError, Settings, load_settings
 
-COMMAND_MODULES: list[str] = [
-    "worker.offline.bench",
-    "worker.offline.train",
-    "worker.offline.evaluate",
-    "worker.offline.demo",
-]
-"""Modules adding subcommands (train, eval, demo, bench ...)."""
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
+
+    from worker.app import ModerationWorker
+
+COMMAND_MODULES: dict[str, str] = {
+    "bench": "worker.offline.bench",
+    "train": "worker.offline.train",
+    "eval": "worker.offline.evaluate",
+    "demo": "worker.offline.demo",
+}
+"""Offline commands and the module that adds each."""
 
 
 class CommandError(Exception):
@@ -39,7 +49,8 @@ class CommandError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -47,16 +58,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
-        print(f"modworker: {err}", file=sys.stderr)
+        _report_exit(err)
         return 2
     except CommandError as err:
-        print(f"modworker: {err}", file=sys.stderr)
+        _report_exit(err)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _report_exit(err: Exception) -> None:
+    """The one line saying why the command failed: JSON when logging is in JSON mode."""
+    from worker.ops.logs import Event, json_logging
+
+    if json_logging():
+        structlog.get_logger("worker.cli").error(Event.WORKER_EXIT, error=str(err))
+    else:
+        print(f"modworker: {err}", file=sys.stderr)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``argv`` decides which offline commands are loaded (all when None)."""
     parser = argparse.ArgumentParser(prog="modworker", description="Streaming content moderation for Kafka.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -88,9 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print every setting with its default, as a Markdown table")
     config.set_defaults(func=cmd_config)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_command(sub)
+    for name in _offline_commands(argv, builtin=set(sub.choices)):
+        importlib.import_module(COMMAND_MODULES[name]).add_command(sub)
     return parser
+
+
+def _offline_commands(argv: Sequence[str] | None, *, builtin: set[str]) -> list[str]:
+    """The offline commands to register: the one asked for, none for a service command, or
+    all of them (no command, or an unknown one: the help lists everything)."""
+    command = next((arg for arg in argv or () if not arg.startswith("-")), None)
+    if command in COMMAND_MODULES:
+        return [command]
+    if command in builtin:
+        return []
+    return list(COMMAND_MODULES)
 
 
 # -- run -----------------------------------------------------------------------------
@@ -99,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
     from worker.backends import create_backend, default_policy_file
-    from worker.ops.logs import configure_logging
+    from worker.ops.logs import Event, configure_logging
     from worker.pipeline.policy import Policy, PolicyError
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
+    for note in settings.deprecations:
+        structlog.get_logger("worker.cli").warning(Event.SETTING_DEPRECATED, message=note)
     try:
         policy = Policy.load(default_policy_file(settings))
     except PolicyError as err:
@@ -113,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
     gc.freeze()
     try:
-        asyncio.run(_serve(lambda: ModerationWorker(settings, backend=backend, policy=policy)))
+        asyncio.run(_serve(settings, lambda: ModerationWorker(settings, backend=backend, policy=policy)))
     except WorkerFatal as err:
         raise CommandError(str(err)) from None
     except _KAFKA_START_ERRORS as err:
@@ -124,14 +159,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(make_worker) -> None:
+async def _serve(settings: Settings, make_worker: Callable[[], ModerationWorker]) -> None:
     from worker.ops.health import serve_health
 
     worker = make_worker()  # inside the loop: aiokafka clients need a running loop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    async with serve_health(worker):  # /metrics, /livez, /readyz until the worker has drained
+    async with serve_health(worker, settings):  # /metrics, /livez, /readyz until the worker has drained
         await worker.run()
 
 
@@ -196,8 +231,9 @@ def key_of(value: bytes, key_field: str | None) -> bytes | None:
     if not isinstance(event, dict):
         return None
     for field in (key_field,) if key_field else ("conversation_id", "id"):
-        if isinstance(event.get(field), str):
-            return event[field].encode()
+        found = event.get(field)
+        if isinstance(found, str):
+            return found.encode()
     return None
 
 
@@ -243,7 +279,7 @@ async def _tail(settings: Settings, topic: str, *, as_json: bool, limit: int, id
         await consumer.stop()
 
 
-def describe_record(record) -> str:
+def describe_record(record: ConsumerRecord[bytes, bytes]) -> str:
     """One readable line for a verdict, violation or dead letter."""
     try:
         value = json.loads(record.value)

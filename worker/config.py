@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +25,8 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "MODWORKER_"
+
+FailPolicy = Literal["wait", "review", "allow"]
 
 
 class ConfigError(Exception):
@@ -180,7 +182,9 @@ class HttpSettings(BaseModel):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=16, ge=1)
-    max_concurrency: int = Field(default=4, ge=1, description="Backend calls in flight at once.")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, exclude=True, description="Deprecated alias of MODWORKER_SCORING__MAX_CONCURRENCY."
+    )
     write_timeout_s: float = Field(default=30.0, gt=0)
     pool_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a free pooled connection.")
     keepalive_expiry_s: float = Field(default=20.0, ge=0, description="Idle pooled connections close after this.")
@@ -209,11 +213,24 @@ class HttpSettings(BaseModel):
         default=30.0, gt=0, description="Open circuit: seconds before one probe is let through."
     )
     chunk_overlap_tokens: int = Field(default=200, ge=0, description="Overlap between chunks of an over-long text.")
-    fail_policy: Literal["wait", "review", "allow"] = Field(
+    fail_policy: FailPolicy | None = Field(
+        default=None, exclude=True, description="Deprecated alias of MODWORKER_SCORING__FAIL_POLICY."
+    )
+
+
+class ScoringSettings(BaseModel):
+    """How the pipeline calls whichever backend is chosen (remote or local)."""
+
+    max_concurrency: int = Field(default=4, ge=1, description="Backend calls (batches) in flight at once.")
+    fail_policy: FailPolicy = Field(
         default="wait",
-        description="When the retry budget is spent: keep waiting (nothing passes unmoderated), "
+        description="When the backend gives up: keep waiting (nothing passes unmoderated), "
         "or publish a degraded verdict with action review/allow.",
     )
+
+
+_DEPRECATED_ALIASES = (("fail_policy", "FAIL_POLICY"), ("max_concurrency", "MAX_CONCURRENCY"))
+"""Settings that moved from ``http`` to ``scoring``: old names work for one release, with a warning."""
 
 
 class CacheSettings(BaseModel):
@@ -251,6 +268,7 @@ class Settings(BaseSettings):
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
@@ -281,11 +299,33 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="/livez fails when the consume loop or a partition with lag stalls this long."
     )
 
+    _deprecations: list[str] = PrivateAttr(default_factory=list)
+
     @model_validator(mode="after")
     def _check_requirements(self) -> Settings:
         if self.policy_file is not None and not self.policy_file.is_file():
             raise ValueError(f"MODWORKER_POLICY_FILE: no such file {self.policy_file}")
         return self
+
+    @model_validator(mode="after")
+    def _apply_deprecated_aliases(self) -> Settings:
+        for name, env in _DEPRECATED_ALIASES:
+            old = getattr(self.http, name)
+            if old is None:
+                continue
+            new_env = f"{ENV_PREFIX}SCORING__{env}"
+            if name in self.scoring.model_fields_set:
+                note = f"{ENV_PREFIX}HTTP__{env} is deprecated and ignored: {new_env} is set"
+            else:
+                setattr(self.scoring, name, old)
+                note = f"{ENV_PREFIX}HTTP__{env} is deprecated: rename it {new_env} (the old name goes in the next release)"
+            self._deprecations.append(note)
+        return self
+
+    @property
+    def deprecations(self) -> list[str]:
+        """One line per deprecated setting in use, for the start-up log."""
+        return list(self._deprecations)
 
     @classmethod
     def settings_customise_sources(

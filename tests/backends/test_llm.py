@@ -259,7 +259,7 @@ async def test_a_server_without_json_mode_needs_json_mode_off(api_key: str, sett
 
 async def test_requests_in_flight_stay_within_the_concurrency_limit(api_key: str, settings_for: SettingsFor) -> None:
     with LlmServer(api_key=api_key, latency_s=0.1) as srv:
-        settings = settings_for(srv, backend="llm", http={"max_concurrency": 2})
+        settings = settings_for(srv, backend="llm", scoring={"max_concurrency": 2})
         async with started(LlmBackend(settings, policy=FORUM)) as backend:
             outcomes = await backend.score_texts([f"text {i}" for i in range(6)])
         requests = srv.requests

@@ -119,7 +119,7 @@ async def test_wait_policy_pauses_with_bounded_in_flight_and_loses_nothing(
                 server,
                 api_key,
                 **FAST_RETRIES,
-                MODWORKER_HTTP__FAIL_POLICY="wait",
+                MODWORKER_SCORING__FAIL_POLICY="wait",
                 MODWORKER_HTTP__RETRY_ATTEMPTS="2",
                 MODWORKER_MAX_IN_FLIGHT=str(cap),
                 MODWORKER_KAFKA__MAX_POLL_RECORDS=str(poll),
@@ -156,7 +156,7 @@ async def test_spent_retry_budget_publishes_degraded_verdicts(
                 server,
                 api_key,
                 **FAST_RETRIES,
-                MODWORKER_HTTP__FAIL_POLICY=policy,
+                MODWORKER_SCORING__FAIL_POLICY=policy,
                 MODWORKER_HTTP__RETRY_ATTEMPTS="2",
             )
         )

@@ -217,7 +217,7 @@ async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(
     # lands mid-stream however fast the worker publishes and however late the test sees 80.
     mistral.latency_s = 0.05
     env = worker_env(
-        broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_HTTP__MAX_CONCURRENCY="1"
+        broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_SCORING__MAX_CONCURRENCY="1"
     )
     first = spawn_worker(env)
     await wait_for_count(bootstrap, topics.verdict, 80)

@@ -27,18 +27,11 @@ from typing import Literal
 import structlog
 
 from worker.backends.base import BackendUnavailable
+from worker.ops.logs import BreakerEvent
 
 log = structlog.get_logger(__name__)
 
 State = Literal["closed", "open", "half_open"]
-
-
-class BreakerEvent:
-    """Log event names of the circuit breaker."""
-
-    OPENED = "backend.circuit.opened"
-    HALF_OPEN = "backend.circuit.half_open"
-    CLOSED = "backend.circuit.closed"
 
 
 class CircuitOpenError(BackendUnavailable):

@@ -33,16 +33,11 @@ import structlog
 from cachetools import TTLCache
 
 from worker.backends.base import Backend, Conversation, Outcome, Scored
+from worker.ops.logs import CacheEvent
 
 log = structlog.get_logger(__name__)
 
 Item = TypeVar("Item")
-
-
-class CacheEvent:
-    """Log event names of the dedup cache."""
-
-    STATS = "backend.cache.stats"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ honoured: the next try waits at least that long. A call gives up after
 at once rather than retry early).
 
 Before each try, in order: the circuit breaker may refuse (``worker.backends.breaker``);
-the concurrency bound (``http.max_concurrency`` requests in flight) and the client-side
+the connection bound (``http.max_connections`` requests in flight; the pipeline bounds
+batches in flight separately, ``scoring.max_concurrency``) and the client-side
 rate limits (``worker.backends.pacing``: requests/s, tokens/min, and slowing down when the
 API's ``x-ratelimit-remaining-*`` headers run low) may make it wait.
 
@@ -34,7 +35,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,24 +54,16 @@ from tenacity import (
 
 from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
 from worker.backends.breaker import CircuitBreaker, CircuitOpenError
-from worker.backends.pacing import RateLimitHeaders, RequestPacer
+from worker.backends.pacing import RateLimitHeaderNames, RequestPacer
 from worker.config import HttpSettings
 from worker.ops import metrics
+from worker.ops.logs import HttpEvent
 
 log = structlog.get_logger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REJECT_STATUSES = frozenset({400, 413, 422})
 AUTH_STATUSES = frozenset({401, 403})
-
-
-class HttpEvent:
-    """Log event names of the HTTP layer."""
-
-    RETRY = "backend.http.retry"
-    GAVE_UP = "backend.http.gave_up"
-    REJECTED = "backend.http.rejected"
-    AUTH_FAILED = "backend.http.auth_failed"
 
 
 class ApiRejected(BackendError):
@@ -95,7 +88,7 @@ class ApiDialect:
     """The environment variable holding the key (``MISTRAL_API_KEY``), named in auth errors."""
     base_url_env: str
     """The setting for the base URL (``MODWORKER_MISTRAL__BASE_URL``), named on 404."""
-    rate_limit_headers: Callable[[httpx.Headers], RateLimitHeaders]
+    rate_limit_headers: RateLimitHeaderNames
     """Reads the API's ``x-ratelimit-*`` headers."""
     requires_key: bool = True
     """False for servers that need no key (a self-hosted model): without one, no ``Authorization``."""
@@ -133,7 +126,7 @@ class RemoteApi:
         self._http = http
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._in_flight = asyncio.Semaphore(http.max_concurrency)
+        self._in_flight = asyncio.Semaphore(http.max_connections)
         self.breaker = CircuitBreaker(
             failure_threshold=http.breaker_failure_threshold, reset_timeout_s=http.breaker_reset_s, name=dialect.name
         )
@@ -237,7 +230,7 @@ class RemoteApi:
                 metrics.observe_backend_request(
                     self.dialect.name, path, str(response.status_code), time.monotonic() - sent
                 )
-            self.pacer.observe(self.dialect.rate_limit_headers(response.headers))
+            self.pacer.observe(self.dialect.rate_limit_headers.read(response.headers))
             result = self._interpret(path, response)
         except _Transient as failure:
             if failure.counts_for_breaker:
@@ -352,11 +345,12 @@ def _error_message(response: httpx.Response) -> str:
     except ValueError:
         return response.text[:500] or response.reason_phrase
     if isinstance(body, dict):
-        if isinstance(body.get("message"), str):
-            return body["message"]
+        message = body.get("message")
+        if isinstance(message, str):
+            return message
         error = body.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+            return str(error["message"])
         detail = body.get("detail")
         if isinstance(detail, str):
             return detail

@@ -1,9 +1,9 @@
 """A chat model as moderation backend (``MODWORKER_BACKEND=llm``), over any OpenAI-compatible server.
 
 Each input is one ``POST {llm.base_url}/v1/chat/completions`` (a chat completion judges one
-conversation), sent concurrently: at most ``max_concurrency(settings)`` inputs are being
-judged at once, and ``RemoteApi`` bounds the requests in flight the same way. The request
-is::
+conversation), sent concurrently: at most ``max_concurrency(settings)``
+(``scoring.max_concurrency``) inputs are being judged at once per worker, and
+``RemoteApi`` bounds the requests in flight by ``http.max_connections``. The request is::
 
     {"model": llm.model, "messages": [...], "temperature": 0, "max_tokens": n, ...}
 
@@ -58,6 +58,7 @@ from worker.backends.mistral import mistral_rate_limit_headers
 from worker.backends.openai import openai_rate_limit_headers
 from worker.config import Settings, is_mistral_url, llm_api_key
 from worker.ops import metrics
+from worker.ops.logs import LlmEvent
 
 if TYPE_CHECKING:
     from worker.pipeline.policy import Policy
@@ -69,15 +70,9 @@ ANSWER_EXCERPT_CHARS = 200
 """How much of an unparseable answer its dead-letter reason quotes."""
 
 
-class LlmEvent:
-    """Log event names of the llm backend."""
-
-    UNPARSEABLE = "backend.llm.unparseable"
-
-
 def max_concurrency(settings: Settings) -> int:
     """Inputs judged at once: the one place the llm backend reads the concurrency limit."""
-    return settings.http.max_concurrency
+    return settings.scoring.max_concurrency
 
 
 def make_dialect(settings: Settings, policy: Policy | None) -> Dialect:

@@ -28,26 +28,21 @@ from schemas import Turn
 from worker.backends.base import BackendUnavailable, Scored
 from worker.backends.http import ApiDialect, RemoteApi
 from worker.backends.long_inputs import estimate_conversation_tokens, estimate_tokens
-from worker.backends.pacing import RateLimitHeaders, parse_int
+from worker.backends.pacing import RateLimitHeaderNames
 from worker.backends.remote import RemoteBackend
 from worker.config import Settings
-
-
-def mistral_rate_limit_headers(headers: httpx.Headers) -> RateLimitHeaders:
-    """Mistral's per-minute limits: ``x-ratelimit-{limit,remaining}-{req,tokens}-minute``."""
-    return RateLimitHeaders(
-        limit_requests=parse_int(headers.get("x-ratelimit-limit-req-minute")),
-        remaining_requests=parse_int(headers.get("x-ratelimit-remaining-req-minute")),
-        limit_tokens=parse_int(headers.get("x-ratelimit-limit-tokens-minute")),
-        remaining_tokens=parse_int(headers.get("x-ratelimit-remaining-tokens-minute")),
-    )
-
 
 MISTRAL = ApiDialect(
     name="Mistral",
     key_env="MISTRAL_API_KEY",
     base_url_env="MODWORKER_MISTRAL__BASE_URL",
-    rate_limit_headers=mistral_rate_limit_headers,
+    # Per-minute limits: x-ratelimit-{limit,remaining}-{req,tokens}-minute.
+    rate_limit_headers=RateLimitHeaderNames(
+        limit_requests="x-ratelimit-limit-req-minute",
+        remaining_requests="x-ratelimit-remaining-req-minute",
+        limit_tokens="x-ratelimit-limit-tokens-minute",
+        remaining_tokens="x-ratelimit-remaining-tokens-minute",
+    ),
 )
 
 PATHS = {

@@ -25,30 +25,26 @@ from schemas import Turn
 from worker.backends.base import BackendUnavailable, Scored
 from worker.backends.http import ApiDialect, RemoteApi
 from worker.backends.long_inputs import estimate_tokens
-from worker.backends.pacing import RateLimitHeaders, parse_duration, parse_int
+from worker.backends.pacing import RateLimitHeaderNames
 from worker.backends.remote import RemoteBackend
 from worker.config import Settings
 
 PATH = "/v1/moderations"
 
 
-def openai_rate_limit_headers(headers: httpx.Headers) -> RateLimitHeaders:
-    """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (reset like ``"6m0s"``)."""
-    return RateLimitHeaders(
-        limit_requests=parse_int(headers.get("x-ratelimit-limit-requests")),
-        remaining_requests=parse_int(headers.get("x-ratelimit-remaining-requests")),
-        limit_tokens=parse_int(headers.get("x-ratelimit-limit-tokens")),
-        remaining_tokens=parse_int(headers.get("x-ratelimit-remaining-tokens")),
-        reset_requests_s=parse_duration(headers.get("x-ratelimit-reset-requests")),
-        reset_tokens_s=parse_duration(headers.get("x-ratelimit-reset-tokens")),
-    )
-
-
 OPENAI = ApiDialect(
     name="OpenAI",
     key_env="OPENAI_API_KEY",
     base_url_env="MODWORKER_OPENAI__BASE_URL",
-    rate_limit_headers=openai_rate_limit_headers,
+    # x-ratelimit-{limit,remaining,reset}-{requests,tokens}, resets like "6m0s".
+    rate_limit_headers=RateLimitHeaderNames(
+        limit_requests="x-ratelimit-limit-requests",
+        remaining_requests="x-ratelimit-remaining-requests",
+        limit_tokens="x-ratelimit-limit-tokens",
+        remaining_tokens="x-ratelimit-remaining-tokens",
+        reset_requests="x-ratelimit-reset-requests",
+        reset_tokens="x-ratelimit-reset-tokens",
+    ),
 )
 
 

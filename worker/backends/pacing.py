@@ -23,22 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 from aiolimiter import AsyncLimiter
 
+from worker.ops.logs import PacingEvent
+
 log = structlog.get_logger(__name__)
 
 DEFAULT_WINDOW_S = 60.0
-
-
-class PacingEvent:
-    """Log event names of the pacer."""
-
-    SLOWING_DOWN = "backend.rate.slowing_down"
-    PACE_RESTORED = "backend.rate.pace_restored"
 
 
 @dataclass(frozen=True)
@@ -51,6 +46,37 @@ class RateLimitHeaders:
     remaining_tokens: int | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RateLimitHeaderNames:
+    """Which response headers carry an API's rate-limit state (``None``: it sends none).
+
+    The APIs differ only in these names; ``read`` is the one reader.
+    """
+
+    limit_requests: str | None = None
+    remaining_requests: str | None = None
+    limit_tokens: str | None = None
+    remaining_tokens: str | None = None
+    reset_requests: str | None = None
+    reset_tokens: str | None = None
+
+    def read(self, headers: Mapping[str, str]) -> RateLimitHeaders:
+        def number(name: str | None) -> int | None:
+            return parse_int(headers.get(name)) if name else None
+
+        def duration(name: str | None) -> float | None:
+            return parse_duration(headers.get(name)) if name else None
+
+        return RateLimitHeaders(
+            limit_requests=number(self.limit_requests),
+            remaining_requests=number(self.remaining_requests),
+            limit_tokens=number(self.limit_tokens),
+            remaining_tokens=number(self.remaining_tokens),
+            reset_requests_s=duration(self.reset_requests),
+            reset_tokens_s=duration(self.reset_tokens),
+        )
 
 
 class RequestPacer:

@@ -19,7 +19,7 @@ synchronous work does not answer at all, which a probe counts as a failure too.
   as soon as SIGTERM starts the drain.
 
 Both probes answer a small JSON document saying what was checked. ``serve_health`` is
-the one entry point: ``async with serve_health(worker): await worker.run()``.
+the one entry point: ``async with serve_health(worker, settings): await worker.run()``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,25 +37,17 @@ from aiokafka.structs import TopicPartition
 from prometheus_client.exposition import choose_encoder
 
 from worker import __version__
-from worker.config import ConfigError
+from worker.config import ConfigError, Settings
 from worker.ops import metrics
 from worker.ops.lag import LagSampler, PartitionLag
+from worker.ops.logs import HealthEvent
+from worker.ops.status import WorkerStatus
 
 log = structlog.get_logger("worker.ops.health")
 
 _REQUEST_TIMEOUT_S = 5.0
 _BACKEND_READY_TIMEOUT_S = 2.0
 _MAX_REQUEST_HEAD = 16 * 1024
-
-
-class HealthEvent:
-    """Log event names of the health server."""
-
-    LISTENING = "health.listening"
-    STOPPED = "health.stopped"
-    NOT_LIVE = "health.not_live"
-    BOUND_TOO_SHORT = "health.liveness_bound_too_short"
-    REQUEST_FAILED = "health.request_failed"
 
 
 @dataclass
@@ -105,33 +97,33 @@ class StallDetector:
 
 
 class HealthServer:
-    """Serves metrics and probes for one ``ModerationWorker``.
+    """Serves metrics and probes for one worker, seen through ``WorkerStatus``.
 
-    ``worker`` must offer ``started``, ``draining``, ``last_loop_at`` (``time.monotonic()``
-    of the last consume-loop iteration), ``in_flight``, ``source`` (``worker.pipeline.source.Source``),
-    ``backend`` (with ``async ready()``), ``policy.version`` and ``settings``.
-    ``clock`` is injectable for tests (default ``time.monotonic``).
+    ``settings`` gives the address, the liveness bound and the rebalance timing the bound
+    is checked against. ``clock`` is injectable for tests (default ``time.monotonic``).
     """
 
     def __init__(
-        self, worker: Any, *, host: str, port: int, liveness_timeout_s: float, clock: Any = time.monotonic
+        self, worker: WorkerStatus, settings: Settings, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._worker = worker
-        self._host = host
-        self._port = port
-        self._liveness_timeout_s = liveness_timeout_s
+        self._settings = settings
+        self._host = settings.http_host
+        self._port = settings.http_port
+        self._liveness_timeout_s = settings.liveness_timeout_s
         self._clock = clock
-        self._lag = LagSampler(worker.source)
-        self._stalls = StallDetector(liveness_timeout_s)
+        self._lag = LagSampler(worker.partitions)
+        self._stalls = StallDetector(settings.liveness_timeout_s)
         self._server: asyncio.Server | None = None
-        metrics.bind_worker(worker, version=__version__)
+        metrics.bind_worker(worker, version=__version__, group_id=settings.group_id)
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0 in tests); 0 before ``start``."""
         if self._server is None or not self._server.sockets:
             return 0
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     async def start(self) -> None:
         """Listen; raises ``ConfigError`` naming MODWORKER_HTTP_PORT when the port is taken."""
@@ -145,7 +137,7 @@ class HealthServer:
                 "choose a free port, or 0 to run without metrics and probes"
             ) from None
         log.info(HealthEvent.LISTENING, host=self._host, port=self.port, paths=["/metrics", "/livez", "/readyz"])
-        settings = self._worker.settings
+        settings = self._settings
         # A rebalance blocks the consume loop until the group has re-formed: up to the
         # rebalance timeout the app gives the consumer. A shorter bound restarts healthy pods.
         rebalance_s = max(settings.kafka.session_timeout_ms / 1000, settings.revoke_timeout_s + 5)
@@ -192,7 +184,7 @@ class HealthServer:
             return Check(False, "shutting down", details)
         if not worker.started:
             return Check(False, "starting: backend warming up or consumer joining", details)
-        details["assigned_partitions"] = len(worker.source.assignment())
+        details["assigned_partitions"] = len(worker.partitions.assignment())
         try:
             backend_ready = bool(await asyncio.wait_for(worker.backend.ready(), _BACKEND_READY_TIMEOUT_S))
         except Exception as err:  # noqa: BLE001 - a failing readiness check is an unready backend
@@ -266,15 +258,12 @@ def _response(status: int, content_type: str, body: bytes, length: int) -> bytes
 
 
 @contextlib.asynccontextmanager
-async def serve_health(worker: Any) -> AsyncIterator[HealthServer | None]:
+async def serve_health(worker: WorkerStatus, settings: Settings) -> AsyncIterator[HealthServer | None]:
     """Run the health server for ``worker`` around the block (none when the port is 0)."""
-    settings = worker.settings
     if not settings.http_port:
         yield None
         return
-    server = HealthServer(
-        worker, host=settings.http_host, port=settings.http_port, liveness_timeout_s=settings.liveness_timeout_s
-    )
+    server = HealthServer(worker, settings)
     await server.start()
     try:
         yield server

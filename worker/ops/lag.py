@@ -24,7 +24,7 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from worker.ops import metrics
-from worker.pipeline.source import Source
+from worker.ops.status import PartitionView
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +50,20 @@ class LagSampler:
     (right after an assignment): such a partition is left out of that sample.
     """
 
-    def __init__(self, source: Source, *, position_timeout_s: float = 0.5) -> None:
+    def __init__(self, source: PartitionView, *, position_timeout_s: float = 0.5) -> None:
         self._source = source
         self._position_timeout_s = position_timeout_s
         self._reported: set[TopicPartition] = set()
 
     async def sample(self) -> dict[TopicPartition, PartitionLag]:
         """Every assigned partition with a known position. Never raises for a rebalance race."""
-        consumer = self._source.consumer
-        paused = consumer.paused()
+        source = self._source
+        paused = source.paused_partitions()
         out: dict[TopicPartition, PartitionLag] = {}
-        for tp in sorted(self._source.assignment()):
+        for tp in sorted(source.assignment()):
             try:
-                position = await asyncio.wait_for(consumer.position(tp), self._position_timeout_s)
-                highwater = consumer.highwater(tp)
+                position = await asyncio.wait_for(source.position(tp), self._position_timeout_s)
+                highwater = source.highwater(tp)
             except (TimeoutError, IllegalStateError, AssertionError):
                 continue  # revoked meanwhile, or its position is being reset: next sample
             out[tp] = PartitionLag(position=position, highwater=highwater, paused=tp in paused)

@@ -1,28 +1,37 @@
-"""Logging: structlog set up once, and every log event name declared here.
+"""Logging: one structlog pipeline for every line, and every log event name declared here.
 
 JSON lines when stderr is not a terminal (what log shippers want), a readable console
-renderer when it is. ``redact_secrets`` scrubs every configured secret from every event,
-as a last line of defence: code should never log a secret in the first place.
+renderer when it is. Standard-library records (aiokafka's, asyncio's) go through
+structlog's ``ProcessorFormatter`` with the same processors and renderer, so JSON mode
+emits only JSON lines and ``redact_secrets`` scrubs every line, as a last line of defence:
+code should never log a secret in the first place.
+
+A library that repeats one error (aiokafka while the broker is down: one line per
+reconnect attempt) is logged once per ``repeat_interval_s`` per (logger, level, message
+template); the next line that passes carries ``repeated``, the number held back.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 
 class Event:
-    """Log event names (the ``event`` field). Grep-able, stable, declared once."""
+    """Log event names of the worker (the ``event`` field). Grep-able, stable, declared once."""
 
     WORKER_STARTING = "worker.starting"
     WORKER_READY = "worker.ready"
     WORKER_STOPPING = "worker.stopping"
     WORKER_STOPPED = "worker.stopped"
     WORKER_FATAL = "worker.fatal"
+    SETTING_DEPRECATED = "config.deprecated_setting"
     PARTITIONS_ASSIGNED = "partitions.assigned"
     PARTITIONS_REVOKED = "partitions.revoked"
     REVOKE_ABANDONED = "partitions.revoke_abandoned"
@@ -37,32 +46,149 @@ class Event:
     BACKEND_UNAVAILABLE = "backend.unavailable"
     BACKEND_DEGRADED = "backend.degraded_verdicts"
     BACKEND_WAITING = "backend.waiting"
+    TASK_FAILED = "worker.task_failed"
+    WORKER_EXIT = "worker.exit"
 
 
-def configure_logging(*, level: str = "info", fmt: str = "auto", secrets: Iterable[str] = ()) -> None:
-    """Configure structlog (and stdlib logging, for aiokafka's own lines) once at start-up."""
+class HealthEvent:
+    """Log event names of the health server."""
+
+    LISTENING = "health.listening"
+    STOPPED = "health.stopped"
+    NOT_LIVE = "health.not_live"
+    BOUND_TOO_SHORT = "health.liveness_bound_too_short"
+    REQUEST_FAILED = "health.request_failed"
+
+
+class HttpEvent:
+    """Log event names of the HTTP layer."""
+
+    RETRY = "backend.http.retry"
+    GAVE_UP = "backend.http.gave_up"
+    REJECTED = "backend.http.rejected"
+    AUTH_FAILED = "backend.http.auth_failed"
+
+
+class PacingEvent:
+    """Log event names of the pacer."""
+
+    SLOWING_DOWN = "backend.rate.slowing_down"
+    PACE_RESTORED = "backend.rate.pace_restored"
+
+
+class CacheEvent:
+    """Log event names of the dedup cache."""
+
+    STATS = "backend.cache.stats"
+
+
+class LlmEvent:
+    """Log event names of the llm backend (``worker.backends.llm``)."""
+
+    UNPARSEABLE = "backend.llm.unparseable"
+
+
+class BreakerEvent:
+    """Log event names of the circuit breaker."""
+
+    OPENED = "backend.circuit.opened"
+    HALF_OPEN = "backend.circuit.half_open"
+    CLOSED = "backend.circuit.closed"
+
+
+_json_mode = False
+
+
+def json_logging() -> bool:
+    """True once ``configure_logging`` chose JSON lines."""
+    return _json_mode
+
+
+REPEAT_INTERVAL_S = 10.0
+"""Library records repeating one (logger, level, template) pass once per this many seconds."""
+
+
+def configure_logging(
+    *, level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (), repeat_interval_s: float = REPEAT_INTERVAL_S
+) -> None:
+    """Configure structlog and stdlib logging (aiokafka's own lines) once at start-up."""
     numeric = getattr(logging, level.upper(), logging.INFO)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    global _json_mode  # noqa: PLW0603 - one process, one logging set-up
+    _json_mode = use_json
     scrub = _Redactor([s for s in secrets if s])
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-        scrub,
-    ]
-    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    renderer: Processor = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            timestamper,
+            structlog.processors.format_exc_info,
+            scrub,
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_SecretFilterFormatter(scrub))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+                _add_repeat_count,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                scrub,
+                renderer,
+            ],
+        )
+    )
+    handler.addFilter(RepeatFilter(repeat_interval_s))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))  # library chatter only from WARNING up
+
+
+def _add_repeat_count(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    """A stdlib record's message is its formatted text; ``repeated`` comes from ``RepeatFilter``."""
+    record = event.get("_record")
+    repeated = getattr(record, "repeated", 0)
+    if repeated:
+        event["repeated"] = repeated
+    return event
+
+
+class RepeatFilter(logging.Filter):
+    """Lets one record per (logger, level, template) through per ``interval_s``; counts the rest.
+
+    The record that passes after a quiet spell carries ``repeated``: how many were held
+    back since the last one passed. ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self._interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        record.repeated = last[1] if last is not None else 0
+        self._seen[key] = (now, 0)
+        if len(self._seen) > 1_000:  # bound the memory of distinct templates
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval_s}
+        return True
 
 
 class _Redactor:
@@ -77,10 +203,11 @@ class _Redactor:
                 text = text.replace(secret, "***")
         return text
 
-    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
         if self._secrets:
             for key, value in event.items():
-                event[key] = self._scrub_value(value)
+                if not key.startswith("_"):
+                    event[key] = self._scrub_value(value)
         return event
 
     def _scrub_value(self, value: Any) -> Any:
@@ -93,12 +220,3 @@ class _Redactor:
         if isinstance(value, dict):
             return {key: self._scrub_value(item) for key, item in value.items()}
         return self.scrub(str(value))  # exceptions and other objects: as the renderer would show them
-
-
-class _SecretFilterFormatter(logging.Formatter):
-    def __init__(self, redactor: _Redactor) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self._redactor = redactor
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self._redactor.scrub(super().format(record))

@@ -41,10 +41,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from worker.ops.status import WorkerStatus
+
 PREFIX = "moderation_worker"
 
 # ``*_created`` series double the output and no dashboard here uses them (process-wide).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """The registry ``/metrics`` serves."""
@@ -193,7 +195,7 @@ class LabelCache(Generic[M]):
     __slots__ = ("_children", "_metric")
 
     def __init__(self, metric: M) -> None:
-        self._metric = metric
+        self._metric: M = metric
         self._children: dict[tuple[str, ...], M] = {}
 
     def __call__(self, *labels: str) -> M:
@@ -229,22 +231,22 @@ def observe_backend_request(api: str, path: str, status: str, seconds: float) ->
 # -- scrape-time gauges -----------------------------------------------------------------
 
 
-def bind_worker(worker: Any, *, version: str) -> None:
-    """Point the scrape-time gauges at ``worker`` (a ``ModerationWorker``) and label the build.
+def bind_worker(worker: WorkerStatus, *, version: str, group_id: str) -> None:
+    """Point the scrape-time gauges at ``worker`` and label the build.
 
     Called once per process by whoever serves ``/metrics``; a later call rebinds (tests
     that run several workers in one process see the latest).
     """
     IN_FLIGHT.set_function(lambda: worker.in_flight)
-    ASSIGNED_PARTITIONS.set_function(lambda: len(worker.source.assignment()))
-    PAUSED_PARTITIONS.set_function(lambda: len(worker.source.consumer.paused()))
+    ASSIGNED_PARTITIONS.set_function(lambda: len(worker.partitions.assignment()))
+    PAUSED_PARTITIONS.set_function(lambda: len(worker.partitions.paused_partitions()))
     _backend_state.cache = worker.backend if hasattr(worker.backend, "cache_stats") else None
     WORKER_INFO.info(
         {
             "version": version,
             "backend": worker.backend.name,
-            "policy_version": worker.policy.version,
-            "group_id": worker.settings.group_id,
+            "policy_version": worker.policy_version,
+            "group_id": group_id,
         }
     )
 

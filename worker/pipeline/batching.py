@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from schemas import Kind
 from worker.ops import metrics
-from worker.pipeline.decode import Job
+from worker.pipeline.types import Job
 
 BatchCallback = Callable[[Kind, list[Job]], None]
 

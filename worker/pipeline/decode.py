@@ -11,51 +11,12 @@ Contract: ``Decoder.decode`` never raises for bad input; every record yields eit
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import ConsumerRecord
-from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from schemas import ContentEvent, ConversationEvent, Kind
-
-
-@dataclass(slots=True, eq=False)
-class Job:
-    """One decoded input travelling through batcher, backend, policy and sink."""
-
-    record: ConsumerRecord
-    tp: TopicPartition
-    kind: Kind
-    event: ContentEvent | ConversationEvent
-    size: int
-    """Bytes of the record value: a cheap upper bound of the text the backend will see."""
-    slot: Any = field(default=None)
-    """The offset tracker's partition state this job belongs to (set by the app)."""
-
-    @property
-    def text(self) -> str:
-        """The judged text: a content item's text or a conversation turn's content."""
-        event = self.event
-        return event.text if isinstance(event, ContentEvent) else event.content
-
-    @property
-    def key(self) -> bytes:
-        """Kafka key for outputs: the input's key, else the id that key should have been."""
-        if self.record.key is not None:
-            return self.record.key
-        event = self.event
-        return (event.id if isinstance(event, ContentEvent) else event.conversation_id).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeFailure:
-    """Why a record could not become an event. Goes to the dead-letter topic."""
-
-    record: ConsumerRecord
-    error_type: str
-    message: str
+from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
 
 
 class Decoder:
@@ -68,7 +29,8 @@ class Decoder:
         }
         self._max_text_chars = max_text_chars
 
-    def decode(self, record: ConsumerRecord) -> Job | DecodeFailure:
+    def decode(self, record: Record, slot: PartitionOffsets) -> Job | DecodeFailure:
+        """``record`` as a ``Job`` tracked in ``slot``, or why it cannot be judged. Never raises."""
         entry = self._models.get(record.topic)
         if entry is None:
             return DecodeFailure(record, "unknown_topic", f"no decoder for topic {record.topic!r}")
@@ -92,12 +54,10 @@ class Decoder:
                 "too_long",
                 f"text is {text_len} characters; the limit is {self._max_text_chars} (MODWORKER_MAX_TEXT_CHARS)",
             )
-        return Job(
-            record=record, tp=TopicPartition(record.topic, record.partition), kind=kind, event=event, size=len(value)
-        )
+        return Job(record=record, slot=slot, kind=kind, event=event, size=len(value))
 
     @staticmethod
-    def _classify(record: ConsumerRecord, err: ValidationError) -> DecodeFailure:
+    def _classify(record: Record, err: ValidationError) -> DecodeFailure:
         value: bytes = record.value
         try:
             text = value.decode("utf-8")

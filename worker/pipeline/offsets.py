@@ -14,55 +14,13 @@ detached object and can never be committed by this member.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 
 from aiokafka.structs import TopicPartition
 
+from worker.pipeline.types import PartitionOffsets
 
-class PartitionOffsets:
-    """Per-partition state for one assignment period. Not thread-safe (event loop only)."""
-
-    __slots__ = ("_committed", "_done", "_next", "_order", "owned", "tp")
-
-    def __init__(self, tp: TopicPartition) -> None:
-        self.tp = tp
-        self.owned = True
-        self._order: deque[int] = deque()  # tracked offsets in arrival (= offset) order
-        self._done: set[int] = set()  # finished offsets not yet at the head
-        self._next: int | None = None  # one past the highest offset tracked
-        self._committed: int | None = None
-
-    def track(self, offset: int) -> None:
-        if self._next is not None and offset < self._next:
-            raise ValueError(f"{self.tp}: offset {offset} tracked after {self._next - 1}; offsets must increase")
-        self._order.append(offset)
-        self._next = offset + 1
-
-    def finish(self, offset: int) -> None:
-        order = self._order
-        if order and order[0] == offset:
-            order.popleft()
-            done = self._done
-            while order and order[0] in done:
-                done.remove(order.popleft())
-        else:
-            self._done.add(offset)
-
-    @property
-    def pending(self) -> int:
-        """Messages tracked and not yet finished."""
-        return len(self._order) - len(self._done)
-
-    def committable(self) -> int | None:
-        """The offset to commit now, or None when nothing new is complete."""
-        position = self._order[0] if self._order else self._next
-        if position is None or position == self._committed:
-            return None
-        return position
-
-    def mark_committed(self, offset: int) -> None:
-        self._committed = offset
+__all__ = ["OffsetTracker", "PartitionOffsets"]
 
 
 class OffsetTracker:

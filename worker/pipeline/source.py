@@ -2,13 +2,14 @@
 
 One aiokafka consumer per process, subscribed to the input topics, with manual commits
 (auto-commit off: only the offset tracker decides what is committed), a rebalance
-listener that the app provides, and pause/resume of all assigned partitions for
+listener calling the app's ``on_assign``/``on_revoke``, and pause/resume of all assigned partitions for
 backpressure.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.helpers import create_ssl_context
@@ -46,29 +47,36 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-class RebalanceHandler(Protocol):
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None: ...
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None: ...
+RebalanceCallback = Callable[[list[TopicPartition]], Awaitable[None]]
+"""Called with the partitions (sorted) a rebalance revokes or assigns."""
 
 
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, handler: RebalanceHandler) -> None:
-        self._handler = handler
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_assign: RebalanceCallback, on_revoke: RebalanceCallback) -> None:
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._handler.on_partitions_revoked(sorted(revoked))
+        await self._on_revoke(sorted(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._handler.on_partitions_assigned(sorted(assigned))
+        await self._on_assign(sorted(assigned))
 
 
 class Source:
     """Reads records of the input topics as a member of ``settings.group_id``."""
 
-    def __init__(self, settings: Settings, handler: RebalanceHandler, *, rebalance_timeout_ms: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_assign: RebalanceCallback,
+        on_revoke: RebalanceCallback,
+        rebalance_timeout_ms: int,
+    ) -> None:
         kafka = settings.kafka
         self._topics = [settings.content_topic, settings.conversation_topic]
-        self._listener = _Listener(handler)
+        self._listener = _Listener(on_assign, on_revoke)
         self._consumer = AIOKafkaConsumer(
             **client_options(kafka),
             group_id=settings.group_id,
@@ -81,11 +89,6 @@ class Source:
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         )
         self.paused = False
-
-    @property
-    def consumer(self) -> AIOKafkaConsumer:
-        """The underlying consumer (read-only uses: lag, highwater, assignment)."""
-        return self._consumer
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -114,6 +117,19 @@ class Source:
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
+
+    def paused_partitions(self) -> set[TopicPartition]:
+        return set(self._consumer.paused())
+
+    async def position(self, tp: TopicPartition) -> int:
+        """The offset of the next record the consumer will hand out for ``tp``."""
+        position: int = await self._consumer.position(tp)
+        return position
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """The partition's end as of the last fetch response (None before the first)."""
+        highwater: int | None = self._consumer.highwater(tp)
+        return highwater
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         await self._consumer.commit(offsets)

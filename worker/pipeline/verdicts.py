@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from schemas import ContentEvent, InputPosition, Verdict, Violation
+from schemas import BackendDetails, CategoryHit, ContentEvent, InputPosition, Verdict, Violation
 from worker.backends.base import Scored
-from worker.pipeline.decode import Job
 from worker.pipeline.policy import Policy
+from worker.pipeline.types import Job
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -81,19 +81,28 @@ class VerdictBuilder:
         )
 
     def _verdict(
-        self, job, *, action, violations, scores, model, id_model, degraded_reason=None, details=None
+        self,
+        job: Job,
+        *,
+        action: str,
+        violations: list[CategoryHit],
+        scores: dict[str, float],
+        model: str | None,
+        id_model: str,
+        degraded_reason: str | None = None,
+        details: BackendDetails | None = None,
     ) -> Verdict:
         event = job.event
         record = job.record
         now_ms = time.time() * 1000
-        is_content = isinstance(event, ContentEvent)
+        conversation_id = None if isinstance(event, ContentEvent) else event.conversation_id
         return _assemble(
             Verdict,
             {
                 "verdict_id": verdict_id(job.kind, event.id, job.text, self._policy.version, id_model),
                 "event_id": event.id,
                 "kind": job.kind,
-                "conversation_id": None if is_content else event.conversation_id,
+                "conversation_id": conversation_id,
                 "tenant": event.tenant,
                 "source": event.source,
                 "author_id": event.author_id,

@@ -44,7 +44,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--concurrency",
         default=DEFAULT_CONCURRENCY,
-        help="MODWORKER_HTTP__MAX_CONCURRENCY values, crossed with latencies and batch sizes (default %(default)s)",
+        help="MODWORKER_SCORING__MAX_CONCURRENCY values, crossed with latencies and batch sizes (default %(default)s)",
     )
     bench.add_argument(
         "--sweep-concurrency",

@@ -74,7 +74,8 @@ async def run_one(stream: list[str], *, batch_size: int, cache: bool, concurrenc
             kafka={"bootstrap_servers": "127.0.0.1:9"},
             backend="mistral",
             mistral={"api_key": "bench-key", "base_url": server.base_url},
-            http={"max_concurrency": concurrency, "max_connections": concurrency},
+            http={"max_connections": concurrency},
+            scoring={"max_concurrency": concurrency},
         )
         backend: Backend = MistralBackend(settings)
         if cache:

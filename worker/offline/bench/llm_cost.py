@@ -109,7 +109,7 @@ async def llm(
             require_kafka=False,
             backend="llm",
             llm={"base_url": server.base_url, "dialect": dialect, "max_input_tokens": 1_000_000},
-            http={"max_concurrency": 8, "max_connections": 8},
+            scoring={"max_concurrency": 8},
         )
         backend = LlmBackend(settings, policy=policy)
         await score_all(backend, texts, chats, batch_size)

@@ -266,10 +266,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     main_conc = max(by_conc, key=lambda c: by_conc[c])
     main = [s for s in scenarios if s["concurrency"] == main_conc]
     latencies = sorted({s["backend_latency_ms"] for s in main})
-    sweep = {}
+    grouped: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
     for s in scenarios:
-        sweep.setdefault((s["backend_latency_ms"], s["batch_size"]), []).append(s)
-    sweep = {k: sorted(v, key=lambda s: s["concurrency"]) for k, v in sweep.items() if len(v) > 1}
+        grouped.setdefault((s["backend_latency_ms"], s["batch_size"]), []).append(s)
+    sweep = {k: sorted(v, key=lambda s: s["concurrency"]) for k, v in grouped.items() if len(v) > 1}
 
     panels = 3 if sweep else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
@@ -285,13 +285,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     ax = axes[1]
     for latency in latencies:
-        points = sorted(
+        spread = sorted(
             (s["batch_size"], s["latency_ms"]["p50"], s["latency_ms"]["p99"])
             for s in main
             if s["backend_latency_ms"] == latency and s["latency_ms"]
         )
-        if points:
-            sizes, p50, p99 = zip(*points, strict=False)
+        if spread:
+            sizes, p50, p99 = zip(*spread, strict=False)
             line = ax.plot(sizes, p99, marker="o", label=f"backend {latency} ms: p99")[0]
             ax.plot(sizes, p50, marker=".", linestyle=":", color=line.get_color(), label=f"backend {latency} ms: p50")
     ax.set(
@@ -307,16 +307,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     if sweep:
         ax = axes[2]
-        for (latency, batch), points in sorted(sweep.items()):
+        for (latency, batch), runs in sorted(sweep.items()):
             ax.plot(
-                [s["concurrency"] for s in points],
-                [s["worker_msgs_per_s"] for s in points],
+                [s["concurrency"] for s in runs],
+                [s["worker_msgs_per_s"] for s in runs],
                 marker="o",
                 label=f"backend {latency} ms, batch {batch}",
             )
-            bound = [min(s["concurrency"] * batch * 1000 / latency, limit) if latency else limit for s in points]
+            bound = [min(s["concurrency"] * batch * 1000 / latency, limit) if latency else limit for s in runs]
             ax.plot(
-                [s["concurrency"] for s in points],
+                [s["concurrency"] for s in runs],
                 bound,
                 linestyle=":",
                 color=ax.lines[-1].get_color(),

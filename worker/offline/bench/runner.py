@@ -295,7 +295,7 @@ def _worker_settings(ctx: BenchContext, scenario: Scenario, topics: _Topics) -> 
         "MODWORKER_MISTRAL__BASE_URL": ctx.server.base_url,
         "MODWORKER_BATCH__MAX_SIZE": str(scenario.batch_size),
         "MODWORKER_BATCH__MAX_WAIT_MS": str(scenario.max_wait_ms),
-        "MODWORKER_HTTP__MAX_CONCURRENCY": str(scenario.concurrency),
+        "MODWORKER_SCORING__MAX_CONCURRENCY": str(scenario.concurrency),
         "MODWORKER_HTTP__MAX_CONNECTIONS": str(max(16, scenario.concurrency)),
         "MODWORKER_CACHE__ENABLED": "true" if ctx.cache else "false",
         "MODWORKER_LOG_FORMAT": "json",

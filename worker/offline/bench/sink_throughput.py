@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from worker.pipeline.sink import OutRecord, Sink
+from worker.pipeline.sink import Sink
+from worker.pipeline.types import OutRecord
 from worker.testing.broker import tansu_broker
 
 VALUE = b"x" * 600

@@ -9,10 +9,17 @@ from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
 from worker.pipeline.batching import MicroBatcher
-from worker.pipeline.decode import DecodeFailure, Decoder, Job
-from worker.pipeline.sink import KeySequencer, dead_letter_record
+from worker.pipeline.decode import Decoder
+from worker.pipeline.ordering import KeySequencer
+from worker.pipeline.sink import dead_letter_record
+from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=50)
+
+
+def decode(rec: ConsumerRecord) -> Job | DecodeFailure:
+    """Decode ``rec`` as the worker does, tracked in a fresh slot of its partition."""
+    return DECODER.decode(rec, PartitionOffsets(TopicPartition(rec.topic, rec.partition)))
 
 
 def record(
@@ -27,7 +34,7 @@ def record(
 
 
 def test_decode_valid_content_and_conversation():
-    job = DECODER.decode(record(json.dumps({"id": "1", "text": "hello", "extra": 1}).encode()))
+    job = decode(record(json.dumps({"id": "1", "text": "hello", "extra": 1}).encode()))
     assert isinstance(job, Job) and job.kind == "content" and job.text == "hello"
     turn = {
         "id": "t",
@@ -36,7 +43,7 @@ def test_decode_valid_content_and_conversation():
         "content": "hi",
         "context": [{"role": "assistant", "content": "yo"}],
     }
-    job = DECODER.decode(record(json.dumps(turn).encode(), topic="in.v", key=None))
+    job = decode(record(json.dumps(turn).encode(), topic="in.v", key=None))
     assert isinstance(job, Job) and job.kind == "conversation" and job.text == "hi"
     assert job.key == b"c"  # no key on the record: the conversation id it should have had
 
@@ -51,12 +58,12 @@ def test_decode_failures_are_classified():
         json.dumps([1, 2]).encode(): "schema",
     }
     for value, error_type in cases.items():
-        result = DECODER.decode(record(value))
+        result = decode(record(value))
         assert isinstance(result, DecodeFailure), value
         assert result.error_type == error_type, (value, result)
         assert result.message
-    assert DECODER.decode(record(None)).error_type == "not_json"
-    assert DECODER.decode(record(b"{}", topic="other")).error_type == "unknown_topic"
+    assert decode(record(None)).error_type == "not_json"
+    assert decode(record(b"{}", topic="other")).error_type == "unknown_topic"
 
 
 def test_conversation_context_counts_towards_the_length_limit():
@@ -67,7 +74,7 @@ def test_conversation_context_counts_towards_the_length_limit():
         "content": "short",
         "context": [{"role": "user", "content": "y" * 60}],
     }
-    assert DECODER.decode(record(json.dumps(turn).encode(), topic="in.v")).error_type == "too_long"
+    assert decode(record(json.dumps(turn).encode(), topic="in.v")).error_type == "too_long"
 
 
 def test_dead_letter_keeps_original_bytes_and_adds_reasons():
@@ -83,7 +90,7 @@ def test_dead_letter_keeps_original_bytes_and_adds_reasons():
 def _job(i: int, kind: str = "content", size: int = 10, key: bytes = b"k", partition: int = 0) -> Job:
     value = json.dumps({"id": str(i), "text": "t"}).encode()
     rec = record(value, offset=i, key=key, partition=partition)
-    job = DECODER.decode(rec)
+    job = decode(rec)
     job.kind = kind
     job.size = size
     return job

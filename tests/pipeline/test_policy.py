@@ -12,7 +12,7 @@ import yaml
 from schemas import ACTION_SEVERITY
 from worker.pipeline.policy import Decision, Policy, PolicyError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {
     "categories": {

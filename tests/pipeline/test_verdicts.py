@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 from aiokafka import ConsumerRecord
+from aiokafka.structs import TopicPartition
 
 from schemas import Verdict, Violation
 from worker.backends.base import Scored
-from worker.pipeline.decode import Decoder, Job
+from worker.pipeline.decode import Decoder
 from worker.pipeline.policy import Policy
+from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets
 from worker.pipeline.verdicts import VerdictBuilder
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=1000)
@@ -17,9 +19,14 @@ BUILDER = VerdictBuilder(policy=Policy.load(None), backend_name="mistral", inclu
 SCORES = {"sexual": 0.93, "pii": 0.7, "health": 0.01, "law": 0.0}
 
 
+def decode(rec: ConsumerRecord) -> Job | DecodeFailure:
+    """Decode ``rec`` as the worker does, tracked in a fresh slot of its partition."""
+    return DECODER.decode(rec, PartitionOffsets(TopicPartition(rec.topic, rec.partition)))
+
+
 def job(value: dict, topic: str = "in.c") -> Job:
     raw = json.dumps(value).encode()
-    decoded = DECODER.decode(ConsumerRecord(topic, 2, 41, 1_700_000_000_000, 0, b"k", raw, None, 1, len(raw), []))
+    decoded = decode(ConsumerRecord(topic, 2, 41, 1_700_000_000_000, 0, b"k", raw, None, 1, len(raw), []))
     assert isinstance(decoded, Job)
     return decoded
 

@@ -1,0 +1,144 @@
+"""Outputs stage: what each outcome is published as, in key order, finished on ack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from aiokafka.structs import TopicPartition
+
+from schemas import DeadLetterHeaders
+from tests.pipeline.conftest import make_job, make_record
+from worker.backends.base import Rejected, Scored
+from worker.config import Settings
+from worker.pipeline.outputs import Outputs
+from worker.pipeline.policy import Policy
+from worker.pipeline.scoring import Degraded
+from worker.pipeline.types import OutRecord, PartitionOffsets
+from worker.pipeline.verdicts import VerdictBuilder
+
+SETTINGS = Settings(verdict_topic="v", violation_topic="x", dead_letter_topic="d")
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[list[OutRecord], Callable[[], None]]] = []
+
+    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None:
+        self.published.append((records, on_acked))
+
+    def ack_all(self) -> None:
+        for _, on_acked in self.published:
+            on_acked()
+
+    @property
+    def topics(self) -> list[list[str]]:
+        return [[r.topic for r in records] for records, _ in self.published]
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.publisher = RecordingPublisher()
+        self.finished: list[int] = []
+        self.abandoned = 0
+        self.slot = PartitionOffsets(TopicPartition("in.c", 0))
+
+        def abandon() -> None:
+            self.abandoned += 1
+
+        self.outputs = Outputs(
+            SETTINGS,
+            sink=self.publisher,
+            verdicts=VerdictBuilder(policy=Policy.load(None), backend_name="test", include_text=False),
+            on_finished=lambda slot, offset: self.finished.append(offset),
+            on_abandoned=abandon,
+        )
+
+    def job(self, offset: int, key: bytes = b"k"):
+        job = make_job(slot=self.slot, offset=offset, key=key)
+        self.outputs.expect(job)
+        return job
+
+
+def test_a_clean_verdict_goes_to_the_verdict_topic_and_finishes_on_ack():
+    h = Harness()
+    h.outputs.conclude(h.job(0), Scored({"sexual": 0.01}, "m"))
+    assert h.publisher.topics == [["v"]]
+    assert h.finished == []
+    h.publisher.ack_all()
+    assert h.finished == [0]
+
+
+def test_a_flagged_verdict_also_publishes_a_violation_with_the_same_key():
+    h = Harness()
+    h.outputs.conclude(h.job(0, key=b"user-7"), Scored({"sexual": 0.99}, "m"))
+    [(records, _)] = h.publisher.published
+    assert [r.topic for r in records] == ["v", "x"]
+    assert {r.key for r in records} == {b"user-7"}
+    assert json.loads(records[0].value)["action"] == "block"
+
+
+def test_results_of_one_key_are_published_in_input_order_whatever_order_they_come_in():
+    h = Harness()
+    first, second, other = h.job(0), h.job(1), h.job(2, key=b"other")
+    h.outputs.conclude(second, Scored({"sexual": 0.0}, "m"))
+    h.outputs.conclude(other, Scored({"sexual": 0.0}, "m"))
+    assert [json.loads(r[0][0].value)["input"]["offset"] for r in h.publisher.published] == [2]
+    h.outputs.conclude(first, Rejected("refused"))
+    published = [records[0] for records, _ in h.publisher.published]
+    assert [r.topic for r in published] == ["v", "d", "v"]
+    assert [r.key for r in published] == [b"other", b"k", b"k"]
+
+
+def test_a_rejected_input_is_dead_lettered_with_its_error_type():
+    h = Harness()
+    h.outputs.conclude(h.job(0), Rejected("API said 400", error_type="backend_rejected"))
+    [([record], _)] = h.publisher.published
+    headers = dict(record.headers or [])
+    assert record.topic == "d"
+    assert headers[DeadLetterHeaders.ERROR_TYPE] == b"backend_rejected"
+    assert headers[DeadLetterHeaders.STAGE] == b"backend"
+
+
+def test_unusable_scores_become_a_dead_letter_not_a_stuck_offset():
+    h = Harness()
+    h.outputs.conclude(h.job(0), Scored({"sexual": float("nan")}, "m"))
+    [([record], _)] = h.publisher.published
+    assert dict(record.headers or [])[DeadLetterHeaders.ERROR_TYPE] == b"invalid_scores"
+    h.publisher.ack_all()
+    assert h.finished == [0]
+
+
+def test_a_degraded_outcome_becomes_a_degraded_verdict_with_the_fail_policys_action():
+    h = Harness()
+    h.outputs.conclude(h.job(0), Degraded("review", "API down"))
+    [([verdict, _violation], _)] = h.publisher.published
+    body = json.loads(verdict.value)
+    assert body["degraded"] is True and body["action"] == "review" and body["degraded_reason"] == "API down"
+
+
+def test_a_result_for_a_revoked_partition_is_never_published():
+    h = Harness()
+    job = h.job(0)
+    h.slot.owned = False
+    h.outputs.conclude(job, Scored({"sexual": 0.0}, "m"))
+    assert h.publisher.published == [] and h.abandoned == 1
+
+
+def test_forget_drops_held_results_of_revoked_partitions():
+    h = Harness()
+    first, second = h.job(0), h.job(1)
+    h.outputs.conclude(second, Scored({"sexual": 0.0}, "m"))  # held behind the first
+    assert h.outputs.forget([h.slot.tp]) == 1
+    h.outputs.conclude(first, Scored({"sexual": 0.0}, "m"))
+    assert len(h.publisher.published) == 1, "a dropped line must not release what it held"
+
+
+def test_a_record_that_did_not_decode_is_dead_lettered_at_once_with_its_bytes():
+    h = Harness()
+    h.slot.track(5)
+    h.outputs.dead_letter(h.slot, make_record(b"\xff", offset=5), stage="decode", error_type="not_utf8", message="x")
+    [([record], on_acked)] = h.publisher.published
+    assert record.value == b"\xff"
+    on_acked()
+    assert h.finished == [5]

@@ -1,0 +1,60 @@
+"""What the operations side (metrics, probes, lag) may read of a running worker.
+
+Small typed protocols instead of the whole worker: ``HealthServer`` and
+``metrics.bind_worker`` see a ``WorkerStatus``; the lag sampler sees ``PartitionView``.
+``worker.app.ModerationWorker`` and ``worker.pipeline.source.Source`` implement them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from aiokafka.structs import TopicPartition
+
+
+class PartitionView(Protocol):
+    """The consumer's view of its partitions, read without a request to the broker."""
+
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def paused_partitions(self) -> set[TopicPartition]: ...
+
+    async def position(self, tp: TopicPartition) -> int: ...
+
+    def highwater(self, tp: TopicPartition) -> int | None: ...
+
+
+class BackendStatus(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def ready(self) -> bool: ...
+
+
+class WorkerStatus(Protocol):
+    """A running worker as probes and scrape-time gauges see it."""
+
+    @property
+    def started(self) -> bool:
+        """Subscribed and consuming (the backend started)."""
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: no new work is taken."""
+
+    @property
+    def last_loop_at(self) -> float:
+        """``time.monotonic()`` of the last consume-loop iteration."""
+
+    @property
+    def in_flight(self) -> int:
+        """Messages read and not yet finished."""
+
+    @property
+    def partitions(self) -> PartitionView: ...
+
+    @property
+    def backend(self) -> BackendStatus: ...
+
+    @property
+    def policy_version(self) -> str: ...

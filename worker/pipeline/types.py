@@ -1,0 +1,131 @@
+"""The core types every stage shares: what travels through the pipeline.
+
+- ``PartitionOffsets``: one owned input partition during one assignment period (the
+  *slot*): which of its offsets are tracked and finished, and whether it is still owned.
+- ``Job``: one decoded input with its record and its slot, from decode to the sink.
+- ``DecodeFailure``: a record that could not become a ``Job``; it is dead-lettered.
+- ``OutRecord``: one record for an output topic.
+
+No stage owns these; stages import them from here, so data flows one way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from aiokafka import ConsumerRecord
+from aiokafka.structs import TopicPartition
+
+from schemas import ContentEvent, ConversationEvent, Kind
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+"""An input record as aiokafka delivers it (``key`` and ``value`` may also be None)."""
+
+Headers = list[tuple[str, bytes]]
+
+
+class PartitionOffsets:
+    """Per-partition state for one assignment period. Not thread-safe (event loop only).
+
+    A message is *finished* when all its outputs are acknowledged (or it is dropped for
+    good). ``committable`` is the lowest unfinished offset, or one past the highest
+    tracked offset when all are finished: messages finish out of order, the committable
+    offset only moves past a contiguous finished prefix. ``owned`` turns False when the
+    partition is revoked: later results for it must never be committed by this member.
+    """
+
+    __slots__ = ("_committed", "_done", "_next", "_order", "owned", "tp")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.owned = True
+        self._order: deque[int] = deque()  # tracked offsets in arrival (= offset) order
+        self._done: set[int] = set()  # finished offsets not yet at the head
+        self._next: int | None = None  # one past the highest offset tracked
+        self._committed: int | None = None
+
+    def track(self, offset: int) -> None:
+        """Record an offset as read. Offsets must increase (raises ``ValueError`` otherwise)."""
+        if self._next is not None and offset < self._next:
+            raise ValueError(f"{self.tp}: offset {offset} tracked after {self._next - 1}; offsets must increase")
+        self._order.append(offset)
+        self._next = offset + 1
+
+    def finish(self, offset: int) -> None:
+        """Mark a tracked offset finished (its outputs are acknowledged)."""
+        order = self._order
+        if order and order[0] == offset:
+            order.popleft()
+            done = self._done
+            while order and order[0] in done:
+                done.remove(order.popleft())
+        else:
+            self._done.add(offset)
+
+    @property
+    def pending(self) -> int:
+        """Messages tracked and not yet finished."""
+        return len(self._order) - len(self._done)
+
+    def committable(self) -> int | None:
+        """The offset to commit now, or None when nothing new is complete."""
+        position = self._order[0] if self._order else self._next
+        if position is None or position == self._committed:
+            return None
+        return position
+
+    def mark_committed(self, offset: int) -> None:
+        self._committed = offset
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One decoded input travelling through batcher, backend, policy and sink."""
+
+    record: Record
+    slot: PartitionOffsets
+    """The offset state of the partition (and assignment period) the record was read in."""
+    kind: Kind
+    event: ContentEvent | ConversationEvent
+    size: int
+    """Bytes of the record value: a cheap upper bound of the text the backend will see."""
+
+    @property
+    def tp(self) -> TopicPartition:
+        return self.slot.tp
+
+    @property
+    def text(self) -> str:
+        """The judged text: a content item's text or a conversation turn's content."""
+        event = self.event
+        return event.text if isinstance(event, ContentEvent) else event.content
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key for outputs: the input's key, else the id that key should have been."""
+        key: bytes | None = self.record.key
+        if key is not None:
+            return key
+        event = self.event
+        return (event.id if isinstance(event, ContentEvent) else event.conversation_id).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFailure:
+    """Why a record could not become an event. Goes to the dead-letter topic."""
+
+    record: Record
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """One record for an output topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None = None
