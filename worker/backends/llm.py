@@ -54,8 +54,8 @@ from worker.backends.llm_dialects import (
     Unparseable,
 )
 from worker.backends.long_inputs import estimate_conversation_tokens, split_text, trim_conversation
-from worker.backends.mistral import mistral_rate_limit_headers
-from worker.backends.openai import openai_rate_limit_headers
+from worker.backends.mistral import MISTRAL
+from worker.backends.openai import OPENAI
 from worker.config import Settings, is_mistral_url, llm_api_key
 from worker.ops import metrics
 from worker.ops.logs import LlmEvent
@@ -105,7 +105,7 @@ class LlmBackend(Backend):
             name="LLM",
             key_env="MISTRAL_API_KEY" if mistral and llm.api_key is None else "MODWORKER_LLM__API_KEY",
             base_url_env="MODWORKER_LLM__BASE_URL",
-            rate_limit_headers=mistral_rate_limit_headers if mistral else openai_rate_limit_headers,
+            rate_limit_headers=MISTRAL.rate_limit_headers if mistral else OPENAI.rate_limit_headers,
             requires_key=mistral,
         )
         self.api = RemoteApi(
