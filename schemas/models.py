@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"
+"""2: ``Verdict.backend_details`` (optional) added."""
 
 Action = Literal["allow", "flag", "review", "block"]
 """What downstream should do, in increasing severity: ``allow < flag < review < block``."""
@@ -103,6 +104,28 @@ class CategoryHit(_Output):
     action: Action
 
 
+ScoreKind = Literal["probability", "label"]
+
+
+class BackendDetails(_Output):
+    """How the backend produced the scores, when it says more than the scores themselves."""
+
+    score_kind: ScoreKind = Field(
+        default="probability",
+        description="probability: scores are probabilities; label: the model gave labels only, turned into "
+        "1.0 (unsafe), 0.5 (controversial) or 0.0, so a threshold between them changes nothing.",
+    )
+    prompt_tokens: int | None = Field(
+        default=None, description="Input tokens the model server counted for this input (its usage), all tries."
+    )
+    completion_tokens: int | None = Field(
+        default=None, description="Answer tokens the model server counted for this input (its usage), all tries."
+    )
+    cached: bool = Field(
+        default=False, description="True when the scores came from the dedup cache: the tokens were spent earlier."
+    )
+
+
 class Verdict(_Output):
     """The decision for one input (topic ``moderation.verdicts``, key = the input's key).
 
@@ -127,6 +150,9 @@ class Verdict(_Output):
     )
     model: str | None = Field(default=None, description="Model id the backend reported; None when degraded.")
     backend: str
+    backend_details: BackendDetails | None = Field(
+        default=None, description="Score kind and token usage, from backends that report them (llm)."
+    )
     policy_version: str
     degraded: bool = False
     degraded_reason: str | None = None
@@ -165,7 +191,7 @@ class DeadLetterHeaders:
     """Pipeline stage that rejected the input: ``decode`` or ``backend``."""
     ERROR_TYPE = "x-modworker-dlq-error-type"
     """Machine-readable reason: ``not_utf8``, ``not_json``, ``schema``, ``empty_text``,
-    ``too_long``, ``backend_rejected``."""
+    ``too_long``, ``backend_rejected``, ``invalid_scores``, ``llm_unparseable``."""
     MESSAGE = "x-modworker-dlq-message"
     """Human-readable reason (truncated to 1,000 characters)."""
     ORIGIN_TOPIC = "x-modworker-dlq-origin-topic"

@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = Policy.load(default_policy_file(settings))
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
-    backend = create_backend(settings)
+    backend = create_backend(settings, policy=policy)
     # Start-up objects (modules, settings, policy) live as long as the process: keep them
     # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
     gc.freeze()
@@ -172,7 +172,7 @@ async def _serve(settings: Settings, make_worker: Callable[[], ModerationWorker]
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret value in the settings, for log redaction."""
-    values = [settings.mistral.api_key, settings.openai.api_key, settings.kafka.sasl_password]
+    values = [settings.mistral.api_key, settings.openai.api_key, settings.llm.api_key, settings.kafka.sasl_password]
     return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
 

@@ -113,6 +113,40 @@ class OpenAISettings(BaseModel):
     max_input_tokens: int = Field(default=32_000, ge=64, description="Context per input; longer inputs are chunked.")
 
 
+class LlmSettings(BaseModel):
+    """A chat model as judge (``MODWORKER_BACKEND=llm``): any OpenAI-compatible chat-completions server."""
+
+    base_url: str = Field(
+        default="https://api.mistral.ai",
+        description="Server root; requests go to {base_url}/v1/chat/completions (vLLM, TGI, SGLang, llama.cpp ...).",
+    )
+    model: str = Field(default="mistral-small-latest", description="Model name the server knows.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer key; falls back to MISTRAL_API_KEY for Mistral's URL; a local server needs none.",
+    )
+    dialect: Literal["json", "llama-guard", "qwen3guard"] = Field(
+        default="json",
+        description="json: a chat model judges the policy's categories (their descriptions); "
+        "llama-guard / qwen3guard: a guard model's own labels.",
+    )
+    parse_retries: int = Field(
+        default=1, ge=0, le=10, description="Extra tries for an answer that cannot be parsed; then llm_unparseable."
+    )
+    json_mode: bool = Field(
+        default=True, description="json dialect: send response_format json_object (false for servers without it)."
+    )
+    logprobs: bool = Field(
+        default=True, description="Guard dialects: ask for logprobs to score P(unsafe); without them scores are labels."
+    )
+    max_answer_tokens: int | None = Field(
+        default=None, ge=1, description="max_tokens of each answer; unset: enough for the dialect's answer."
+    )
+    max_input_tokens: int = Field(
+        default=8_000, ge=64, description="Context per input; longer texts are chunked, long conversations trimmed."
+    )
+
+
 class LocalSettings(BaseModel):
     """Local model (``MODWORKER_BACKEND=local``, needs ``moderation-worker[local]``)."""
 
@@ -227,9 +261,12 @@ class Settings(BaseSettings):
         default="moderation.dead-letter", description="Output: inputs that could not be judged."
     )
 
-    backend: Literal["mistral", "openai", "local"] = Field(default="mistral", description="mistral, openai or local.")
+    backend: Literal["mistral", "openai", "local", "llm"] = Field(
+        default="mistral", description="mistral, openai, local or llm."
+    )
     mistral: MistralSettings = Field(default_factory=MistralSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     scoring: ScoringSettings = Field(default_factory=ScoringSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
@@ -338,6 +375,25 @@ def _secret(value: SecretStr | None) -> str:
     return value.get_secret_value() if value is not None else ""
 
 
+MISTRAL_HOST = "api.mistral.ai"
+
+
+def is_mistral_url(url: str) -> bool:
+    """True when ``url`` points at Mistral's hosted API."""
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "").lower() == MISTRAL_HOST
+
+
+def llm_api_key(settings: Settings) -> SecretStr | None:
+    """The key of the llm backend: ``llm.api_key``, else ``MISTRAL_API_KEY`` when the URL is Mistral's."""
+    if _secret(settings.llm.api_key):
+        return settings.llm.api_key
+    if is_mistral_url(settings.llm.base_url) and _secret(settings.mistral.api_key):
+        return settings.mistral.api_key
+    return None
+
+
 def check_backend_credentials(settings: Settings) -> None:
     """Raise ``ConfigError`` when the chosen backend lacks its API key.
 
@@ -353,6 +409,11 @@ def check_backend_credentials(settings: Settings) -> None:
         raise ConfigError(
             "configuration error: OPENAI_API_KEY is not set: export OPENAI_API_KEY=<your key>, "
             "or choose another backend with MODWORKER_BACKEND"
+        )
+    if settings.backend == "llm" and is_mistral_url(settings.llm.base_url) and llm_api_key(settings) is None:
+        raise ConfigError(
+            "configuration error: MISTRAL_API_KEY is not set: export MISTRAL_API_KEY=<your key> (or "
+            "MODWORKER_LLM__API_KEY), or point MODWORKER_LLM__BASE_URL at your own server"
         )
 
 

@@ -520,3 +520,80 @@ def test_example_policy_loads_and_its_overrides_do_what_its_comments_say(builtin
     assert example.decide({"pii": 0.35}, tenant="kids-app", source="chat").action == "block"
     assert example.decide({"health": 0.9}, source="health-forum").action == "allow"
     assert example.decide({"novel": 0.6}, tenant="kids-app").action == "review"
+
+
+# --- category descriptions (what the llm backend's json dialect shows the model) -------------
+
+
+def test_descriptions_are_optional_and_absent_ones_keep_the_version_of_before():
+    import hashlib
+    import json
+
+    document = {"categories": {"spam": {"threshold": 0.7, "action": "review"}}}
+    before = json.dumps(
+        {
+            "format": 1,
+            "document": {
+                "categories": {"spam": {"threshold": 0.7, "action": "review"}},
+                "aliases": {},
+                "default": {"threshold": 0.5, "action": "flag"},
+                "overrides": [],
+            },
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert Policy.from_mapping(document).version == hashlib.sha256(before.encode()).hexdigest()[:12]
+    described = {"categories": {"spam": {"threshold": 0.7, "action": "review", "description": "Ads."}}}
+    assert Policy.from_mapping(described).version != Policy.from_mapping(document).version
+    assert Policy.from_mapping(described).decide({"spam": 0.7}).action == "review"
+
+
+def test_category_descriptions_name_every_category_base_first():
+    policy = Policy.from_mapping(
+        {
+            "categories": {
+                "spam": {"threshold": 0.7, "action": "review", "description": "Ads."},
+                "sexual": {"threshold": 0.5, "action": "block"},
+            },
+            "overrides": [{"match": {"source": "kids"}, "categories": {"dating": {"action": "block"}}}],
+        }
+    )
+    assert policy.category_descriptions() == {"spam": "Ads.", "sexual": None, "dating": None}
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (
+            {"categories": {"spam": {"threshold": 0.7, "action": "flag", "description": ""}}},
+            "categories.spam.description",
+        ),
+        (
+            {"overrides": [{"match": {"tenant": "a"}, "categories": {"spam": {"action": "flag", "description": "x"}}}]},
+            "unknown key 'description'",
+        ),
+    ],
+)
+def test_bad_descriptions_are_refused(document, message):
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_mapping(document)
+
+
+def test_builtin_policy_describes_every_category_and_aliases_the_guard_models(builtin):
+    from worker.backends.llm_dialects import LLAMA_GUARD_HAZARDS
+
+    assert all(builtin.category_descriptions().values())
+    assert builtin.canonical("violent_crimes") == "violence_and_threats"
+    assert builtin.canonical("suicide_and_self_harm") == "selfharm"
+    mapped = {builtin.canonical(name) for name in LLAMA_GUARD_HAZARDS.values()}
+    assert {"violence_and_threats", "sexual", "selfharm", "pii", "hate_and_discrimination"} <= mapped
+
+
+def test_forum_example_policy_custom_categories_and_its_marketplace_override():
+    forum = Policy.load(REPO / "deploy" / "policy.forum-llm.example.yaml")
+    assert {"spam", "self_promotion", "off_topic"} <= set(forum.category_descriptions())
+    assert all(forum.category_descriptions().values())
+    assert forum.decide({"self_promotion": 0.9}).action == "flag"
+    assert forum.decide({"self_promotion": 0.9}, source="marketplace").action == "allow"
+    assert forum.decide({"spam": 0.9}, source="marketplace").action == "block"

@@ -6,6 +6,9 @@
 - ``openai``: ``worker.backends.openai.OpenAIBackend``;
 - ``local``: ``worker.backends.local.LocalBackend`` (imported only when chosen: it needs the
   ``local`` extra);
+- ``llm``: ``worker.backends.llm.LlmBackend`` (a chat model or guard model behind any
+  OpenAI-compatible chat-completions server; the json dialect asks about ``policy``'s
+  categories, so pass the policy the worker applies);
 
 and, unless ``cache.enabled`` is false, wraps it in the dedup cache
 (``worker.backends.cache.CachingBackend``, which has ``cache_stats()``).
@@ -14,9 +17,13 @@ and, unless ``cache.enabled`` is false, wraps it in the dedup cache
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.backends.base import Backend
 from worker.config import Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline.policy import Policy
 
 
 def default_policy_file(settings: Settings) -> Path | None:
@@ -33,9 +40,13 @@ def default_policy_file(settings: Settings) -> Path | None:
     return None
 
 
-def create_backend(settings: Settings) -> Backend:
-    """The backend ``settings.backend`` names, not yet started (``await backend.start()``)."""
-    backend = _bare_backend(settings)
+def create_backend(settings: Settings, *, policy: Policy | None = None) -> Backend:
+    """The backend ``settings.backend`` names, not yet started (``await backend.start()``).
+
+    ``policy`` is the policy the worker applies; only the ``llm`` backend reads it (unset:
+    it loads the configured one itself).
+    """
+    backend = _bare_backend(settings, policy)
     if not settings.cache.enabled:
         return backend
     from worker.backends.cache import CachingBackend
@@ -43,7 +54,7 @@ def create_backend(settings: Settings) -> Backend:
     return CachingBackend(backend, max_entries=settings.cache.max_entries, ttl_s=settings.cache.ttl_s)
 
 
-def _bare_backend(settings: Settings) -> Backend:
+def _bare_backend(settings: Settings, policy: Policy | None) -> Backend:
     if settings.backend == "mistral":
         from worker.backends.mistral import MistralBackend
 
@@ -56,4 +67,8 @@ def _bare_backend(settings: Settings) -> Backend:
         from worker.backends.local import LocalBackend
 
         return LocalBackend(settings)
-    raise ValueError(f"unknown backend {settings.backend!r}: set MODWORKER_BACKEND to mistral, openai or local")
+    if settings.backend == "llm":
+        from worker.backends.llm import LlmBackend
+
+        return LlmBackend(settings, policy=policy)
+    raise ValueError(f"unknown backend {settings.backend!r}: set MODWORKER_BACKEND to mistral, openai, local or llm")

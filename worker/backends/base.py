@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from schemas import Turn
+from schemas import BackendDetails, Turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,7 @@ class Scored:
 
     scores: dict[str, float]
     model: str
+    details: BackendDetails | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ import hashlib
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import structlog
@@ -61,6 +61,13 @@ class CacheStats:
 def normalize(text: str) -> str:
     """NFKC, whitespace runs collapsed, ends stripped; case kept."""
     return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def _from_cache(scored: Scored) -> Scored:
+    """A cached answer, marked as such where it carries details (its tokens were spent earlier)."""
+    if scored.details is None:
+        return scored
+    return replace(scored, details=scored.details.model_copy(update={"cached": True}))
 
 
 class CachingBackend(Backend):
@@ -118,7 +125,7 @@ class CachingBackend(Backend):
         for index, key in enumerate(keys):
             cached = self._cache.get(key)
             if cached is not None:
-                outcomes[index] = cached
+                outcomes[index] = _from_cache(cached)
             else:
                 pending.setdefault(key, []).append(index)
         if pending:

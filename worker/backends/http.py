@@ -90,6 +90,8 @@ class ApiDialect:
     """The setting for the base URL (``MODWORKER_MISTRAL__BASE_URL``), named on 404."""
     rate_limit_headers: RateLimitHeaderNames
     """Reads the API's ``x-ratelimit-*`` headers."""
+    requires_key: bool = True
+    """False for servers that need no key (a self-hosted model): without one, no ``Authorization``."""
 
 
 class _Transient(Exception):
@@ -142,12 +144,15 @@ class RemoteApi:
         if self._client is not None:
             return
         key = self._api_key.get_secret_value() if self._api_key is not None else ""
-        if not key:
+        if not key and self.dialect.requires_key:
             raise BackendAuthError(f"{self.dialect.key_env} is not set: export {self.dialect.key_env}=<your key>")
+        headers = {"Accept": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         http = self._http
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
-            headers={"Authorization": f"Bearer {key}", "Accept": "application/json"},
+            headers=headers,
             timeout=httpx.Timeout(
                 connect=http.connect_timeout_s,
                 read=http.read_timeout_s,

@@ -57,9 +57,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``modworker eval``."""
     parser = subparsers.add_parser("eval", help="measure a backend and the policy on labelled JSONL")
     parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s): text and conversation records")
-    parser.add_argument("--backend", required=True, choices=["local", "mistral", "openai"])
+    parser.add_argument("--backend", required=True, choices=["local", "mistral", "openai", "llm"])
     parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
-    parser.add_argument("--model", help="local backend: model to load (else MODWORKER_LOCAL__MODEL)")
+    parser.add_argument(
+        "--model",
+        help="local backend: model to load (else MODWORKER_LOCAL__MODEL); llm: model name (else MODWORKER_LLM__MODEL)",
+    )
     parser.add_argument("--policy", type=Path, help="policy YAML (else MODWORKER_POLICY_FILE, else built-in)")
     parser.add_argument("--target-precision", type=float, default=0.9)
     parser.add_argument("--holdout", type=Path, help="head directory: evaluate only its validation split")
@@ -83,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # (for the projection plot) are only reachable on the bare backend.
     overrides: dict[str, Any] = {"backend": args.backend, "cache": {"enabled": False}}
     if args.model:
-        overrides["local"] = {"model": args.model}
+        overrides["llm" if args.backend == "llm" else "local"] = {"model": args.model}
     settings = tool_settings(args.config, **overrides)
     check_backend_credentials(settings)
     try:
@@ -126,14 +129,15 @@ def holdout_only(data: LabelledData, head_dir: Path) -> LabelledData:
     return LabelledData(kept, skipped)
 
 
-def create_backend(settings: Settings) -> Backend:
-    """The backend the settings choose (the worker's own factory when it has one)."""
+def create_backend(settings: Settings, policy: Policy | None = None) -> Backend:
+    """The backend the settings choose (the worker's own factory when it has one); ``policy``
+    is the one being evaluated (the llm backend's json dialect asks about its categories)."""
     try:
         from worker.backends import create_backend as factory  # type: ignore[attr-defined]
     except ImportError:
         factory = None
     if factory is not None:
-        return factory(settings)
+        return factory(settings, policy=policy)
     if settings.backend == "local":
         from worker.backends.local import LocalBackend
 
@@ -188,7 +192,7 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
 
     from worker.offline.eval_metrics import category_metrics
 
-    backend = create_backend(settings)
+    backend = create_backend(settings, policy)
     try:
         await _start(backend)
         raw = await score_examples(backend, data.examples)

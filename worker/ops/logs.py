@@ -82,6 +82,12 @@ class CacheEvent:
     STATS = "backend.cache.stats"
 
 
+class LlmEvent:
+    """Log event names of the llm backend (``worker.backends.llm``)."""
+
+    UNPARSEABLE = "backend.llm.unparseable"
+
+
 class BreakerEvent:
     """Log event names of the circuit breaker."""
 

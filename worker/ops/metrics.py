@@ -163,6 +163,20 @@ BACKEND_ERRORS = Counter(
 BACKEND_RETRIES = Counter(
     f"{PREFIX}_backend_retries", "Tries repeated after a transient failure.", ["api"], registry=REGISTRY
 )
+LLM_TOKENS = Counter(
+    f"{PREFIX}_llm_tokens",
+    "Tokens a chat-completions server counted for the llm backend (its usage), by dialect and kind (prompt, "
+    "completion); every try, retries included.",
+    ["dialect", "kind"],
+    registry=REGISTRY,
+)
+LLM_UNPARSEABLE = Counter(
+    f"{PREFIX}_llm_unparseable_answers",
+    "Answers of the llm backend's model that did not follow the dialect's format (each try; the input is "
+    "dead-lettered as llm_unparseable when its retries are spent).",
+    ["dialect"],
+    registry=REGISTRY,
+)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 """Value of ``moderation_worker_backend_circuit_state`` for each breaker state."""
 
@@ -204,6 +218,8 @@ backend_request_latency = LabelCache(BACKEND_REQUEST_LATENCY)
 backend_requests = LabelCache(BACKEND_REQUESTS)
 backend_errors = LabelCache(BACKEND_ERRORS)
 backend_retries = LabelCache(BACKEND_RETRIES)
+llm_tokens = LabelCache(LLM_TOKENS)
+llm_unparseable = LabelCache(LLM_UNPARSEABLE)
 
 
 def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:

@@ -12,6 +12,10 @@ The document
     # Every category the policy knows: a hit when score >= threshold.
     categories:
       sexual:        {threshold: 0.5, action: block}
+      spam:                                        # custom: only an llm judge scores it
+        threshold: 0.7
+        action: review
+        description: Unsolicited advertising, repeated links, or messages sent in bulk.
       selfharm:      {threshold: 0.5, action: review}
       pii:           {threshold: 0.5, action: flag}
       jailbreaking:  {threshold: 0.9, action: allow}   # monitored, never a violation
@@ -35,7 +39,9 @@ The document
         categories:
           pii: {action: block}
 
-Top-level keys: ``categories`` (name -> ``{threshold, action}``, both required),
+Top-level keys: ``categories`` (name -> ``{threshold, action}``, both required, and an
+optional ``description``: what the category means, for backends that judge by it, the
+``llm`` backend's json dialect; a rule without one hashes as before descriptions existed),
 ``aliases`` (raw name -> canonical name), ``default`` (``{threshold, action}``; flag at
 0.5 when omitted) and ``overrides`` (a list). Each override has ``match`` (``tenant``
 and/or ``source``, exact strings; every key given must equal the input's), and
@@ -77,7 +83,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from schemas import ACTION_SEVERITY, Action, CategoryHit
 
@@ -131,6 +145,16 @@ class _Strict(BaseModel):
 class _Rule(_Strict):
     threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     action: Action
+    description: str | None = Field(default=None, min_length=1, max_length=2_000)
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_description(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A rule without a description hashes as it did before descriptions existed, so
+        # adding the field changed no existing policy's version.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("description") is None:
+            data.pop("description", None)
+        return data
 
 
 class _RulePatch(_Strict):
@@ -147,6 +171,7 @@ class _RulePatch(_Strict):
         return _Rule(
             threshold=rule.threshold if self.threshold is None else self.threshold,
             action=rule.action if self.action is None else self.action,
+            description=rule.description,
         )
 
 
@@ -296,6 +321,18 @@ class Policy:
             return cls(_Document.model_validate(dict(document)))
         except ValidationError as err:
             raise PolicyError("\n".join(f"{origin}: {line}" for e in err.errors() for line in _describe(e))) from None
+
+    def category_descriptions(self) -> dict[str, str | None]:
+        """Every category the document names, base first then overrides', with its description.
+
+        What a judge that is told the categories (the llm backend's json dialect) must
+        score: a category named only in an override still needs a score for its tenants.
+        """
+        named: dict[str, str | None] = {name: rule.description for name, rule in self._base.categories.items()}
+        for override in self._overrides:
+            for name in override.categories:
+                named.setdefault(name, None)
+        return named
 
     def canonical(self, category: str) -> str:
         """The canonical name of a raw category name (itself when it has no alias)."""

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from schemas import CategoryHit, ContentEvent, InputPosition, Verdict, Violation
+from schemas import BackendDetails, CategoryHit, ContentEvent, InputPosition, Verdict, Violation
 from worker.backends.base import Scored
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job
@@ -65,6 +65,7 @@ class VerdictBuilder:
             scores=dict(result.scores),
             model=result.model,
             id_model=result.model,
+            details=result.details,
         )
 
     def degraded(self, job: Job, *, action: str, reason: str) -> Verdict:
@@ -89,6 +90,7 @@ class VerdictBuilder:
         model: str | None,
         id_model: str,
         degraded_reason: str | None = None,
+        details: BackendDetails | None = None,
     ) -> Verdict:
         event = job.event
         record = job.record
@@ -110,6 +112,7 @@ class VerdictBuilder:
                 "scores": scores,
                 "model": model,
                 "backend": self._backend_name,
+                "backend_details": details,
                 "policy_version": self._policy.version,
                 "degraded": degraded_reason is not None,
                 "degraded_reason": degraded_reason,

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from worker.testing.faults import Fault, FaultPlan, fault_for
 from worker.testing.openapi import BodyValidator
@@ -117,6 +117,17 @@ class ApiAnswer(Exception):
 
 
 RouteHandler = Callable[[RecordedRequest], Any]
+
+
+class LoopbackOptions(TypedDict, total=False):
+    """``LoopbackApiServer``'s own constructor options, for subclasses to pass through as
+    ``**options: Unpack[LoopbackOptions]`` rather than repeat them."""
+
+    api_key: str | None
+    validator: BodyValidator | None
+    latency_s: float
+    fault_plan: FaultPlan
+    rate_limit: RateLimit | None
 
 
 class LoopbackApiServer:

@@ -1,0 +1,223 @@
+"""The llm backend's dialects: prompts built from the policy, answers parsed or refused (pure logic)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from schemas import Turn
+from worker.backends.llm_dialects import (
+    LLAMA_GUARD_HAZARDS,
+    JsonDialect,
+    LlamaGuardDialect,
+    Qwen3GuardDialect,
+    Reply,
+    TokenLogprob,
+    Unparseable,
+    guard_messages,
+    label_probabilities,
+    snake_case,
+)
+
+CATEGORIES = {"spam": "Unsolicited advertising.", "off_topic": None, "sexual": "Sexually explicit material."}
+
+
+def tokens(*pieces: tuple[str, float, dict[str, float]]) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(token=t, logprob=lp, top=tuple(top.items())) for t, lp, top in pieces)
+
+
+# -- json -------------------------------------------------------------------------------
+
+
+def test_json_prompt_lists_every_category_with_its_description_and_the_answer_contract() -> None:
+    dialect = JsonDialect(CATEGORIES)
+    system = dialect.system_prompt
+    assert "- spam: Unsolicited advertising." in system
+    assert "- off_topic\n" in system  # no description: the name alone
+    assert (
+        '{"scores": {"spam": <number in [0, 1]>, "off_topic": <number in [0, 1]>, "sexual": <number in [0, 1]>}}'
+        in system
+    )
+    assert dialect.request_fields() == {"response_format": {"type": "json_object"}}
+    assert JsonDialect(CATEGORIES, json_mode=False).request_fields() == {}
+
+
+def test_json_messages_carry_the_content_as_data_and_name_the_judged_turn() -> None:
+    dialect = JsonDialect(CATEGORIES)
+    (system, user) = dialect.messages([Turn(role="user", content='buy now "cheap"')])
+    assert system["role"] == "system" and user["role"] == "user"
+    task, payload = user["content"].split("\n", 1)
+    assert json.loads(payload) == {"text": 'buy now "cheap"'}
+    conversation = [Turn(role="user", content="hi"), Turn(role="assistant", content="visit my shop")]
+    (_, user) = dialect.messages(conversation)
+    task, payload = user["content"].split("\n", 1)
+    assert "LAST message" in task and "assistant" in task
+    assert json.loads(payload)["conversation"][-1] == {"role": "assistant", "content": "visit my shop"}
+
+
+def test_json_answer_parsed_including_a_fenced_one() -> None:
+    dialect = JsonDialect(CATEGORIES)
+    answer = {"scores": {"spam": 0.9, "off_topic": 0, "sexual": 0.01}}
+    judged = dialect.parse(Reply(json.dumps(answer)))
+    assert judged.scores == {"spam": 0.9, "off_topic": 0.0, "sexual": 0.01}
+    assert judged.score_kind == "probability"
+    assert dialect.parse(Reply(f"```json\n{json.dumps(answer)}\n```")).scores == judged.scores
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("I can't help with that.", "not JSON"),
+        ('{"spam": 0.9}', 'no "scores"'),
+        ('{"scores": {"spam": 0.9, "off_topic": 0.1}}', "no score for 'sexual'"),
+        ('{"scores": {"spam": 0.9, "off_topic": 0.1, "sexual": 0, "hate": 0.2}}', "unknown category 'hate'"),
+        ('{"scores": {"spam": 1.5, "off_topic": 0.1, "sexual": 0}}', "outside [0, 1]"),
+        ('{"scores": {"spam": -0.1, "off_topic": 0.1, "sexual": 0}}', "outside [0, 1]"),
+        ('{"scores": {"spam": "high", "off_topic": 0.1, "sexual": 0}}', "not a number"),
+        ('{"scores": {"spam": true, "off_topic": 0.1, "sexual": 0}}', "not a number"),
+        ('{"scores": {"spam": NaN, "off_topic": 0.1, "sexual": 0}}', "not a number"),
+    ],
+)
+def test_json_answers_that_break_the_contract_are_unparseable(content: str, problem: str) -> None:
+    with pytest.raises(Unparseable) as raised:
+        JsonDialect(CATEGORIES).parse(Reply(content))
+    assert problem in raised.value.problem
+
+
+def test_an_answer_cut_off_at_max_tokens_is_unparseable_even_if_it_happens_to_parse() -> None:
+    with pytest.raises(Unparseable, match="max_tokens"):
+        LlamaGuardDialect().parse(Reply("unsafe", finish_reason="length"))
+
+
+# -- llama guard ------------------------------------------------------------------------
+
+
+def test_llama_guard_labels_without_logprobs_are_labels() -> None:
+    judged = LlamaGuardDialect().parse(Reply("\n\nunsafe\nS1,S10"))
+    assert judged.score_kind == "label"
+    assert judged.scores["violent_crimes"] == 1.0 and judged.scores["hate"] == 1.0
+    assert set(judged.scores) == set(LLAMA_GUARD_HAZARDS.values())
+    assert sum(judged.scores.values()) == 2.0
+    safe = LlamaGuardDialect().parse(Reply("safe"))
+    assert safe.score_kind == "label" and set(safe.scores.values()) == {0.0}
+
+
+def test_llama_guard_probability_of_unsafe_from_the_label_tokens_logprobs() -> None:
+    reply = Reply(
+        "unsafe\nS12",
+        logprobs=tokens(
+            ("unsafe", math.log(0.8), {"unsafe": math.log(0.8), "safe": math.log(0.15), "Sorry": math.log(0.05)}),
+            ("\n", 0.0, {}),
+            ("S", 0.0, {}),
+            ("12", 0.0, {}),
+        ),
+    )
+    judged = LlamaGuardDialect().parse(reply)
+    assert judged.score_kind == "probability"
+    assert judged.scores["sexual_content"] == pytest.approx(0.8 / 0.95)
+    assert judged.scores["violent_crimes"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("I'm sorry, I cannot do that.", "first line"),
+        ("unsafe", "without a line of hazard codes"),
+        ("unsafe\nS15", "unknown hazard code 'S15'"),
+        ("unsafe\nviolence", "unknown hazard code"),
+        ("", "first line"),
+    ],
+)
+def test_llama_guard_malformed_answers(content: str, problem: str) -> None:
+    with pytest.raises(Unparseable) as raised:
+        LlamaGuardDialect().parse(Reply(content))
+    assert problem in raised.value.problem
+
+
+def test_guard_messages_alternate_and_start_with_the_user() -> None:
+    turns = [
+        Turn(role="assistant", content="welcome"),
+        Turn(role="user", content="a"),
+        Turn(role="user", content="b"),
+        Turn(role="assistant", content="judged"),
+    ]
+    assert guard_messages(turns) == [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "welcome"},
+        {"role": "user", "content": "a\n\nb"},
+        {"role": "assistant", "content": "judged"},
+    ]
+    assert LlamaGuardDialect().request_fields() == {"logprobs": True, "top_logprobs": 5}
+    assert LlamaGuardDialect(logprobs=False).request_fields() == {}
+
+
+# -- qwen3guard -------------------------------------------------------------------------
+
+
+def test_qwen3guard_labels_categories_and_controversial_as_half() -> None:
+    judged = Qwen3GuardDialect().parse(Reply("Safety: Unsafe\nCategories: Violent, Suicide & Self-Harm"))
+    assert judged.score_kind == "label"
+    assert judged.scores["violent"] == 1.0 and judged.scores["suicide_and_self_harm"] == 1.0
+    assert judged.scores["pii"] == 0.0
+    controversial = Qwen3GuardDialect().parse(Reply("Safety: Controversial\nCategories: Politically Sensitive Topics"))
+    assert controversial.scores["politically_sensitive_topics"] == 0.5
+    safe = Qwen3GuardDialect().parse(Reply("Safety: Safe\nCategories: None\nRefusal: No"))
+    assert set(safe.scores.values()) == {0.0}
+
+
+def test_qwen3guard_score_from_logprobs_counts_controversial_half() -> None:
+    reply = Reply(
+        "Safety: Unsafe\nCategories: PII",
+        logprobs=tokens(
+            ("Safety", 0.0, {}),
+            (":", 0.0, {}),
+            (
+                " Unsafe",
+                math.log(0.6),
+                {" Unsafe": math.log(0.6), " Controversial": math.log(0.3), " Safe": math.log(0.1)},
+            ),
+            ("\nCategories", 0.0, {}),
+            (":", 0.0, {}),
+            (" PII", 0.0, {}),
+        ),
+    )
+    judged = Qwen3GuardDialect().parse(reply)
+    assert judged.score_kind == "probability"
+    assert judged.scores["pii"] == pytest.approx(0.6 + 0.5 * 0.3)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("The text is fine.", "no 'Safety:' line"),
+        ("Safety: Dangerous\nCategories: Violent", "unknown safety label 'Dangerous'"),
+        ("Safety: Unsafe\nCategories: Spam", "unknown category 'Spam'"),
+        ("Safety: Unsafe\nCategories: None", "without a category"),
+    ],
+)
+def test_qwen3guard_malformed_answers(content: str, problem: str) -> None:
+    with pytest.raises(Unparseable) as raised:
+        Qwen3GuardDialect().parse(Reply(content))
+    assert problem in raised.value.problem
+
+
+def test_snake_case_names() -> None:
+    assert snake_case("Suicide & Self-Harm") == "suicide_and_self_harm"
+    assert snake_case("Non-violent Illegal Acts") == "non_violent_illegal_acts"
+    assert snake_case("PII") == "pii"
+
+
+def test_label_probabilities_need_logprobs_that_mention_a_label() -> None:
+    assert label_probabilities(Reply("safe"), r"(safe|unsafe)", ("safe", "unsafe")) is None
+    unrelated = Reply("safe", logprobs=tokens(("safe", 0.0, {"Hello": -0.1})))
+    # The chosen token itself always counts: "safe" with probability 1.
+    assert label_probabilities(unrelated, r"(safe|unsafe)", ("safe", "unsafe")) == {"safe": 1.0, "unsafe": 0.0}
+    split = Reply(
+        "unsafe",
+        logprobs=tokens(("un", math.log(0.7), {"un": math.log(0.7), "safe": math.log(0.3)}), ("safe", 0.0, {})),
+    )
+    assert label_probabilities(split, r"(safe|unsafe)", ("safe", "unsafe")) == pytest.approx(
+        {"unsafe": 0.7, "safe": 0.3}
+    )

@@ -1,0 +1,285 @@
+"""A chat model as moderation backend (``MODWORKER_BACKEND=llm``), over any OpenAI-compatible server.
+
+Each input is one ``POST {llm.base_url}/v1/chat/completions`` (a chat completion judges one
+conversation), sent concurrently: at most ``max_concurrency(settings)``
+(``scoring.max_concurrency``) inputs are being judged at once per worker, and
+``RemoteApi`` bounds the requests in flight by ``http.max_connections``. The request is::
+
+    {"model": llm.model, "messages": [...], "temperature": 0, "max_tokens": n, ...}
+
+with the messages and extra fields of the dialect (``llm.dialect``, see
+``worker.backends.llm_dialects``): ``json`` asks about the policy's categories in JSON mode
+(``response_format``), ``llama-guard`` and ``qwen3guard`` send the conversation to a guard
+model with ``logprobs``. The answer's ``choices[0].message.content`` (and ``logprobs``) is
+parsed by the dialect into raw scores; ``Scored.details`` carries the score kind and the
+``usage`` tokens of every try, which also go to the ``llm_tokens`` metric.
+
+Failures, per input:
+
+- an answer that does not parse is asked again, ``llm.parse_retries`` more times; then the
+  input is ``Rejected`` with ``error_type`` ``llm_unparseable`` and the answer's first
+  characters in the reason (dead-lettered: never a crash, never an allow);
+- 400/413/422 (e.g. an input over the model's context) rejects that input alone;
+- everything else is ``RemoteApi``'s: retries with Retry-After, rate limits, the breaker;
+  ``BackendUnavailable`` and ``BackendAuthError`` end the whole batch, as for every backend.
+
+Long inputs: texts over ``llm.max_input_tokens`` are split, conversations trimmed
+(``worker.backends.long_inputs``); the pieces are judged apart and an input's score per
+category is the highest of its pieces'.
+
+Key: ``llm.api_key``, else ``MISTRAL_API_KEY`` when the base URL is Mistral's; a
+self-hosted server needs none (no ``Authorization`` header is sent then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import structlog
+
+from schemas import BackendDetails, Turn
+from worker.backends.base import Backend, BackendUnavailable, Conversation, Outcome, Rejected, Scored
+from worker.backends.http import ApiDialect, ApiRejected, RemoteApi
+from worker.backends.llm_dialects import (
+    Dialect,
+    JsonDialect,
+    LlamaGuardDialect,
+    Qwen3GuardDialect,
+    Reply,
+    TokenLogprob,
+    Unparseable,
+)
+from worker.backends.long_inputs import estimate_conversation_tokens, split_text, trim_conversation
+from worker.backends.mistral import MISTRAL
+from worker.backends.openai import OPENAI
+from worker.config import Settings, is_mistral_url, llm_api_key
+from worker.ops import metrics
+from worker.ops.logs import LlmEvent
+
+if TYPE_CHECKING:
+    from worker.pipeline.policy import Policy
+
+log = structlog.get_logger(__name__)
+
+PATH = "/v1/chat/completions"
+ANSWER_EXCERPT_CHARS = 200
+"""How much of an unparseable answer its dead-letter reason quotes."""
+
+
+def max_concurrency(settings: Settings) -> int:
+    """Inputs judged at once: the one place the llm backend reads the concurrency limit."""
+    return settings.scoring.max_concurrency
+
+
+def make_dialect(settings: Settings, policy: Policy | None) -> Dialect:
+    """The dialect ``llm.dialect`` names; ``json`` asks about ``policy``'s categories."""
+    llm = settings.llm
+    if llm.dialect == "llama-guard":
+        return LlamaGuardDialect(logprobs=llm.logprobs)
+    if llm.dialect == "qwen3guard":
+        return Qwen3GuardDialect(logprobs=llm.logprobs)
+    if policy is None:
+        from worker.backends import default_policy_file
+        from worker.pipeline.policy import Policy
+
+        policy = Policy.load(default_policy_file(settings))
+    return JsonDialect(policy.category_descriptions(), json_mode=llm.json_mode)
+
+
+class LlmBackend(Backend):
+    """See the module docstring. ``policy``: the one the worker applies (json dialect; default:
+    the configured policy file). ``transport`` replaces httpx's network transport (tests)."""
+
+    name = "llm"
+
+    def __init__(
+        self, settings: Settings, *, policy: Policy | None = None, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        llm = settings.llm
+        mistral = is_mistral_url(llm.base_url)
+        dialect = ApiDialect(
+            name="LLM",
+            key_env="MISTRAL_API_KEY" if mistral and llm.api_key is None else "MODWORKER_LLM__API_KEY",
+            base_url_env="MODWORKER_LLM__BASE_URL",
+            rate_limit_headers=MISTRAL.rate_limit_headers if mistral else OPENAI.rate_limit_headers,
+            requires_key=mistral,
+        )
+        self.api = RemoteApi(
+            dialect, base_url=llm.base_url, api_key=llm_api_key(settings), http=settings.http, transport=transport
+        )
+        self.model = llm.model
+        self.dialect = make_dialect(settings, policy)
+        self.max_answer_tokens = llm.max_answer_tokens or self.dialect.max_answer_tokens
+        self.tries = 1 + llm.parse_retries
+        self.max_input_tokens = llm.max_input_tokens
+        self.overlap_tokens = settings.http.chunk_overlap_tokens
+        self._judging = asyncio.Semaphore(max_concurrency(settings))
+
+    @property
+    def cache_namespace(self) -> str:
+        """Scores are reusable within the same dialect and model (and, for json, the same prompt)."""
+        prompt = getattr(self.dialect, "system_prompt", "")
+        digest = hashlib.blake2b(prompt.encode(), digest_size=6).hexdigest()
+        return f"{self.name}:{self.dialect.name}:{self.model}:{digest}"
+
+    async def start(self) -> None:
+        await self.api.start()
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def ready(self) -> bool:
+        return self.api.breaker.state != "open"
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        pieces: list[list[Turn]] = []
+        owners: list[int] = []
+        for index, text in enumerate(texts):
+            for chunk in split_text(text, self.max_input_tokens, self.overlap_tokens):
+                pieces.append([Turn(role="user", content=chunk)])
+                owners.append(index)
+        return _merge(await self._judge_all(pieces), owners, len(texts))
+
+    async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
+        pieces: list[list[Turn]] = []
+        owners: list[int] = []
+        for index, conversation in enumerate(conversations):
+            for trimmed in trim_conversation(conversation.messages(), self.max_input_tokens, self.overlap_tokens):
+                pieces.append(trimmed)
+                owners.append(index)
+        return _merge(await self._judge_all(pieces), owners, len(conversations))
+
+    async def _judge_all(self, pieces: list[list[Turn]]) -> list[Outcome]:
+        # A TaskGroup: the first BackendUnavailable / BackendAuthError cancels the other
+        # requests of the batch and is raised as itself (the pipeline handles it per batch).
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._judge(turns)) for turns in pieces]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def _judge(self, turns: list[Turn]) -> Outcome:
+        messages = self.dialect.messages(turns)
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": self.max_answer_tokens,
+            **self.dialect.request_fields(),
+        }
+        tokens = estimate_conversation_tokens([Turn(role="user", content=m["content"]) for m in messages])
+        prompt_tokens = completion_tokens = 0
+        problem = answer_text = ""
+        async with self._judging:
+            for attempt in range(1, self.tries + 1):
+                try:
+                    answer = await self.api.post(PATH, body, tokens=tokens)
+                except ApiRejected as rejected:
+                    return Rejected(reason=f"LLM server refused the input (HTTP {rejected.status}): {rejected.message}")
+                model, reply, usage = _read(answer)
+                self._count(*usage)
+                prompt_tokens += usage[0]
+                completion_tokens += usage[1]
+                try:
+                    judgement = self.dialect.parse(reply)
+                except Unparseable as err:
+                    problem, answer_text = err.problem, reply.content
+                    metrics.llm_unparseable(self.dialect.name).inc()
+                    log.warning(
+                        LlmEvent.UNPARSEABLE,
+                        dialect=self.dialect.name,
+                        attempt=attempt,
+                        of=self.tries,
+                        problem=problem,
+                        answer=answer_text[:ANSWER_EXCERPT_CHARS],
+                    )
+                    continue
+                details = BackendDetails(
+                    score_kind=judgement.score_kind, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+                )
+                return Scored(scores=judgement.scores, model=model or self.model, details=details)
+        return Rejected(
+            reason=f"the {self.dialect.name} answer could not be parsed after {self.tries} "
+            f"tr{'y' if self.tries == 1 else 'ies'}: {problem}; "
+            f"the answer began {answer_text[:ANSWER_EXCERPT_CHARS]!r}",
+            error_type="llm_unparseable",
+        )
+
+    def _count(self, prompt: int, completion: int) -> None:
+        metrics.llm_tokens(self.dialect.name, "prompt").inc(prompt)
+        metrics.llm_tokens(self.dialect.name, "completion").inc(completion)
+
+
+def _read(answer: Any) -> tuple[str, Reply, tuple[int, int]]:
+    """``(model, reply, (prompt_tokens, completion_tokens))`` of a chat-completions answer.
+
+    ``model`` is ``""`` when the server names none. A body without ``choices[0].message``
+    is not a chat-completions server speaking:
+    ``BackendUnavailable`` naming the setting to check. A ``null`` content (a refusal, a
+    tool call) is an empty reply, which no dialect parses.
+    """
+    try:
+        choice = answer["choices"][0]
+        message = choice["message"]
+        model = str(answer.get("model") or "")
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        raise BackendUnavailable(
+            f"LLM server answered POST {PATH} in an unexpected shape ({type(err).__name__}: {err}); "
+            "check MODWORKER_LLM__BASE_URL points at an OpenAI-compatible chat-completions server"
+        ) from None
+    content = message.get("content") if isinstance(message, dict) else None
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    counts = (_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+    return model, Reply(str(content or ""), choice.get("finish_reason"), _logprobs(choice.get("logprobs"))), counts
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _logprobs(value: Any) -> tuple[TokenLogprob, ...] | None:
+    """``choices[0].logprobs.content`` as vLLM and OpenAI send it; None when absent or malformed."""
+    content = value.get("content") if isinstance(value, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    tokens = []
+    try:
+        for item in content:
+            top = tuple((str(alt["token"]), float(alt["logprob"])) for alt in item.get("top_logprobs") or ())
+            tokens.append(TokenLogprob(token=str(item["token"]), logprob=float(item["logprob"]), top=top))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return tuple(tokens)
+
+
+def _merge(outcomes: list[Outcome], owners: list[int], count: int) -> list[Outcome]:
+    """One outcome per input: the highest score per category across its pieces, their tokens
+    summed; a rejected piece rejects the input."""
+    merged: list[Outcome | None] = [None] * count
+    for outcome, owner in zip(outcomes, owners, strict=True):
+        current = merged[owner]
+        if current is None or isinstance(outcome, Rejected):
+            merged[owner] = current if isinstance(current, Rejected) else outcome
+        elif isinstance(current, Scored) and isinstance(outcome, Scored):
+            scores = dict(current.scores)
+            for category, value in outcome.scores.items():
+                scores[category] = max(value, scores.get(category, value))
+            merged[owner] = Scored(scores=scores, model=current.model, details=_add(current.details, outcome.details))
+    if any(outcome is None for outcome in merged):
+        raise AssertionError("every input yields at least one piece")
+    return [outcome for outcome in merged if outcome is not None]
+
+
+def _add(first: BackendDetails | None, second: BackendDetails | None) -> BackendDetails | None:
+    if first is None or second is None:
+        return first or second
+    return BackendDetails(
+        score_kind="label" if "label" in (first.score_kind, second.score_kind) else "probability",
+        prompt_tokens=(first.prompt_tokens or 0) + (second.prompt_tokens or 0),
+        completion_tokens=(first.completion_tokens or 0) + (second.completion_tokens or 0),
+    )
