@@ -65,6 +65,7 @@ async def test_429_retry_after_http_date_is_honoured(api_key: str, settings_for:
         async with started(MistralBackend(settings_for(srv))) as backend:
             (outcome,) = await backend.score_texts(["a"])
         limited, retried = srv.requests
+        assert limited.status == 429
         wall_minus_monotonic = time.time() - time.monotonic()
 
     assert isinstance(outcome, Scored)
