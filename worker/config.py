@@ -200,7 +200,7 @@ _DEPRECATED_ALIASES = (("fail_policy", "FAIL_POLICY"), ("max_concurrency", "MAX_
 
 
 class CacheSettings(BaseModel):
-    """Dedup cache in front of the backend: the same normalized text, model and endpoint reuse scores."""
+    """Dedup cache in front of the backend: the same exact text, model and endpoint reuse scores."""
 
     enabled: bool = True
     max_entries: int = Field(default=100_000, ge=1, description="LRU bound on cached inputs.")
