@@ -110,6 +110,7 @@ class ModerationWorker:
             max_concurrency=settings.scoring.max_concurrency,
             on_fatal=self._fail,
             failed=lambda: self._fatal is not None,
+            poison_attempts=settings.scoring.poison_attempts,
         )
         rebalance_timeout_ms = int(max(settings.kafka.session_timeout_ms, (settings.revoke_timeout_s + 5) * 1000))
         self.source = Source(

@@ -175,8 +175,11 @@ class HttpSettings(BaseModel):
     breaker_failure_threshold: int = Field(
         default=5, ge=1, description="Consecutive failed tries that open the circuit."
     )
+    breaker_first_open_s: float = Field(
+        default=1.0, gt=0, description="Open circuit: seconds before the first probe; each failed probe doubles it."
+    )
     breaker_reset_s: float = Field(
-        default=30.0, gt=0, description="Open circuit: seconds before one probe is let through."
+        default=30.0, gt=0, description="Open circuit: the longest wait between probes (the doubling stops here)."
     )
     chunk_overlap_tokens: int = Field(default=200, ge=0, description="Overlap between chunks of an over-long text.")
     fail_policy: FailPolicy | None = Field(
@@ -192,6 +195,12 @@ class ScoringSettings(BaseModel):
         default="wait",
         description="When the backend gives up: keep waiting (nothing passes unmoderated), "
         "or publish a degraded verdict with action review/allow.",
+    )
+    poison_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Under wait: an input that fails alone this many times while the backend answers other "
+        "batches is dead-lettered as backend_failed (a failing batch is split in halves to find it).",
     )
 
 

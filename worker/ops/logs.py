@@ -46,6 +46,8 @@ class Event:
     BACKEND_UNAVAILABLE = "backend.unavailable"
     BACKEND_DEGRADED = "backend.degraded_verdicts"
     BACKEND_WAITING = "backend.waiting"
+    BACKEND_BATCH_SPLIT = "backend.batch_split"
+    BACKEND_POISON_INPUT = "backend.poison_input"
     TASK_FAILED = "worker.task_failed"
     WORKER_EXIT = "worker.exit"
 

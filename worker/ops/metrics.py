@@ -163,6 +163,17 @@ BACKEND_ERRORS = Counter(
 BACKEND_RETRIES = Counter(
     f"{PREFIX}_backend_retries", "Tries repeated after a transient failure.", ["api"], registry=REGISTRY
 )
+POISON_SPLITS = Counter(
+    f"{PREFIX}_backend_batch_splits",
+    "Batches split in halves because they failed while the backend answered other batches (poison search).",
+    registry=REGISTRY,
+)
+POISON_INPUTS = Counter(
+    f"{PREFIX}_backend_poison_inputs",
+    "Inputs dead-lettered as backend_failed: they failed alone MODWORKER_SCORING__POISON_ATTEMPTS times "
+    "while the backend answered others.",
+    registry=REGISTRY,
+)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 """Value of ``moderation_worker_backend_circuit_state`` for each breaker state."""
 
