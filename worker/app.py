@@ -17,8 +17,10 @@ keeps each:
   crash replays from the last commit.
 - Per-key order (``ordering``). Verdicts for one key (one input partition) are published
   in input order, even though backend calls run concurrently.
-- Bounded memory (``backpressure``). At most ``max_in_flight`` messages are read and
-  unfinished; at the cap all partitions are paused, and resumed once half the cap drained.
+- Bounded memory (``backpressure``, ``span_guard``). At most ``max_in_flight`` messages are
+  read and unfinished; at the cap all partitions are paused, and resumed once half the cap
+  drained. A partition whose uncommitted span (offsets from its lowest unfinished one on)
+  passes ``max_uncommitted_span`` is paused on its own until it halves.
 - Rebalance (here). Revoked partitions are not read any more; their queued work is
   dispatched and may finish within ``revoke_timeout_s``; what finished is committed; the
   rest is abandoned (its results are never published or committed by this member) and
@@ -54,6 +56,7 @@ from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Scorer
 from worker.pipeline.sink import Sink
 from worker.pipeline.source import Source, make_producer
+from worker.pipeline.span_guard import SpanGuard
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
 from worker.pipeline.verdicts import VerdictBuilder
 
@@ -94,6 +97,7 @@ class ModerationWorker:
         )
         self._in_flight = InFlight(settings.max_in_flight)
         self._tracker = OffsetTracker()
+        self._span_guard = SpanGuard(settings.max_uncommitted_span)
         self._sink = Sink(
             make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES), on_error=self._on_sink_error
         )
@@ -144,6 +148,11 @@ class ModerationWorker:
         return self.source
 
     @property
+    def stuck_partitions(self) -> dict[TopicPartition, int]:
+        """Partitions held by the span guard, with the offset each is stuck at."""
+        return self._span_guard.stuck
+
+    @property
     def policy_version(self) -> str:
         return self.policy.version
 
@@ -187,6 +196,7 @@ class ModerationWorker:
             for record in records:
                 self._accept(record)
             in_flight.apply(self.source)
+            self._span_guard.apply(self._tracker.slots(), self.source)
             await self._committer.maybe_commit()
 
     def _accept(self, record: Record) -> None:

@@ -250,6 +250,12 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause."
     )
+    max_uncommitted_span: int = Field(
+        default=50_000,
+        ge=2,
+        description="A partition whose offsets from the lowest unfinished one on pass this is paused alone "
+        "(and /livez fails naming it) until the span halves.",
+    )
     commit_interval_ms: int = Field(default=1_000, ge=0, description="Commit finished offsets at least this often.")
     commit_every: int = Field(default=1_000, ge=1, description="Commit after this many finished messages, if sooner.")
     drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")

@@ -128,6 +128,4 @@ class CircuitBreaker:
         self._opened_at = self._clock()
         self._probe_in_flight = False
         self.times_opened += 1
-        log.warning(
-            BreakerEvent.OPENED, api=self.name, consecutive_failures=self._failures, reset_in_s=self._open_for
-        )
+        log.warning(BreakerEvent.OPENED, api=self.name, consecutive_failures=self._failures, reset_in_s=self._open_for)

@@ -135,6 +135,13 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
+PARTITION_STUCK_OFFSET = Gauge(
+    f"{PREFIX}_partition_stuck_offset",
+    "Partitions held (not read) because their uncommitted span passed MODWORKER_MAX_UNCOMMITTED_SPAN: "
+    "the offset each is stuck at. Absent when none is.",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
 WORKER_INFO = Info(
     f"{PREFIX}_build", "The running worker: version, backend, policy version, consumer group.", registry=REGISTRY
 )
