@@ -263,6 +263,12 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="On rebalance, how long revoked partitions' in-flight work may finish."
     )
     include_text: bool = Field(default=False, description="Copy the judged text into verdicts.")
+    max_output_bytes: int = Field(
+        default=1_048_588,
+        ge=4_096,
+        description="Largest output record (Kafka's max.message.bytes of the output topics): bigger dead letters are "
+        "truncated, bigger verdicts lose metadata and text (trimmed: true).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug logs a line per verdict."
     )

@@ -135,6 +135,12 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
+OUTPUTS_TRIMMED = Counter(
+    f"{PREFIX}_outputs_trimmed",
+    "Outputs made to fit MODWORKER_MAX_OUTPUT_BYTES: verdicts without metadata/text, dead letters truncated.",
+    ["output"],
+    registry=REGISTRY,
+)
 PARTITION_STUCK_OFFSET = Gauge(
     f"{PREFIX}_partition_stuck_offset",
     "Partitions held (not read) because their uncommitted span passed MODWORKER_MAX_UNCOMMITTED_SPAN: "
@@ -222,6 +228,7 @@ backend_request_latency = LabelCache(BACKEND_REQUEST_LATENCY)
 backend_requests = LabelCache(BACKEND_REQUESTS)
 backend_errors = LabelCache(BACKEND_ERRORS)
 backend_retries = LabelCache(BACKEND_RETRIES)
+outputs_trimmed = LabelCache(OUTPUTS_TRIMMED)
 
 
 def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:

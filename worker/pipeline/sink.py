@@ -24,11 +24,29 @@ from aiokafka.partitioner import DefaultPartitioner
 from schemas import DeadLetterHeaders
 from worker.pipeline.types import Headers, OutRecord, Record
 
-__all__ = ["OutRecord", "Sink", "dead_letter_record"]
+__all__ = ["OutRecord", "Sink", "dead_letter_record", "record_size"]
+
+_BATCH_OVERHEAD_BYTES = 61 + 21
+"""A v2 record batch's header plus one record's own framing, at most (varints at full width)."""
+_HEADER_OVERHEAD_BYTES = 10
 
 
-def dead_letter_record(record: Record, *, topic: str, stage: str, error_type: str, message: str) -> OutRecord:
-    """The original key, value and headers, plus the reason headers (see ``DeadLetterHeaders``)."""
+def record_size(record: OutRecord) -> int:
+    """Bytes ``record`` takes alone in a record batch: what the broker's ``max.message.bytes``
+    limits. An upper bound, a few bytes generous."""
+    headers = sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in record.headers or ())
+    return _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value) + headers
+
+
+def dead_letter_record(
+    record: Record, *, topic: str, stage: str, error_type: str, message: str, max_bytes: int | None = None
+) -> OutRecord:
+    """The original key, value and headers, plus the reason headers (see ``DeadLetterHeaders``).
+
+    With ``max_bytes``, a record that would be bigger (``record_size``) is made to fit: the
+    value is cut to a prefix, and the original headers dropped if that is not enough; the
+    ``TRUNCATED`` and ``ORIGINAL_SIZE`` headers say so. Never raises for a size.
+    """
     reason: Headers = [
         (DeadLetterHeaders.STAGE, stage.encode()),
         (DeadLetterHeaders.ERROR_TYPE, error_type.encode()),
@@ -38,7 +56,19 @@ def dead_letter_record(record: Record, *, topic: str, stage: str, error_type: st
         (DeadLetterHeaders.ORIGIN_OFFSET, str(record.offset).encode()),
     ]
     original = [(k, v) for k, v in (record.headers or ()) if k not in DeadLetterHeaders.ALL]
-    return OutRecord(topic, record.key, record.value if record.value is not None else b"", original + reason)
+    value = record.value if record.value is not None else b""
+    out = OutRecord(topic, record.key, value, original + reason)
+    if max_bytes is None or record_size(out) <= max_bytes:
+        return out
+    cut = "value"
+    reason += [(DeadLetterHeaders.TRUNCATED, b"value"), (DeadLetterHeaders.ORIGINAL_SIZE, str(len(value)).encode())]
+    room = max_bytes - record_size(OutRecord(topic, record.key, b"", original + reason))
+    if room < 0:  # the original headers alone are too big: drop them as well
+        cut = "value,headers"
+        reason[-2] = (DeadLetterHeaders.TRUNCATED, cut.encode())
+        original = []
+        room = max(0, max_bytes - record_size(OutRecord(topic, record.key, b"", reason)))
+    return OutRecord(topic, record.key, value[:room], original + reason)
 
 
 class Sink:
