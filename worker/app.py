@@ -24,7 +24,9 @@ keeps each:
 - Rebalance (here). Revoked partitions are not read any more; their queued work is
   dispatched and may finish within ``revoke_timeout_s``; what finished is committed; the
   rest is abandoned (its results are never published or committed by this member) and
-  the new owner processes it again.
+  the new owner processes it again. Outputs of theirs still queued in the sink are
+  dropped unsent, and those already sent are waited for (``Sink.settle``), so nothing is
+  published for them once the listener returned.
 - Shutdown (here; ``stop()``, wired to SIGTERM/SIGINT): stop reading, dispatch what is
   queued, wait up to ``drain_timeout_s`` for in-flight work, commit, leave the group.
 - Backend outage (``scoring``). The fail policy decides once the backend gives up: ``wait``
@@ -70,6 +72,11 @@ verdicts) publishing fell behind the pipeline, and verdicts waited in the sink f
 ~0.6 s (docs/benchmarks.md). 512 KB stays under Kafka's default 1 MB max.message.bytes."""
 
 
+_SETTLE_MIN_S = 1.0
+"""On revoke, at least this long for outputs already sent to be acknowledged, even when
+the revoke timeout is spent (the rebalance timeout allows 5 s beyond it)."""
+
+
 class WorkerFatal(Exception):
     """The worker cannot go on (bad credentials, outputs undeliverable). Exit non-zero."""
 
@@ -99,7 +106,9 @@ class ModerationWorker:
         self._tracker = OffsetTracker()
         self._span_guard = SpanGuard(settings.max_uncommitted_span)
         self._sink = Sink(
-            make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES), on_error=self._on_sink_error
+            make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES),
+            on_error=self._on_sink_error,
+            on_dropped=self._abandon,
         )
         self._outputs = Outputs(
             settings,
@@ -259,6 +268,9 @@ class ModerationWorker:
         for _ in range(self._outputs.forget(revoked)):
             self._abandon()
         self._tracker.revoke(revoked)
+        # Their queued outputs are now dropped unsent; wait for those already sent, so
+        # that nothing is published for them after this listener returns.
+        await self._sink.settle(max(_SETTLE_MIN_S, deadline - time.monotonic()))
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:

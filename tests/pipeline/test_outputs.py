@@ -24,9 +24,13 @@ SETTINGS = Settings(verdict_topic="v", violation_topic="x", dead_letter_topic="d
 class RecordingPublisher:
     def __init__(self) -> None:
         self.published: list[tuple[list[OutRecord], Callable[[], None]]] = []
+        self.origins: list[PartitionOffsets | None] = []
 
-    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None:
+    def publish(
+        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+    ) -> None:
         self.published.append((records, on_acked))
+        self.origins.append(origin)
 
     def ack_all(self) -> None:
         for _, on_acked in self.published:

@@ -51,7 +51,9 @@ FinishFunction = Callable[[PartitionOffsets, int], None]
 class Publisher(Protocol):
     """What outputs need of the sink: publish records in call order, call back on ack."""
 
-    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None: ...
+    def publish(
+        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+    ) -> None: ...
 
 
 class Outputs:
@@ -135,7 +137,7 @@ class Outputs:
         if out.headers and any(k == DeadLetterHeaders.TRUNCATED for k, _ in out.headers):
             metrics.outputs_trimmed("dead_letter").inc()
         offset = record.offset
-        self._sink.publish([out], lambda: self._on_finished(slot, offset))
+        self._sink.publish([out], lambda: self._on_finished(slot, offset), slot)
 
     # -- verdicts -------------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class Outputs:
                 action=verdict.action,
             )
         on_acked = self._verdict_acked(job, verdict)
-        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked))
+        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked, job.slot))
 
     def _verdict_acked(self, job: Job, verdict: Verdict) -> Callable[[], None]:
         """The sink's callback for a verdict: finish the message, count it, time it end to end."""
