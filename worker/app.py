@@ -180,8 +180,8 @@ class ModerationWorker:
             group_id=self.settings.group_id,
             topics=[self.settings.content_topic, self.settings.conversation_topic],
         )
-        await self.backend.start()
         try:
+            await self.backend.start()
             await self._sink.start()
             await self.source.start()
             self.started = True
@@ -226,7 +226,18 @@ class ModerationWorker:
         metrics.batch_size(kind).observe(len(jobs))
         task = asyncio.create_task(self._process(kind, jobs))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._processed)
+
+    def _processed(self, task: asyncio.Task[None]) -> None:
+        """A batch task ended. One that raised (a bug: ``_process`` never raises by
+        contract) fails the worker, so its messages are not stranded uncommitted behind a
+        running loop: they are processed again after the restart."""
+        self._tasks.discard(task)
+        if task.cancelled() or (err := task.exception()) is None:
+            return
+        metrics.TASK_FAILURES.inc()
+        log.error(Event.TASK_FAILED, error=f"{type(err).__name__}: {err}", exc_info=err)
+        self._fail(WorkerFatal(f"processing a batch failed ({type(err).__name__}: {err}); its messages stay uncommitted"))
 
     async def _process(self, kind: Kind, jobs: list[Job]) -> None:
         results = await self._scorer.score(kind, jobs)

@@ -135,6 +135,11 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
+TASK_FAILURES = Counter(
+    f"{PREFIX}_task_failures",
+    "Batch tasks that raised (a bug); each one stops the worker with its messages uncommitted.",
+    registry=REGISTRY,
+)
 OUTPUTS_TRIMMED = Counter(
     f"{PREFIX}_outputs_trimmed",
     "Outputs made to fit MODWORKER_MAX_OUTPUT_BYTES: verdicts without metadata/text, dead letters truncated.",
