@@ -69,12 +69,10 @@ def dead_letter_record(
     out = OutRecord(topic, record.key, value, original + reason)
     if max_bytes is None or record_size(out) <= max_bytes:
         return out
-    cut = "value"
     reason += [(DeadLetterHeaders.TRUNCATED, b"value"), (DeadLetterHeaders.ORIGINAL_SIZE, str(len(value)).encode())]
     room = max_bytes - record_size(OutRecord(topic, record.key, b"", original + reason))
     if room < 0:  # the original headers alone are too big: drop them as well
-        cut = "value,headers"
-        reason[-2] = (DeadLetterHeaders.TRUNCATED, cut.encode())
+        reason[-2] = (DeadLetterHeaders.TRUNCATED, b"value,headers")
         original = []
         room = max(0, max_bytes - record_size(OutRecord(topic, record.key, b"", reason)))
     return OutRecord(topic, record.key, value[:room], original + reason)
