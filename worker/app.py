@@ -237,7 +237,9 @@ class ModerationWorker:
             return
         metrics.TASK_FAILURES.inc()
         log.error(Event.TASK_FAILED, error=f"{type(err).__name__}: {err}", exc_info=err)
-        self._fail(WorkerFatal(f"processing a batch failed ({type(err).__name__}: {err}); its messages stay uncommitted"))
+        self._fail(
+            WorkerFatal(f"processing a batch failed ({type(err).__name__}: {err}); its messages stay uncommitted")
+        )
 
     async def _process(self, kind: Kind, jobs: list[Job]) -> None:
         results = await self._scorer.score(kind, jobs)
