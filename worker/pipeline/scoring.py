@@ -96,6 +96,7 @@ class Scorer:
         failed_alone = 0
         # Set once any batch succeeds after this one's last failure (a split half inherits
         # its parent's evidence: it starts set).
+        top_level = since is None
         since = since if since is not None else self._answered
         while True:
             try:
@@ -107,9 +108,12 @@ class Scorer:
                 reason = str(err)
                 not_before = err.retry_in_s or 0.0
             except Exception as err:
-                log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
                 reason = f"unexpected backend error: {type(err).__name__}: {err}"
                 not_before = 0.0
+                if waits == 0 and failed_alone == 0 and top_level:  # the traceback once per batch, not per try
+                    log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
+                else:
+                    log.warning(Event.BACKEND_UNAVAILABLE, reason=reason, batch=len(jobs))
             else:
                 if len(outcomes) != len(jobs):
                     self._on_fatal(
