@@ -161,6 +161,11 @@ class Verdict(_Output):
     latency_ms: float | None = Field(default=None, description="From the event's Kafka timestamp to the decision.")
     text: str | None = Field(default=None, description="The judged text, only when MODWORKER_INCLUDE_TEXT is true.")
     metadata: dict[str, Any] | None = None
+    trimmed: bool = Field(
+        default=False,
+        description="True when metadata and text were left out (null) to keep the record under the output size "
+        "limit (MODWORKER_MAX_OUTPUT_BYTES).",
+    )
 
 
 class Violation(_Output):
@@ -188,17 +193,25 @@ class DeadLetterHeaders:
     """
 
     STAGE = "x-modworker-dlq-stage"
-    """Pipeline stage that rejected the input: ``decode`` or ``backend``."""
+    """Pipeline stage that rejected the input: ``decode``, ``backend`` or ``output``."""
     ERROR_TYPE = "x-modworker-dlq-error-type"
     """Machine-readable reason: ``not_utf8``, ``not_json``, ``schema``, ``empty_text``,
-    ``too_long``, ``backend_rejected``, ``invalid_scores``, ``llm_unparseable``."""
+    ``too_long``, ``backend_rejected``, ``invalid_scores``, ``llm_unparseable``, ``backend_failed`` (the input
+    failed alone repeatedly while the backend answered others), ``output_too_large``
+    (its verdict could not be made to fit the output size limit)."""
     MESSAGE = "x-modworker-dlq-message"
     """Human-readable reason (truncated to 1,000 characters)."""
     ORIGIN_TOPIC = "x-modworker-dlq-origin-topic"
     ORIGIN_PARTITION = "x-modworker-dlq-origin-partition"
     ORIGIN_OFFSET = "x-modworker-dlq-origin-offset"
+    TRUNCATED = "x-modworker-dlq-truncated"
+    """Present only when the record would have exceeded the output size limit: what was
+    cut, ``value`` (the value is a prefix of the original) or ``value,headers`` (the
+    original headers were dropped too). Such a record cannot be replayed as is."""
+    ORIGINAL_SIZE = "x-modworker-dlq-original-size"
+    """With ``TRUNCATED``: the original value's size in bytes."""
 
-    ALL = (STAGE, ERROR_TYPE, MESSAGE, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET)
+    ALL = (STAGE, ERROR_TYPE, MESSAGE, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET, TRUNCATED, ORIGINAL_SIZE)
 
 
 EXPORTED_MODELS: dict[str, type[BaseModel]] = {

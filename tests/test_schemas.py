@@ -186,5 +186,5 @@ def test_action_severity_orders_exactly_the_action_values():
 
 
 def test_dead_letter_header_names_are_distinct_and_prefixed():
-    assert len(set(DeadLetterHeaders.ALL)) == len(DeadLetterHeaders.ALL) == 6
+    assert len(set(DeadLetterHeaders.ALL)) == len(DeadLetterHeaders.ALL) == 8
     assert all(name.startswith("x-modworker-dlq-") for name in DeadLetterHeaders.ALL)

@@ -17,12 +17,16 @@ keeps each:
   crash replays from the last commit.
 - Per-key order (``ordering``). Verdicts for one key (one input partition) are published
   in input order, even though backend calls run concurrently.
-- Bounded memory (``backpressure``). At most ``max_in_flight`` messages are read and
-  unfinished; at the cap all partitions are paused, and resumed once half the cap drained.
+- Bounded memory (``backpressure``, ``span_guard``). At most ``max_in_flight`` messages are
+  read and unfinished; at the cap all partitions are paused, and resumed once half the cap
+  drained. A partition whose uncommitted span (offsets from its lowest unfinished one on)
+  passes ``max_uncommitted_span`` is paused on its own until it halves.
 - Rebalance (here). Revoked partitions are not read any more; their queued work is
   dispatched and may finish within ``revoke_timeout_s``; what finished is committed; the
   rest is abandoned (its results are never published or committed by this member) and
-  the new owner processes it again.
+  the new owner processes it again. Outputs of theirs still queued in the sink are
+  dropped unsent, and those already sent are waited for (``Sink.settle``), so nothing is
+  published for them once the listener returned.
 - Shutdown (here; ``stop()``, wired to SIGTERM/SIGINT): stop reading, dispatch what is
   queued, wait up to ``drain_timeout_s`` for in-flight work, commit, leave the group.
 - Backend outage (``scoring``). The fail policy decides once the backend gives up: ``wait``
@@ -54,6 +58,7 @@ from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Scorer
 from worker.pipeline.sink import Sink
 from worker.pipeline.source import Source, make_producer
+from worker.pipeline.span_guard import SpanGuard
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
 from worker.pipeline.verdicts import VerdictBuilder
 
@@ -65,6 +70,11 @@ _PRODUCER_BATCH_BYTES = 512 * 1024
 per broker, holding at most one batch per partition: at its default of 16 KB (~23
 verdicts) publishing fell behind the pipeline, and verdicts waited in the sink for up to
 ~0.6 s (docs/benchmarks.md). 512 KB stays under Kafka's default 1 MB max.message.bytes."""
+
+
+_SETTLE_MIN_S = 1.0
+"""On revoke, at least this long for outputs already sent to be acknowledged, even when
+the revoke timeout is spent (the rebalance timeout allows 5 s beyond it)."""
 
 
 class WorkerFatal(Exception):
@@ -94,8 +104,11 @@ class ModerationWorker:
         )
         self._in_flight = InFlight(settings.max_in_flight)
         self._tracker = OffsetTracker()
+        self._span_guard = SpanGuard(settings.max_uncommitted_span)
         self._sink = Sink(
-            make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES), on_error=self._on_sink_error
+            make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES),
+            on_error=self._on_sink_error,
+            on_dropped=self._abandon,
         )
         self._outputs = Outputs(
             settings,
@@ -110,6 +123,7 @@ class ModerationWorker:
             max_concurrency=settings.scoring.max_concurrency,
             on_fatal=self._fail,
             failed=lambda: self._fatal is not None,
+            poison_attempts=settings.scoring.poison_attempts,
         )
         rebalance_timeout_ms = int(max(settings.kafka.session_timeout_ms, (settings.revoke_timeout_s + 5) * 1000))
         self.source = Source(
@@ -143,6 +157,11 @@ class ModerationWorker:
         return self.source
 
     @property
+    def stuck_partitions(self) -> dict[TopicPartition, int]:
+        """Partitions held by the span guard, with the offset each is stuck at."""
+        return self._span_guard.stuck
+
+    @property
     def policy_version(self) -> str:
         return self.policy.version
 
@@ -161,8 +180,8 @@ class ModerationWorker:
             group_id=self.settings.group_id,
             topics=[self.settings.content_topic, self.settings.conversation_topic],
         )
-        await self.backend.start()
         try:
+            await self.backend.start()
             await self._sink.start()
             await self.source.start()
             self.started = True
@@ -186,6 +205,7 @@ class ModerationWorker:
             for record in records:
                 self._accept(record)
             in_flight.apply(self.source)
+            self._span_guard.apply(self._tracker.slots(), self.source)
             await self._committer.maybe_commit()
 
     def _accept(self, record: Record) -> None:
@@ -206,7 +226,20 @@ class ModerationWorker:
         metrics.batch_size(kind).observe(len(jobs))
         task = asyncio.create_task(self._process(kind, jobs))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._processed)
+
+    def _processed(self, task: asyncio.Task[None]) -> None:
+        """A batch task ended. One that raised (a bug: ``_process`` never raises by
+        contract) fails the worker, so its messages are not stranded uncommitted behind a
+        running loop: they are processed again after the restart."""
+        self._tasks.discard(task)
+        if task.cancelled() or (err := task.exception()) is None:
+            return
+        metrics.TASK_FAILURES.inc()
+        log.error(Event.TASK_FAILED, error=f"{type(err).__name__}: {err}", exc_info=err)
+        self._fail(
+            WorkerFatal(f"processing a batch failed ({type(err).__name__}: {err}); its messages stay uncommitted")
+        )
 
     async def _process(self, kind: Kind, jobs: list[Job]) -> None:
         results = await self._scorer.score(kind, jobs)
@@ -248,6 +281,9 @@ class ModerationWorker:
         for _ in range(self._outputs.forget(revoked)):
             self._abandon()
         self._tracker.revoke(revoked)
+        # Their queued outputs are now dropped unsent; wait for those already sent, so
+        # that nothing is published for them after this listener returns.
+        await self._sink.settle(max(_SETTLE_MIN_S, deadline - time.monotonic()))
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:

@@ -132,6 +132,7 @@ def _offline_commands(argv: Sequence[str] | None, *, builtin: set[str]) -> list[
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
     from worker.backends import create_backend, default_policy_file
+    from worker.backends.base import BackendStartError
     from worker.ops.logs import Event, configure_logging
     from worker.pipeline.policy import Policy, PolicyError
 
@@ -151,6 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(_serve(settings, lambda: ModerationWorker(settings, backend=backend, policy=policy)))
     except WorkerFatal as err:
         raise CommandError(str(err)) from None
+    except BackendStartError as err:
+        raise CommandError(f"cannot start the {settings.backend} backend: {err}") from None
     except _KAFKA_START_ERRORS as err:
         raise CommandError(
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}); "

@@ -209,8 +209,11 @@ class HttpSettings(BaseModel):
     breaker_failure_threshold: int = Field(
         default=5, ge=1, description="Consecutive failed tries that open the circuit."
     )
+    breaker_first_open_s: float = Field(
+        default=1.0, gt=0, description="Open circuit: seconds before the first probe; each failed probe doubles it."
+    )
     breaker_reset_s: float = Field(
-        default=30.0, gt=0, description="Open circuit: seconds before one probe is let through."
+        default=30.0, gt=0, description="Open circuit: the longest wait between probes (the doubling stops here)."
     )
     chunk_overlap_tokens: int = Field(default=200, ge=0, description="Overlap between chunks of an over-long text.")
     fail_policy: FailPolicy | None = Field(
@@ -227,6 +230,12 @@ class ScoringSettings(BaseModel):
         description="When the backend gives up: keep waiting (nothing passes unmoderated), "
         "or publish a degraded verdict with action review/allow.",
     )
+    poison_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Under wait: an input that fails alone this many times while the backend answers other "
+        "batches is dead-lettered as backend_failed (a failing batch is split in halves to find it).",
+    )
 
 
 _DEPRECATED_ALIASES = (("fail_policy", "FAIL_POLICY"), ("max_concurrency", "MAX_CONCURRENCY"))
@@ -234,7 +243,7 @@ _DEPRECATED_ALIASES = (("fail_policy", "FAIL_POLICY"), ("max_concurrency", "MAX_
 
 
 class CacheSettings(BaseModel):
-    """Dedup cache in front of the backend: the same normalized text, model and endpoint reuse scores."""
+    """Dedup cache in front of the backend: the same exact text, model and endpoint reuse scores."""
 
     enabled: bool = True
     max_entries: int = Field(default=100_000, ge=1, description="LRU bound on cached inputs.")
@@ -278,6 +287,12 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(
         default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause."
     )
+    max_uncommitted_span: int = Field(
+        default=50_000,
+        ge=2,
+        description="A partition whose offsets from the lowest unfinished one on pass this is paused alone "
+        "(and /livez fails naming it) until the span halves.",
+    )
     commit_interval_ms: int = Field(default=1_000, ge=0, description="Commit finished offsets at least this often.")
     commit_every: int = Field(default=1_000, ge=1, description="Commit after this many finished messages, if sooner.")
     drain_timeout_s: float = Field(default=25.0, ge=0, description="On SIGTERM, how long in-flight work may finish.")
@@ -285,6 +300,12 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="On rebalance, how long revoked partitions' in-flight work may finish."
     )
     include_text: bool = Field(default=False, description="Copy the judged text into verdicts.")
+    max_output_bytes: int = Field(
+        default=1_048_588,
+        ge=4_096,
+        description="Largest output record (Kafka's max.message.bytes of the output topics): bigger dead letters are "
+        "truncated, bigger verdicts lose metadata and text (trimmed: true).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug logs a line per verdict."
     )

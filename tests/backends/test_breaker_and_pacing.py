@@ -89,3 +89,46 @@ async def test_pacer_hold_delays_the_next_request() -> None:
     started = time.monotonic()
     await pacer.wait()
     assert time.monotonic() - started >= 0.2
+
+
+def test_breaker_open_time_starts_short_and_doubles_with_each_failed_probe_up_to_the_reset_time() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=5, first_open_s=1, clock=clock)
+    breaker.record_failure()
+    waits = []
+    for _ in range(5):
+        with pytest.raises(CircuitOpenError) as refused:
+            breaker.before_call()
+        waits.append(refused.value.retry_in_s)
+        clock.now += refused.value.retry_in_s
+        breaker.before_call()  # the probe
+        breaker.record_failure()
+    assert waits == [1, 2, 4, 5, 5]
+
+    clock.now += 5
+    breaker.before_call()
+    breaker.record_success()
+    breaker.record_failure()  # a new blip after recovery starts short again
+    with pytest.raises(CircuitOpenError) as refused:
+        breaker.before_call()
+    assert refused.value.retry_in_s == 1
+
+
+def test_a_blip_of_six_failures_costs_the_first_open_time_not_the_reset_time() -> None:
+    """The issue's scenario: six 5xx, then the API is healthy. Threshold 5 opens the circuit;
+    the first probe (after 1 s) meets the sixth failure, the second (2 s later) closes it."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=5, reset_timeout_s=30, first_open_s=1, clock=clock)
+    start = clock.now
+    for _ in range(5):
+        breaker.before_call()
+        breaker.record_failure()
+    answers = iter([False, True])  # the sixth try fails, the seventh succeeds
+    while breaker.state != "closed":
+        try:
+            breaker.before_call()
+        except CircuitOpenError as refused:
+            clock.now += refused.retry_in_s
+            continue
+        breaker.record_success() if next(answers) else breaker.record_failure()
+    assert clock.now - start == 3  # was 60 (two reset periods of 30 s)

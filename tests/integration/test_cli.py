@@ -108,3 +108,28 @@ async def test_produce_run_tail_round_trip_with_the_key_in_no_output(
     assert api_key not in worker.log() + produced.stderr.decode() + tailed.stdout.decode()
     verdicts = await read_all(broker.bootstrap_servers, topics.verdict, expected=5, idle_s=0.5)
     assert all(api_key.encode() not in r.value for r in verdicts)
+
+
+def test_a_local_model_that_fails_to_load_stops_the_worker_with_one_line(tmp_path: Path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    starter = Path(__file__).parents[2] / "worker" / "models" / "starter"
+    (broken / "head.json").write_text((starter / "head.json").read_text())
+    (broken / "head.safetensors").write_bytes(b"not a safetensors file")
+    for model in ("/nonexistent/model", str(broken)):
+        result = modworker(
+            "run",
+            env=clean_env(
+                KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1",
+                MODWORKER_BACKEND="local",
+                MODWORKER_LOCAL__MODEL=model,
+                MODWORKER_HTTP_PORT="0",
+                MODWORKER_LOG_FORMAT="console",
+            ),
+            timeout=300,
+        )
+        out = result.stdout.decode() + result.stderr.decode()
+        assert result.returncode == 1, out
+        assert "Traceback" not in out and "Unclosed" not in out, out
+        last = out.strip().splitlines()[-1]
+        assert "local" in last and model in last, last

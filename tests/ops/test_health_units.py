@@ -77,3 +77,30 @@ def test_label_cache_binds_each_child_once():
         "moderation_worker_messages_consumed_total", {"topic": "label-cache-test"}
     )
     assert after - before == 3
+
+
+async def test_livez_fails_naming_a_stuck_partition_and_its_offset():
+    from worker.config import Settings
+    from worker.ops.health import HealthServer
+
+    class Partitions:
+        def assignment(self):
+            return {TP}
+
+        def paused_partitions(self):
+            return {TP}
+
+    class Worker:
+        started, draining, in_flight, policy_version = True, False, 0, "v"
+        partitions = Partitions()
+        backend = type("B", (), {"name": "fake"})()
+
+        def __init__(self) -> None:
+            self.last_loop_at = 100.0
+            self.stuck_partitions = {TP: 1234}
+
+    server = HealthServer(Worker(), Settings(http_port=0), clock=lambda: 100.0)
+    check = await server.liveness()
+    assert not check.ok
+    assert "ugc.content-0 at offset 1234" in check.reason
+    assert check.details["stuck_partitions"] == {"ugc.content-0": 1234}

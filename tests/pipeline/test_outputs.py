@@ -14,6 +14,7 @@ from worker.config import Settings
 from worker.pipeline.outputs import Outputs
 from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Degraded
+from worker.pipeline.sink import dead_letter_record, record_size
 from worker.pipeline.types import OutRecord, PartitionOffsets
 from worker.pipeline.verdicts import VerdictBuilder
 
@@ -23,9 +24,13 @@ SETTINGS = Settings(verdict_topic="v", violation_topic="x", dead_letter_topic="d
 class RecordingPublisher:
     def __init__(self) -> None:
         self.published: list[tuple[list[OutRecord], Callable[[], None]]] = []
+        self.origins: list[PartitionOffsets | None] = []
 
-    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None:
+    def publish(
+        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+    ) -> None:
         self.published.append((records, on_acked))
+        self.origins.append(origin)
 
     def ack_all(self) -> None:
         for _, on_acked in self.published:
@@ -142,3 +147,86 @@ def test_a_record_that_did_not_decode_is_dead_lettered_at_once_with_its_bytes():
     assert record.value == b"\xff"
     on_acked()
     assert h.finished == [5]
+
+
+# -- output size limit -------------------------------------------------------------------
+
+SMALL = Settings(verdict_topic="v", violation_topic="x", dead_letter_topic="d", max_output_bytes=4_096)
+
+
+def small_harness() -> Harness:
+    h = Harness()
+    h.outputs = Outputs(
+        SMALL,
+        sink=h.publisher,
+        verdicts=VerdictBuilder(policy=Policy.load(None), backend_name="test", include_text=True),
+        on_finished=lambda slot, offset: h.finished.append(offset),
+        on_abandoned=lambda: None,
+    )
+    return h
+
+
+def test_a_dead_letter_over_the_limit_is_truncated_with_headers_saying_so_and_the_original_size():
+    h = small_harness()
+    value = b"x" * 10_000
+    h.outputs.dead_letter(h.slot, make_record(value, offset=3), stage="decode", error_type="not_json", message="bad")
+    [([record], on_acked)] = h.publisher.published
+    assert record_size(record) <= 4_096
+    headers = dict(record.headers or [])
+    assert headers[DeadLetterHeaders.TRUNCATED] == b"value"
+    assert headers[DeadLetterHeaders.ORIGINAL_SIZE] == b"10000"
+    assert headers[DeadLetterHeaders.ERROR_TYPE] == b"not_json"
+    assert value.startswith(record.value) and len(record.value) > 3_000, "as much of the value as fits"
+    on_acked()
+    assert h.finished == [3]
+
+
+def test_a_dead_letter_under_the_limit_is_unchanged():
+    h = small_harness()
+    h.outputs.dead_letter(h.slot, make_record(b"y" * 1_000), stage="decode", error_type="not_json", message="bad")
+    [([record], _)] = h.publisher.published
+    assert record.value == b"y" * 1_000
+    assert DeadLetterHeaders.TRUNCATED not in dict(record.headers or [])
+
+
+def test_original_headers_too_big_to_keep_are_dropped_and_the_record_still_fits():
+    record = make_record(b"z" * 100)
+    record.headers = [("trace", b"t" * 8_000)]
+    out = dead_letter_record(record, topic="d", stage="decode", error_type="schema", message="m", max_bytes=4_096)
+    headers = dict(out.headers or [])
+    assert record_size(out) <= 4_096
+    assert "trace" not in headers and headers[DeadLetterHeaders.TRUNCATED] == b"value,headers"
+
+
+def test_a_verdict_over_the_limit_loses_metadata_and_text_and_says_so():
+    h = small_harness()
+    job = make_job("big " * 200, slot=h.slot, offset=0, metadata={"blob": "m" * 5_000})
+    h.outputs.expect(job)
+    h.outputs.conclude(job, Scored({"sexual": 0.99}, "m"))
+    [(records, on_acked)] = h.publisher.published
+    assert [r.topic for r in records] == ["v", "x"], "still a verdict (and its violation), never a fatal error"
+    assert all(record_size(r) <= 4_096 for r in records)
+    verdict = json.loads(records[0].value)
+    assert verdict["trimmed"] is True and verdict["metadata"] is None and verdict["text"] is None
+    assert verdict["action"] == "block"
+    on_acked()
+    assert h.finished == [0]
+
+
+def test_a_verdict_under_the_limit_keeps_its_pass_through_fields():
+    h = small_harness()
+    job = make_job("small", slot=h.slot, offset=0, metadata={"a": 1})
+    h.outputs.expect(job)
+    h.outputs.conclude(job, Scored({"sexual": 0.01}, "m"))
+    verdict = json.loads(h.publisher.published[0][0][0].value)
+    assert verdict["trimmed"] is False and verdict["metadata"] == {"a": 1} and verdict["text"] == "small"
+
+
+def test_a_verdict_that_cannot_fit_at_all_is_dead_lettered_not_fatal():
+    h = small_harness()
+    job = make_job("t", slot=h.slot, offset=0, key=b"k" * 5_000)
+    h.outputs.expect(job)
+    h.outputs.conclude(job, Scored({"sexual": 0.01}, "m"))
+    [([record], _)] = h.publisher.published
+    headers = dict(record.headers or [])
+    assert record.topic == "d" and headers[DeadLetterHeaders.ERROR_TYPE] == b"output_too_large"

@@ -18,6 +18,7 @@ from worker.backends.base import (
     Rejected,
     Scored,
 )
+from worker.ops import metrics
 from worker.pipeline.scoring import WAIT_BACKOFF_S, Degraded, Scorer
 from worker.pipeline.types import PartitionOffsets
 
@@ -60,13 +61,20 @@ def unavailable(retry_in_s: float | None = None) -> BackendUnavailable:
 
 
 class Harness:
-    def __init__(self, backend: Backend, fail_policy: str = "wait", max_concurrency: int = 4) -> None:
+    """A Scorer with recorded sleeps; ``sleeps_end=False``: a wait ends only when woken."""
+
+    def __init__(
+        self, backend: Backend, fail_policy: str = "wait", max_concurrency: int = 4, *, sleeps_end: bool = True
+    ) -> None:
         self.fatal: list[BaseException] = []
         self.slept: list[float] = []
         self.failed = False
+        never = asyncio.Event()
 
         async def sleep(delay: float) -> None:
             self.slept.append(delay)
+            if not sleeps_end:
+                await never.wait()
 
         self.scorer = Scorer(
             backend,
@@ -91,7 +99,7 @@ async def test_wait_retries_the_batch_until_the_backend_answers_backing_off_as_t
     results = await harness.scorer.score("content", [make_job()])
     assert results == [Scored({"len": 0.05}, "m")]
     assert backend.calls == 4
-    assert harness.slept == [WAIT_BACKOFF_S[0], WAIT_BACKOFF_S[1], 7.5]  # never sooner than retry_in_s
+    assert harness.slept == [WAIT_BACKOFF_S[0], WAIT_BACKOFF_S[1], 7.5]  # the backend's retry_in_s when given
 
 
 async def test_an_unexpected_backend_exception_is_waited_out_like_an_outage():
@@ -156,3 +164,104 @@ async def test_a_rejected_input_is_passed_on_untouched():
 
     harness = Harness(RejectAll())
     assert await harness.scorer.score("content", [make_job()]) == [Rejected("too long for the API")]
+
+
+class PoisonBackend(Backend):
+    """Fails every batch that holds ``poison`` (raising ``error``); scores the others."""
+
+    name = "poison"
+
+    def __init__(self, error: BaseException, poison: str = "POISON") -> None:
+        self.error = error
+        self.poison = poison
+        self.batches: list[list[str]] = []
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        self.batches.append(list(texts))
+        await asyncio.sleep(0)  # a real call yields: others run meanwhile
+        if any(self.poison in text for text in texts):
+            raise self.error
+        return [Scored({"len": len(text) / 100}, "m") for text in texts]
+
+    async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
+        raise AssertionError("not used")
+
+
+async def score_under_traffic(harness: Harness, jobs: list, *, rounds: int = 200) -> list:
+    """Score ``jobs`` while other (healthy) batches keep succeeding, as in a live stream."""
+    task = asyncio.create_task(harness.scorer.score("content", jobs))
+    for n in range(rounds):
+        if task.done():
+            break
+        assert await harness.scorer.score("content", [make_job(f"other {n}", offset=1000 + n)]) is not None
+    assert task.done(), "the poisoned batch never finished although the backend answered others"
+    return task.result()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        unavailable(),  # what a 5xx, a timeout or a bad response shape become once the retries are spent
+        RuntimeError("CUDA error: device-side assert triggered"),  # a local model raising on one input
+    ],
+    ids=["backend-unavailable", "local-model-exception"],
+)
+async def test_a_poison_input_is_bisected_out_and_rejected_as_backend_failed_the_rest_scored_in_order(error):
+    backend = PoisonBackend(error)
+    harness = Harness(backend, sleeps_end=False)
+    texts = [f"t{i}" for i in range(8)]
+    texts[5] = "a POISON input"
+    splits_before = metrics.POISON_SPLITS._value.get()
+
+    results = await score_under_traffic(harness, [make_job(t, offset=i) for i, t in enumerate(texts)])
+
+    assert len(results) == 8
+    poisoned = results[5]
+    assert isinstance(poisoned, Rejected) and poisoned.error_type == "backend_failed"
+    assert "failed on this input alone 3 times" in poisoned.reason
+    assert str(error) in poisoned.reason, "the last error is in the reason"
+    assert results[:5] + results[6:] == [Scored({"len": len(t) / 100}, "m") for t in texts[:5] + texts[6:]]
+    assert backend.batches.count(["a POISON input"]) == 3, "tried alone the configured number of times"
+    assert metrics.POISON_SPLITS._value.get() - splits_before == 3  # 8 -> 4 -> 2 -> 1
+
+
+async def test_the_number_of_tries_alone_is_configurable():
+    backend = PoisonBackend(unavailable())
+    harness = Harness(backend, sleeps_end=False)
+    harness.scorer._poison_attempts = 5
+    (result,) = await score_under_traffic(harness, [make_job("POISON")])
+    assert isinstance(result, Rejected) and result.error_type == "backend_failed"
+    assert backend.batches.count(["POISON"]) == 5
+
+
+async def test_an_outage_is_waited_out_whole_never_split_nor_dead_lettered():
+    """Everything fails (no other batch succeeds): the batch waits, as one, until the backend is back."""
+    backend = ScriptedBackend(*[unavailable() for _ in range(8)])
+    harness = Harness(backend)
+    jobs = [make_job(f"t{i}", offset=i) for i in range(4)]
+    results = await harness.scorer.score("content", jobs)
+    assert results == [Scored({"len": 0.02}, "m")] * 4
+    assert backend.calls == 9, "every try was the whole batch"
+    assert harness.slept == [1.0, 2.0, 5.0, 10.0, 30.0, 30.0, 30.0, 30.0]
+
+
+async def test_a_waiting_batch_is_woken_as_soon_as_another_batch_succeeds():
+    """The backend answers again: waiters retry at once instead of sleeping out the table."""
+    backend = ScriptedBackend(unavailable())
+    harness = Harness(backend, sleeps_end=False)
+    waiting = asyncio.create_task(harness.scorer.score("content", [make_job("first")]))
+    while not harness.slept:  # the first batch failed and is waiting
+        await asyncio.sleep(0)
+    assert await harness.scorer.score("content", [make_job("later", offset=1)]) == [Scored({"len": 0.05}, "m")]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert waiting.done(), "the waiting batch slept on although the backend answered"
+    assert waiting.result() == [Scored({"len": 0.05}, "m")]
+    assert harness.slept == [WAIT_BACKOFF_S[0]]
+
+
+async def test_an_open_circuit_says_when_to_retry_and_the_table_does_not_stretch_it():
+    backend = ScriptedBackend(unavailable(retry_in_s=0.5), unavailable(retry_in_s=1.0), unavailable(retry_in_s=2.0))
+    harness = Harness(backend)
+    assert await harness.scorer.score("content", [make_job()]) == [Scored({"len": 0.05}, "m")]
+    assert harness.slept == [0.5, 1.0, 2.0]  # the probe times, not max(probe, 1/2/5 s)

@@ -69,6 +69,11 @@ class BackendAuthError(BackendError):
     """Credentials missing or refused (HTTP 401/403). Fatal: the worker stops."""
 
 
+class BackendStartError(BackendError):
+    """The backend cannot start (a model missing, broken or too big for the device).
+    Fatal at start-up: the worker stops with the message, which says what to change."""
+
+
 class BackendUnavailable(BackendError):
     """The backend could not answer within its retry budget; the fail policy applies.
 

@@ -9,9 +9,14 @@ States:
 - **open**: every call fails at once with ``CircuitOpenError`` (a ``BackendUnavailable``
   whose ``retry_in_s`` says when a probe will be let through), so a dead backend costs no
   connections or timeouts and the pipeline's fail policy applies without delay.
-- **half-open**: after ``reset_timeout_s`` one call, the probe, goes through; others still
-  fail fast. The probe's success closes the circuit, its failure opens it again for
-  another ``reset_timeout_s``.
+- **half-open**: once the open time is over one call, the probe, goes through; others
+  still fail fast. The probe's success closes the circuit, its failure opens it again for
+  twice as long as last time.
+
+Open time: ``first_open_s`` when the circuit opens from closed, doubled by each failed
+probe, never more than ``reset_timeout_s``. A blip (a few 5xx, the API healthy again a
+moment later) then costs about ``first_open_s``, not ``reset_timeout_s``, while a long
+outage is still probed only every ``reset_timeout_s``.
 
 A small class rather than a library: the asyncio breakers on PyPI count exceptions around a
 whole call, while this one must count single tries inside the retry loop and treat 429 as
@@ -50,16 +55,19 @@ class CircuitBreaker:
         *,
         failure_threshold: int,
         reset_timeout_s: float,
+        first_open_s: float | None = None,
         name: str = "backend",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.failure_threshold = failure_threshold
         self.reset_timeout_s = reset_timeout_s
+        self.first_open_s = min(reset_timeout_s, first_open_s if first_open_s is not None else reset_timeout_s)
         self.name = name
         self._clock = clock
         self._state: State = "closed"
         self._failures = 0
         self._opened_at = 0.0
+        self._open_for = self.first_open_s
         self._probe_in_flight = False
         self.times_opened = 0
 
@@ -71,20 +79,25 @@ class CircuitBreaker:
     def consecutive_failures(self) -> int:
         return self._failures
 
+    @property
+    def open_for_s(self) -> float:
+        """How long the circuit stays open this time (or would, if it opened now)."""
+        return self._open_for
+
     def before_call(self) -> None:
         """Let a try through, or raise ``CircuitOpenError``."""
         if self._state == "closed":
             return
         now = self._clock()
         if self._state == "open":
-            wait = self._opened_at + self.reset_timeout_s - now
+            wait = self._opened_at + self._open_for - now
             if wait > 0:
                 raise CircuitOpenError(self.name, wait)
             self._state = "half_open"
             self._probe_in_flight = False
             log.info(BreakerEvent.HALF_OPEN, api=self.name)
         if self._probe_in_flight:
-            raise CircuitOpenError(self.name, min(self.reset_timeout_s, 1.0))
+            raise CircuitOpenError(self.name, min(self._open_for, 1.0))
         self._probe_in_flight = True
 
     def record_success(self) -> None:
@@ -93,6 +106,7 @@ class CircuitBreaker:
             log.info(BreakerEvent.CLOSED, api=self.name)
         self._state = "closed"
         self._failures = 0
+        self._open_for = self.first_open_s
         self._probe_in_flight = False
 
     def record_failure(self) -> None:
@@ -106,10 +120,12 @@ class CircuitBreaker:
         self._probe_in_flight = False
 
     def _open(self) -> None:
+        if self._state == "half_open":  # the probe failed: stay away longer this time
+            self._open_for = min(self.reset_timeout_s, self._open_for * 2)
+        else:
+            self._open_for = self.first_open_s
         self._state = "open"
         self._opened_at = self._clock()
         self._probe_in_flight = False
         self.times_opened += 1
-        log.warning(
-            BreakerEvent.OPENED, api=self.name, consecutive_failures=self._failures, reset_in_s=self.reset_timeout_s
-        )
+        log.warning(BreakerEvent.OPENED, api=self.name, consecutive_failures=self._failures, reset_in_s=self._open_for)

@@ -7,13 +7,14 @@ order: every input still gets its own verdict. ``Rejected`` outcomes are not cac
 next occurrence is tried again); ``BackendUnavailable`` and ``BackendAuthError`` pass
 through and cache nothing.
 
-Key: ``blake2b(namespace, kind, normalized input)`` where ``namespace`` is the inner
-backend's ``cache_namespace`` (backend, endpoint and configured model, e.g.
+Key: ``blake2b(namespace, kind, exact input)`` where ``namespace`` is the inner backend's
+``cache_namespace`` (backend, endpoint and configured model, e.g.
 ``mistral:moderation:mistral-moderation-latest``), so scores never cross models or
-endpoints. Normalization is deliberately light, so that it never merges inputs a model
-could score differently: Unicode NFKC, then runs of whitespace collapsed to one space and
-the ends stripped. Case is kept (shouting can change a score). A conversation's key covers
-every message (role and normalized content), context included.
+endpoints. The input is keyed exactly as sent, with no normalization: NFKC or whitespace
+folding would merge a look-alike spelling (fullwidth, math alphanumerics) with the plain
+text, which a model sees as different tokens and can score differently; the second
+would then get the first's scores for up to ``ttl_s``. A conversation's key covers every
+message (role and exact content), context included.
 
 Bounded: at most ``max_entries`` (least recently used evicted first), each living
 ``ttl_s`` (``cachetools.TTLCache``). ``cache_stats()`` gives hits, misses, hit ratio and
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import unicodedata
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -56,11 +56,6 @@ class CacheStats:
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
-
-
-def normalize(text: str) -> str:
-    """NFKC, whitespace runs collapsed, ends stripped; case kept."""
-    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def _from_cache(scored: Scored) -> Scored:
@@ -105,11 +100,11 @@ class CachingBackend(Backend):
         return CacheStats(hits=self._hits, misses=self._misses, size=len(self._cache), max_entries=self._max_entries)
 
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
-        return await self._through_cache(list(texts), lambda text: ("text", normalize(text)), self.inner.score_texts)
+        return await self._through_cache(list(texts), lambda text: ("text", text), self.inner.score_texts)
 
     async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
         def identity(conversation: Conversation) -> Hashable:
-            return ("chat", tuple((turn.role, normalize(turn.content)) for turn in conversation.messages()))
+            return ("chat", tuple((turn.role, turn.content) for turn in conversation.messages()))
 
         return await self._through_cache(list(conversations), identity, self.inner.score_conversations)
 

@@ -128,7 +128,10 @@ class RemoteApi:
         self._client: httpx.AsyncClient | None = None
         self._in_flight = asyncio.Semaphore(http.max_connections)
         self.breaker = CircuitBreaker(
-            failure_threshold=http.breaker_failure_threshold, reset_timeout_s=http.breaker_reset_s, name=dialect.name
+            failure_threshold=http.breaker_failure_threshold,
+            reset_timeout_s=http.breaker_reset_s,
+            first_open_s=http.breaker_first_open_s,
+            name=dialect.name,
         )
         metrics.watch_breaker(dialect.name, self.breaker)
         self.pacer = RequestPacer(

@@ -76,11 +76,19 @@ class LocalBackend(Backend):
     async def start(self) -> None:
         if self._model is not None:
             return
-        from worker.backends.local_model import load_local_model
+        from worker.backends.local_model import LocalModelError, load_local_model
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-model")
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self._executor, load_local_model, self._settings)
+        try:
+            model = await loop.run_in_executor(self._executor, load_local_model, self._settings)
+        except LocalModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a corrupt file, an unforeseen format: still one line
+            raise LocalModelError(
+                f"MODWORKER_LOCAL__MODEL={self._settings.model}: cannot load the model "
+                f"({type(err).__name__}: {err}); check the model files or choose another model"
+            ) from None
         self._columns = category_columns(model.labels, self._settings.labels)
         self._budget = self._settings.max_tokens_per_batch or default_token_budget(model.device.type)
         self._model = model

@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worker.backends.base import BackendStartError
 from worker.backends.embedding_head import (
     HeadConfig,
     HeadFormatError,
@@ -51,7 +52,7 @@ STARTER = "starter"
 STARTER_PACKAGE_PATH = "models/starter"
 
 
-class LocalModelError(Exception):
+class LocalModelError(BackendStartError):
     """The local model cannot be found, loaded or run; the message says what to change."""
 
 

@@ -11,7 +11,9 @@ synchronous work does not answer at all, which a probe counts as a failure too.
   iterating for ``liveness_timeout_s`` (a consumer stuck in ``getmany``, a rebalance that
   never completes, a commit that never returns), or an unpaused partition has had records
   waiting (highwater above position) without its position moving for that long (a
-  consumer that no longer fetches). Before the worker started (model loading, joining the
+  consumer that no longer fetches), or a partition's committed offset is stuck (its
+  uncommitted span passed ``max_uncommitted_span``; the reason names the partition and
+  offset: see ``worker.pipeline.span_guard``). Before the worker started (model loading, joining the
   group) and while it drains it counts as live: both have bounds of their own.
 - ``/readyz`` (count me as available): 200 once the worker started (subscribed: partitions
   assigned or awaited), the backend says it is ready (for remote APIs: the circuit is not
@@ -171,6 +173,11 @@ class HealthServer:
         details: dict[str, Any] = {"phase": "running", "loop_idle_s": round(idle_s, 3), "bound_s": bound}
         if idle_s > bound:
             return Check(False, f"the consume loop has not iterated for {idle_s:.1f}s (bound {bound:g}s)", details)
+        stuck = worker.stuck_partitions
+        if stuck:
+            names = ", ".join(f"{tp.topic}-{tp.partition} at offset {offset}" for tp, offset in sorted(stuck.items()))
+            details["stuck_partitions"] = {f"{tp.topic}-{tp.partition}": offset for tp, offset in stuck.items()}
+            return Check(False, f"committed offset stuck (uncommitted span over the cap) on {names}", details)
         stalled = self._stalls.observe(await self._lag.sample(), now)
         if stalled:
             names = ", ".join(f"{tp.topic}-{tp.partition}" for tp in stalled)

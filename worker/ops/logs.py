@@ -46,6 +46,10 @@ class Event:
     BACKEND_UNAVAILABLE = "backend.unavailable"
     BACKEND_DEGRADED = "backend.degraded_verdicts"
     BACKEND_WAITING = "backend.waiting"
+    BACKEND_BATCH_SPLIT = "backend.batch_split"
+    PARTITION_STUCK = "partition.stuck"
+    PARTITION_UNSTUCK = "partition.unstuck"
+    BACKEND_POISON_INPUT = "backend.poison_input"
     TASK_FAILED = "worker.task_failed"
     WORKER_EXIT = "worker.exit"
 

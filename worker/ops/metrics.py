@@ -135,6 +135,24 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
+TASK_FAILURES = Counter(
+    f"{PREFIX}_task_failures",
+    "Batch tasks that raised (a bug); each one stops the worker with its messages uncommitted.",
+    registry=REGISTRY,
+)
+OUTPUTS_TRIMMED = Counter(
+    f"{PREFIX}_outputs_trimmed",
+    "Outputs made to fit MODWORKER_MAX_OUTPUT_BYTES: verdicts without metadata/text, dead letters truncated.",
+    ["output"],
+    registry=REGISTRY,
+)
+PARTITION_STUCK_OFFSET = Gauge(
+    f"{PREFIX}_partition_stuck_offset",
+    "Partitions held (not read) because their uncommitted span passed MODWORKER_MAX_UNCOMMITTED_SPAN: "
+    "the offset each is stuck at. Absent when none is.",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
 WORKER_INFO = Info(
     f"{PREFIX}_build", "The running worker: version, backend, policy version, consumer group.", registry=REGISTRY
 )
@@ -175,6 +193,17 @@ LLM_UNPARSEABLE = Counter(
     "Answers of the llm backend's model that did not follow the dialect's format (each try; the input is "
     "dead-lettered as llm_unparseable when its retries are spent).",
     ["dialect"],
+    registry=REGISTRY,
+)
+POISON_SPLITS = Counter(
+    f"{PREFIX}_backend_batch_splits",
+    "Batches split in halves because they failed while the backend answered other batches (poison search).",
+    registry=REGISTRY,
+)
+POISON_INPUTS = Counter(
+    f"{PREFIX}_backend_poison_inputs",
+    "Inputs dead-lettered as backend_failed: they failed alone MODWORKER_SCORING__POISON_ATTEMPTS times "
+    "while the backend answered others.",
     registry=REGISTRY,
 )
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -220,6 +249,7 @@ backend_errors = LabelCache(BACKEND_ERRORS)
 backend_retries = LabelCache(BACKEND_RETRIES)
 llm_tokens = LabelCache(LLM_TOKENS)
 llm_unparseable = LabelCache(LLM_UNPARSEABLE)
+outputs_trimmed = LabelCache(OUTPUTS_TRIMMED)
 
 
 def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:

@@ -54,6 +54,10 @@ class WorkerStatus(Protocol):
     def partitions(self) -> PartitionView: ...
 
     @property
+    def stuck_partitions(self) -> dict[TopicPartition, int]:
+        """Partitions paused because their committed offset is stuck, with that offset."""
+
+    @property
     def backend(self) -> BackendStatus: ...
 
     @property

@@ -51,6 +51,10 @@ class OffsetTracker:
     def owned(self) -> list[TopicPartition]:
         return list(self._partitions)
 
+    def slots(self) -> list[PartitionOffsets]:
+        """The state of every owned partition."""
+        return list(self._partitions.values())
+
     def pending(self, tps: Iterable[TopicPartition] | None = None) -> int:
         states = (
             self._partitions.values() if tps is None else (self._partitions[tp] for tp in tps if tp in self._partitions)

@@ -12,6 +12,13 @@ input order), so one key's outputs are published in input order. Each publicatio
 nothing and costs little: it finishes the offset (``on_finished``) and updates the
 verdict metrics. Log lines and metrics of outputs are declared here and nowhere else.
 
+Size: no output is bigger than ``max_output_bytes`` (the output topics'
+``max.message.bytes``), since the broker would refuse it and the worker would stop on it
+at every restart. A verdict over it is published without its pass-through fields
+(``metadata``, ``text``) and with ``trimmed: true``; one still over it (an enormous id)
+is dead-lettered as ``output_too_large``; a dead letter over it has its value truncated
+(``sink.dead_letter_record``).
+
 Contract: ``conclude`` never raises for any outcome; a job whose partition is no longer
 owned is not published (``on_abandoned`` is called instead: the new owner redoes it).
 """
@@ -25,14 +32,14 @@ from typing import Protocol
 import structlog
 from aiokafka.structs import TopicPartition
 
-from schemas import Verdict
+from schemas import DeadLetterHeaders, Verdict
 from worker.backends.base import Outcome, Rejected, Scored
 from worker.config import Settings
 from worker.ops import metrics
 from worker.ops.logs import Event
 from worker.pipeline.ordering import KeySequencer
 from worker.pipeline.scoring import Degraded
-from worker.pipeline.sink import dead_letter_record
+from worker.pipeline.sink import dead_letter_record, record_size
 from worker.pipeline.types import Job, OutRecord, PartitionOffsets, Record
 from worker.pipeline.verdicts import VerdictBuilder
 
@@ -44,7 +51,9 @@ FinishFunction = Callable[[PartitionOffsets, int], None]
 class Publisher(Protocol):
     """What outputs need of the sink: publish records in call order, call back on ack."""
 
-    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None: ...
+    def publish(
+        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+    ) -> None: ...
 
 
 class Outputs:
@@ -62,6 +71,7 @@ class Outputs:
         self._verdict_topic = settings.verdict_topic
         self._violation_topic = settings.violation_topic
         self._dead_letter_topic = settings.dead_letter_topic
+        self._max_bytes = settings.max_output_bytes
         self._sink = sink
         self._verdicts = verdicts
         self._on_finished = on_finished
@@ -117,19 +127,39 @@ class Outputs:
         )
         metrics.dead_lettered(record.topic, stage, error_type).inc()
         out = dead_letter_record(
-            record, topic=self._dead_letter_topic, stage=stage, error_type=error_type, message=message
+            record,
+            topic=self._dead_letter_topic,
+            stage=stage,
+            error_type=error_type,
+            message=message,
+            max_bytes=self._max_bytes,
         )
+        if out.headers and any(k == DeadLetterHeaders.TRUNCATED for k, _ in out.headers):
+            metrics.outputs_trimmed("dead_letter").inc()
         offset = record.offset
-        self._sink.publish([out], lambda: self._on_finished(slot, offset))
+        self._sink.publish([out], lambda: self._on_finished(slot, offset), slot)
 
     # -- verdicts -------------------------------------------------------------------
 
     def _verdict(self, job: Job, verdict: Verdict) -> None:
         key = job.key
         records = [OutRecord(self._verdict_topic, key, verdict.model_dump_json(exclude_none=False).encode())]
+        if record_size(records[0]) > self._max_bytes:  # pass-through fields made it too big: leave them out
+            verdict = verdict.model_copy(update={"metadata": None, "text": None, "trimmed": True})
+            records = [OutRecord(self._verdict_topic, key, verdict.model_dump_json(exclude_none=False).encode())]
+            metrics.outputs_trimmed("verdict").inc()
         violation = self._verdicts.violation(verdict)
         if violation is not None:
             records.append(OutRecord(self._violation_topic, key, violation.model_dump_json().encode()))
+        if any(record_size(out) > self._max_bytes for out in records):  # e.g. an enormous id: cannot fit
+            message = f"its verdict would exceed MODWORKER_MAX_OUTPUT_BYTES={self._max_bytes} even without metadata"
+            self._sequencer.complete(
+                job,
+                lambda: self.dead_letter(
+                    job.slot, job.record, stage="output", error_type="output_too_large", message=message
+                ),
+            )
+            return
         record = job.record
         if verdict.flagged:
             log.info(
@@ -152,7 +182,7 @@ class Outputs:
                 action=verdict.action,
             )
         on_acked = self._verdict_acked(job, verdict)
-        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked))
+        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked, job.slot))
 
     def _verdict_acked(self, job: Job, verdict: Verdict) -> Callable[[], None]:
         """The sink's callback for a verdict: finish the message, count it, time it end to end."""

@@ -5,10 +5,20 @@ once (whatever the backend: remote or local). The backend retries transient trou
 itself; when it gives up (``BackendUnavailable``, or any unexpected exception: a backend
 bug must not kill the stream silently) the fail policy decides:
 
-- ``wait``: try the batch again, backing off (1, 2, 5, 10, 30 s, never sooner than the
-  backend's ``retry_in_s``), until it succeeds, the worker fails, or none of the batch's
-  partitions is owned any more. Nothing passes unmoderated and nothing is lost; reading
-  pauses through the in-flight cap meanwhile.
+- ``wait``: try the batch again until it succeeds, the worker fails, or none of the
+  batch's partitions is owned any more. Between tries it waits the backend's
+  ``retry_in_s`` when given (an open circuit's next probe), else 1, 2, 5, 10, 30 s; but
+  any batch succeeding meanwhile wakes every waiter at once (the backend answers again:
+  moderation resumes without sleeping out the table). Nothing passes unmoderated and
+  nothing is lost; reading pauses through the in-flight cap meanwhile.
+
+  *Poison inputs.* A failed try during which the backend answered some other batch says
+  the trouble is this batch, not the backend (an outage fails everything). Such a batch
+  is split in halves, each scored (recursively) in turn, the results joined in order; so
+  a failing input is soon alone. An input that fails alone, while the backend answers
+  others, ``poison_attempts`` times gets ``Rejected`` (``error_type`` ``backend_failed``,
+  the last error in the reason): it is dead-lettered instead of holding its partition's
+  committed offset back for ever. An outage (no other batch succeeds) still waits.
 - ``review`` / ``allow``: every job of the batch gets a ``Degraded`` outcome with that
   action and the reason.
 
@@ -28,8 +38,9 @@ from dataclasses import dataclass
 import structlog
 
 from schemas import ConversationEvent, Kind, Turn
-from worker.backends.base import Backend, BackendAuthError, BackendUnavailable, Conversation, Outcome
+from worker.backends.base import Backend, BackendAuthError, BackendUnavailable, Conversation, Outcome, Rejected
 from worker.config import FailPolicy
+from worker.ops import metrics
 from worker.ops.logs import Event
 from worker.pipeline.types import Job
 
@@ -60,6 +71,7 @@ class Scorer:
         max_concurrency: int,
         on_fatal: Callable[[BaseException], None],
         failed: Callable[[], bool],
+        poison_attempts: int = 3,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.backend = backend
@@ -67,15 +79,25 @@ class Scorer:
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self._on_fatal = on_fatal
         self._failed = failed
+        self._poison_attempts = poison_attempts
         self._sleep = sleep
+        self._answered = asyncio.Event()
+        """Set (and replaced by a fresh one) whenever any batch succeeds: a batch that took
+        this event at its last failure and finds it set knows the backend answered since,
+        and one waiting on it wakes at once."""
 
     async def score(self, kind: Kind, jobs: Sequence[Job]) -> list[Result] | None:
         """One result per job, in order; ``None`` when the batch is given up (see module doc)."""
         async with self._concurrency:
             return await self._score(kind, jobs)
 
-    async def _score(self, kind: Kind, jobs: Sequence[Job]) -> list[Result] | None:
+    async def _score(self, kind: Kind, jobs: Sequence[Job], since: asyncio.Event | None = None) -> list[Result] | None:
         waits = 0
+        failed_alone = 0
+        # Set once any batch succeeds after this one's last failure (a split half inherits
+        # its parent's evidence: it starts set).
+        top_level = since is None
+        since = since if since is not None else self._answered
         while True:
             try:
                 outcomes = await self._call(kind, jobs)
@@ -86,9 +108,12 @@ class Scorer:
                 reason = str(err)
                 not_before = err.retry_in_s or 0.0
             except Exception as err:
-                log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
                 reason = f"unexpected backend error: {type(err).__name__}: {err}"
                 not_before = 0.0
+                if waits == 0 and failed_alone == 0 and top_level:  # the traceback once per batch, not per try
+                    log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
+                else:
+                    log.warning(Event.BACKEND_UNAVAILABLE, reason=reason, batch=len(jobs))
             else:
                 if len(outcomes) != len(jobs):
                     self._on_fatal(
@@ -97,16 +122,68 @@ class Scorer:
                         )
                     )
                     return None
+                self._answered.set()
+                self._answered = asyncio.Event()
                 return list(outcomes)
             if self._fail_policy != "wait":
                 log.warning(Event.BACKEND_DEGRADED, reason=reason, action=self._fail_policy, batch=len(jobs))
                 return [Degraded(self._fail_policy, reason)] * len(jobs)
             if self._failed() or not any(job.slot.owned for job in jobs):
                 return None
-            delay = max(not_before, WAIT_BACKOFF_S[min(waits, len(WAIT_BACKOFF_S) - 1)])
+            answered_others, since = since.is_set(), self._answered
+            if answered_others:  # the backend answered another batch since this one last failed
+                if len(jobs) > 1:
+                    return await self._split(kind, jobs, reason)
+                failed_alone += 1
+                if failed_alone >= self._poison_attempts:
+                    return [self._poisoned(jobs[0], failed_alone, reason)]
+            delay = not_before if not_before > 0 else WAIT_BACKOFF_S[min(waits, len(WAIT_BACKOFF_S) - 1)]
             waits += 1
             log.warning(Event.BACKEND_WAITING, reason=reason, retry_in_s=delay, batch=len(jobs), fail_policy="wait")
-            await self._sleep(delay)
+            await self._pause(delay, since)
+
+    async def _split(self, kind: Kind, jobs: Sequence[Job], reason: str) -> list[Result] | None:
+        """Score both halves of a batch that fails while the backend answers others, in order."""
+        metrics.POISON_SPLITS.inc()
+        log.warning(Event.BACKEND_BATCH_SPLIT, reason=reason, batch=len(jobs))
+        half = len(jobs) // 2
+        evidence = asyncio.Event()
+        evidence.set()
+        results: list[Result] = []
+        for part in (jobs[:half], jobs[half:]):  # in turn: the concurrency bound holds
+            scored = await self._score(kind, part, evidence)
+            if scored is None:
+                return None
+            results.extend(scored)
+        return results
+
+    def _poisoned(self, job: Job, attempts: int, reason: str) -> Rejected:
+        metrics.POISON_INPUTS.inc()
+        record = job.record
+        log.error(
+            Event.BACKEND_POISON_INPUT,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            attempts=attempts,
+            reason=reason,
+        )
+        return Rejected(
+            reason=f"backend failed on this input alone {attempts} times while answering others; last error: {reason}",
+            error_type="backend_failed",
+        )
+
+    async def _pause(self, delay: float, answered: asyncio.Event) -> None:
+        """Sleep ``delay``, or less: until ``answered`` is set (some batch succeeded)."""
+        if answered.is_set():
+            return
+        sleeping = asyncio.ensure_future(self._sleep(delay))
+        woken = asyncio.ensure_future(answered.wait())
+        try:
+            await asyncio.wait((sleeping, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
 
     async def _call(self, kind: Kind, jobs: Sequence[Job]) -> list[Outcome]:
         if kind == "content":

@@ -10,6 +10,12 @@ establishes survives into Kafka. Keyed records go where aiokafka's ``DefaultPart
 would put them (murmur2 of the key, as the Java client does); unkeyed ones at random.
 A record the producer cannot deliver after its own retries is fatal (``on_error``): the
 message stays uncommitted and is processed again after restart.
+
+Revoked partitions: a group published with an ``origin`` slot is dropped unsent when the
+slot is no longer owned by the time its round takes it (``on_dropped`` is called instead
+of ``on_acked``: the new owner redoes the message). ``settle`` waits for the rounds
+already sent to be acknowledged; the revoke listener calls it after detaching the
+revoked slots, so once the listener returns nothing more is published for them.
 """
 
 from __future__ import annotations
@@ -22,13 +28,34 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import DeadLetterHeaders
-from worker.pipeline.types import Headers, OutRecord, Record
+from worker.pipeline.types import Headers, OutRecord, PartitionOffsets, Record
 
-__all__ = ["OutRecord", "Sink", "dead_letter_record"]
+__all__ = ["OutRecord", "Sink", "dead_letter_record", "record_size"]
+
+_Group = tuple[list[OutRecord], Callable[[], None], PartitionOffsets | None]
+"""Records published together, the callback for their acknowledgement, their input's slot."""
+
+_BATCH_OVERHEAD_BYTES = 61 + 21
+"""A v2 record batch's header plus one record's own framing, at most (varints at full width)."""
+_HEADER_OVERHEAD_BYTES = 10
 
 
-def dead_letter_record(record: Record, *, topic: str, stage: str, error_type: str, message: str) -> OutRecord:
-    """The original key, value and headers, plus the reason headers (see ``DeadLetterHeaders``)."""
+def record_size(record: OutRecord) -> int:
+    """Bytes ``record`` takes alone in a record batch: what the broker's ``max.message.bytes``
+    limits. An upper bound, a few bytes generous."""
+    headers = sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in record.headers or ())
+    return _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value) + headers
+
+
+def dead_letter_record(
+    record: Record, *, topic: str, stage: str, error_type: str, message: str, max_bytes: int | None = None
+) -> OutRecord:
+    """The original key, value and headers, plus the reason headers (see ``DeadLetterHeaders``).
+
+    With ``max_bytes``, a record that would be bigger (``record_size``) is made to fit: the
+    value is cut to a prefix, and the original headers dropped if that is not enough; the
+    ``TRUNCATED`` and ``ORIGINAL_SIZE`` headers say so. Never raises for a size.
+    """
     reason: Headers = [
         (DeadLetterHeaders.STAGE, stage.encode()),
         (DeadLetterHeaders.ERROR_TYPE, error_type.encode()),
@@ -38,27 +65,70 @@ def dead_letter_record(record: Record, *, topic: str, stage: str, error_type: st
         (DeadLetterHeaders.ORIGIN_OFFSET, str(record.offset).encode()),
     ]
     original = [(k, v) for k, v in (record.headers or ()) if k not in DeadLetterHeaders.ALL]
-    return OutRecord(topic, record.key, record.value if record.value is not None else b"", original + reason)
+    value = record.value if record.value is not None else b""
+    out = OutRecord(topic, record.key, value, original + reason)
+    if max_bytes is None or record_size(out) <= max_bytes:
+        return out
+    reason += [(DeadLetterHeaders.TRUNCATED, b"value"), (DeadLetterHeaders.ORIGINAL_SIZE, str(len(value)).encode())]
+    room = max_bytes - record_size(OutRecord(topic, record.key, b"", original + reason))
+    if room < 0:  # the original headers alone are too big: drop them as well
+        reason[-2] = (DeadLetterHeaders.TRUNCATED, b"value,headers")
+        original = []
+        room = max(0, max_bytes - record_size(OutRecord(topic, record.key, b"", reason)))
+    return OutRecord(topic, record.key, value[:room], original + reason)
 
 
 class Sink:
     """The one producer of the worker, with ordered, acknowledged publishing."""
 
-    def __init__(self, producer: AIOKafkaProducer, *, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        *,
+        on_error: Callable[[BaseException], None],
+        on_dropped: Callable[[], None] = lambda: None,
+    ) -> None:
         self._producer = producer
         self._on_error = on_error
-        self._queue: asyncio.Queue[tuple[list[OutRecord], Callable[[], None]] | None] = asyncio.Queue()
+        self._on_dropped = on_dropped
+        self._queue: asyncio.Queue[_Group | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._unacked = 0
+        self._sending = False  # a round is being appended and sent
+        self._acks: set[asyncio.Future[object]] = set()  # sent rounds not yet acknowledged
 
     async def start(self) -> None:
         await self._producer.start()
         self._task = asyncio.create_task(self._run(), name="sink-publisher")
 
-    def publish(self, records: list[OutRecord], on_acked: Callable[[], None]) -> None:
-        """Enqueue records (sent in call order); ``on_acked`` runs when all are acknowledged."""
+    def publish(
+        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+    ) -> None:
+        """Enqueue records (sent in call order); ``on_acked`` runs when all are acknowledged.
+
+        With ``origin`` (the input partition's slot), the group is dropped unsent if the
+        slot is no longer owned when its round takes it (see the module docstring).
+        """
         self._unacked += 1
-        self._queue.put_nowait((records, on_acked))
+        self._queue.put_nowait((records, on_acked, origin))
+
+    async def settle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until every round already taken is sent and acknowledged.
+
+        Returns False when the time ran out first. Groups still queued are not waited for:
+        those of unowned slots are dropped when taken.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._sending:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        pending = [ack for ack in self._acks if not ack.done()]
+        if pending:
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            _, still = await asyncio.wait(pending, timeout=remaining)
+            return not still
+        return True
 
     @property
     def unacked(self) -> int:
@@ -82,30 +152,41 @@ class Sink:
                 taken.append(queue.get_nowait())
             closing = None in taken
             groups = [group for group in taken[: taken.index(None) if closing else len(taken)] if group is not None]
+            dropped = [group for group in groups if group[2] is not None and not group[2].owned]
+            if dropped:  # their partition was revoked: the new owner publishes them
+                groups = [group for group in groups if group[2] is None or group[2].owned]
+                self._unacked -= len(dropped)
+                for _ in dropped:
+                    self._on_dropped()
             if groups:
+                self._sending = True
                 try:
                     futures = await self._send_round(groups)
                 except Exception as err:  # noqa: BLE001 - any send failure is fatal to the worker
                     self._unacked -= len(groups)
                     self._on_error(err)
                 else:
-                    acked = self._acked_callback([on_acked for _, on_acked in groups])
+                    acked = self._acked_callback([on_acked for _, on_acked, _ in groups])
                     if not futures:  # groups without records: nothing to wait for
                         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
                         done.set_result(None)
                     else:
                         done = futures[0] if len(futures) == 1 else asyncio.gather(*futures)  # type: ignore[assignment]
+                    self._acks.add(done)
+                    done.add_done_callback(self._acks.discard)
                     done.add_done_callback(acked)
+                finally:
+                    self._sending = False
             if closing:
                 return
 
-    async def _send_round(self, groups: list[tuple[list[OutRecord], Callable[[], None]]]) -> list[asyncio.Future[Any]]:
+    async def _send_round(self, groups: list[_Group]) -> list[asyncio.Future[Any]]:
         """Append every record to its partition's open batch, in order; send full and last batches."""
         producer = self._producer
         partitions: dict[str, list[int]] = {}
         batches: dict[tuple[str, int], Any] = {}  # aiokafka BatchBuilder per output partition
         futures: list[asyncio.Future[Any]] = []
-        for records, _ in groups:
+        for records, _, _ in groups:
             for record in records:
                 topic = record.topic
                 choices = partitions.get(topic)

@@ -2,8 +2,8 @@
 
 One aiokafka consumer per process, subscribed to the input topics, with manual commits
 (auto-commit off: only the offset tracker decides what is committed), a rebalance
-listener calling the app's ``on_assign``/``on_revoke``, and pause/resume of all assigned partitions for
-backpressure.
+listener calling the app's ``on_assign``/``on_revoke``, pause/resume of all assigned partitions for
+backpressure, and ``hold``/``release`` of single partitions (``span_guard``).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class Source:
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         )
         self.paused = False
+        self._held: set[TopicPartition] = set()
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -112,8 +113,20 @@ class Source:
         self.paused = True
 
     def resume(self) -> None:
-        self._consumer.resume(*self._consumer.assignment())
+        """Resume every assigned partition except those held (``hold``)."""
+        self._consumer.resume(*(self._consumer.assignment() - self._held))
         self.paused = False
+
+    def hold(self, tps: list[TopicPartition]) -> None:
+        """Pause ``tps`` on their own, whatever backpressure does, until ``release``."""
+        self._held.update(tps)
+        self._consumer.pause(*tps)
+
+    def release(self, tps: list[TopicPartition]) -> None:
+        """End a ``hold``; the partitions resume unless backpressure has everything paused."""
+        self._held.difference_update(tps)
+        if not self.paused:
+            self._consumer.resume(*(tp for tp in tps if tp in self._consumer.assignment()))
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())

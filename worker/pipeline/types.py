@@ -69,6 +69,17 @@ class PartitionOffsets:
         """Messages tracked and not yet finished."""
         return len(self._order) - len(self._done)
 
+    @property
+    def span(self) -> int:
+        """Offsets held from the lowest unfinished one on (finished or not): what the
+        tracker keeps in memory and a restart would replay."""
+        return len(self._order)
+
+    @property
+    def lowest_unfinished(self) -> int | None:
+        """The offset the committed position is waiting for, if any."""
+        return self._order[0] if self._order else None
+
     def committable(self) -> int | None:
         """The offset to commit now, or None when nothing new is complete."""
         position = self._order[0] if self._order else self._next

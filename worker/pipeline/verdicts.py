@@ -125,6 +125,7 @@ class VerdictBuilder:
                 else None,
                 "text": job.text if self._include_text else None,
                 "metadata": event.metadata,
+                "trimmed": False,
             },
         )
 
