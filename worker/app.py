@@ -47,6 +47,7 @@ from worker.ops.logs import Event
 from worker.pipeline.backpressure import InFlight
 from worker.pipeline.batching import MicroBatcher
 from worker.pipeline.commit import CommitPolicy, Committer
+from worker.pipeline.conversation_stage import ConversationStage
 from worker.pipeline.decode import Decoder
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outputs import Outputs
@@ -117,6 +118,9 @@ class ModerationWorker:
             on_assign=self._on_assigned,
             on_revoke=self._on_revoked,
             rebalance_timeout_ms=rebalance_timeout_ms,
+        )
+        self._conversations = ConversationStage(
+            settings, publish=self._sink.publish, source=self.source, on_fatal=self._fail
         )
         self._committer = Committer(
             CommitPolicy(every=settings.commit_every, interval_s=settings.commit_interval_ms / 1000),
@@ -199,6 +203,7 @@ class ModerationWorker:
             )
             return
         metrics.decoded(record.topic).inc()
+        self._conversations.accept(decoded)  # context from the conversation state, the turn into it
         self._outputs.expect(decoded)
         self._batcher.add(decoded)
 
@@ -248,6 +253,7 @@ class ModerationWorker:
         for _ in range(self._outputs.forget(revoked)):
             self._abandon()
         self._tracker.revoke(revoked)
+        await self._conversations.revoked(revoked)
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -255,6 +261,7 @@ class ModerationWorker:
         self._tracker.assign(assigned)
         if self.source.paused and assigned:
             self.source.pause(assigned)
+        self._conversations.assigned(assigned)  # held until their state is restored
         log.info(Event.PARTITIONS_ASSIGNED, partitions=_names(assigned))
 
     # -- shutdown -------------------------------------------------------------------
@@ -278,7 +285,7 @@ class ModerationWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # Nothing is pending any more: a revoke fired by leaving the group must not wait.
         self._tracker = self._committer.tracker = OffsetTracker()
-        for close in (self.source.stop, self._sink.close, self.backend.close):
+        for close in (self._conversations.close, self.source.stop, self._sink.close, self.backend.close):
             try:
                 await close()
             except Exception as err:  # noqa: BLE001 - closing must go on whatever one part does

@@ -48,6 +48,10 @@ class Event:
     BACKEND_WAITING = "backend.waiting"
     TASK_FAILED = "worker.task_failed"
     WORKER_EXIT = "worker.exit"
+    STATE_RESTORED = "conversation_state.restored"
+    STATE_CHANGELOG_CREATED = "conversation_state.changelog_created"
+    STATE_CHANGELOG_UNAVAILABLE = "conversation_state.changelog_unavailable"
+    STATE_RECORD_INVALID = "conversation_state.invalid_record"
 
 
 class HealthEvent:

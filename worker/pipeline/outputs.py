@@ -12,6 +12,9 @@ input order), so one key's outputs are published in input order. Each publicatio
 nothing and costs little: it finishes the offset (``on_finished``) and updates the
 verdict metrics. Log lines and metrics of outputs are declared here and nowhere else.
 
+A conversation turn's state change (``Job.changelog``) is published in the same group as
+its verdict or dead letter, so its offset finishes only once the change is acknowledged.
+
 Contract: ``conclude`` never raises for any outcome; a job whose partition is no longer
 owned is not published (``on_abandoned`` is called instead: the new owner redoes it).
 """
@@ -98,14 +101,29 @@ class Outputs:
             self._sequencer.complete(
                 job,
                 lambda: self.dead_letter(
-                    job.slot, job.record, stage="backend", error_type=rejected.error_type, message=rejected.reason
+                    job.slot,
+                    job.record,
+                    stage="backend",
+                    error_type=rejected.error_type,
+                    message=rejected.reason,
+                    also=job.changelog,
                 ),
             )
         else:
             self._verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
-    def dead_letter(self, slot: PartitionOffsets, record: Record, *, stage: str, error_type: str, message: str) -> None:
-        """Publish ``record`` unchanged to the dead-letter topic with the reason headers."""
+    def dead_letter(
+        self,
+        slot: PartitionOffsets,
+        record: Record,
+        *,
+        stage: str,
+        error_type: str,
+        message: str,
+        also: OutRecord | None = None,
+    ) -> None:
+        """Publish ``record`` unchanged to the dead-letter topic with the reason headers
+        (and ``also``, a conversation state change, in the same acknowledged group)."""
         log.warning(
             Event.MESSAGE_DEAD_LETTERED,
             topic=record.topic,
@@ -120,7 +138,7 @@ class Outputs:
             record, topic=self._dead_letter_topic, stage=stage, error_type=error_type, message=message
         )
         offset = record.offset
-        self._sink.publish([out], lambda: self._on_finished(slot, offset))
+        self._sink.publish([out] if also is None else [out, also], lambda: self._on_finished(slot, offset))
 
     # -- verdicts -------------------------------------------------------------------
 
@@ -130,6 +148,8 @@ class Outputs:
         violation = self._verdicts.violation(verdict)
         if violation is not None:
             records.append(OutRecord(self._violation_topic, key, violation.model_dump_json().encode()))
+        if job.changelog is not None:  # the turn's state change: acknowledged before its offset finishes
+            records.append(job.changelog)
         record = job.record
         if verdict.flagged:
             log.info(

@@ -89,6 +89,7 @@ class Source:
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         )
         self.paused = False
+        self._held: set[TopicPartition] = set()
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -112,8 +113,22 @@ class Source:
         self.paused = True
 
     def resume(self) -> None:
-        self._consumer.resume(*self._consumer.assignment())
+        """Resume every assigned partition except those held (``hold``)."""
+        self._consumer.resume(*(self._consumer.assignment() - self._held))
         self.paused = False
+
+    def hold(self, tps: list[TopicPartition]) -> None:
+        """Keep ``tps`` paused until ``release``, whatever ``pause``/``resume`` do meanwhile
+        (their conversation state is being restored)."""
+        self._held.update(tps)
+        self._consumer.pause(*tps)
+
+    def release(self, tps: list[TopicPartition]) -> None:
+        """End ``hold``: the still-assigned ones resume unless everything is paused."""
+        self._held.difference_update(tps)
+        if not self.paused:
+            assigned = self._consumer.assignment()
+            self._consumer.resume(*(tp for tp in tps if tp in assigned))
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
