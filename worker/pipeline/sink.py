@@ -108,11 +108,11 @@ class Sink:
         for records, _ in groups:
             for record in records:
                 topic = record.topic
+                choices = partitions.get(topic)
+                if choices is None:  # also for explicit partitions: it loads the topic's leaders
+                    choices = partitions[topic] = sorted(await producer.partitions_for(topic))
                 partition = record.partition
                 if partition is None:
-                    choices = partitions.get(topic)
-                    if choices is None:
-                        choices = partitions[topic] = sorted(await producer.partitions_for(topic))
                     partition = _partition_of(record.key, choices, choices)
                 slot = (topic, partition)
                 batch = batches.get(slot)
