@@ -142,3 +142,16 @@ def test_a_record_that_did_not_decode_is_dead_lettered_at_once_with_its_bytes():
     assert record.value == b"\xff"
     on_acked()
     assert h.finished == [5]
+
+
+def test_a_turns_state_change_is_published_with_its_verdict_or_dead_letter():
+    h = Harness()
+    change = OutRecord("state", b"conv", b"{}", partition=3)
+    judged, refused = h.job(0), h.job(1, key=b"other")
+    judged.changelog = refused.changelog = change
+    h.outputs.conclude(judged, Scored({"sexual": 0.99}, "m"))
+    h.outputs.conclude(refused, Rejected("API said 400"))
+    assert h.publisher.topics == [["v", "x", "state"], ["d", "state"]]
+    assert h.finished == [], "nothing finishes before its group, state change included, is acknowledged"
+    h.publisher.ack_all()
+    assert h.finished == [0, 1]
