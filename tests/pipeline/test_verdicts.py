@@ -7,12 +7,12 @@ import json
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import Verdict, Violation
+from schemas import Turn, Verdict, Violation
 from worker.backends.base import Scored
 from worker.pipeline.decode import Decoder
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets
-from worker.pipeline.verdicts import VerdictBuilder
+from worker.pipeline.verdicts import VerdictBuilder, verdict_id
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=1000)
 BUILDER = VerdictBuilder(policy=Policy.load(None), backend_name="mistral", include_text=True)
@@ -62,9 +62,6 @@ def test_violation_and_degraded_verdicts_equal_the_validated_models():
 
 
 def test_the_context_a_turn_was_judged_with_is_part_of_its_verdict_id():
-    from schemas import Turn
-    from worker.pipeline.verdicts import verdict_id
-
     turn = {"id": "t1", "conversation_id": "c", "role": "assistant", "content": "do it like this"}
     alone = BUILDER.scored(job(turn, topic="in.v"), Scored(SCORES, "m")).verdict_id
     stated = job(turn, topic="in.v")
