@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas import Turn
 from schemas.models import Role
@@ -56,10 +56,12 @@ CONVERSATION_OVERHEAD_BYTES = 600
 """Approximate memory of one conversation besides its turns (window, LRU and index entries)."""
 
 CHANGELOG_VERSION = 1
+_ROLES = frozenset(("user", "assistant"))
 
 
-@dataclass(frozen=True, slots=True)
-class StoredTurn:
+class StoredTurn(NamedTuple):
+    """One stored turn (a tuple: restore builds hundreds of thousands of them)."""
+
     id: str
     role: Role
     content: str
@@ -252,17 +254,15 @@ class ConversationState:
 
     def _decode(self, conversation_id: str, value: bytes) -> _Window:
         data: Any = json.loads(value)
-        turns: deque[StoredTurn] = deque(maxlen=self._keep)
-        size = CONVERSATION_OVERHEAD_BYTES + len(conversation_id)
-        for item in data["turns"]:
-            role = item["role"]
-            if role not in ("user", "assistant"):
-                raise ValueError(f"unknown role {role!r}")
-            turn = StoredTurn(str(item["id"]), role, str(item["content"])[-self.max_context_chars :])
-            if len(turns) == turns.maxlen:
-                size -= _turn_size(turns[0])
-            turns.append(turn)
-            size += _turn_size(turn)
+        limit = self.max_context_chars
+        stored = []
+        for item in data["turns"][-self._keep :]:
+            turn_id, role, content = item["id"], item["role"], item["content"]
+            if role not in _ROLES or not isinstance(turn_id, str) or not isinstance(content, str):
+                raise ValueError(f"not a stored turn: {item!r:.200}")
+            stored.append(StoredTurn(turn_id, role, content if len(content) <= limit else content[-limit:]))
+        turns = deque(stored, maxlen=self._keep)
+        size = CONVERSATION_OVERHEAD_BYTES + len(conversation_id) + sum(map(_turn_size, turns))
         return _Window(turns, float(data["updated_at"]), size)
 
 
