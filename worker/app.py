@@ -2,7 +2,8 @@
 ``worker/pipeline``; this module only connects them and owns the loop.
 
 One record's way: ``source`` reads it -> the offset ``tracker`` tracks it in its
-partition's slot -> ``decode`` makes a ``Job`` (or a dead letter) -> ``outputs.expect``
+partition's slot -> ``decode`` makes a ``Job`` (or a dead letter) -> ``conversation_stage``
+gives a conversation turn its context and records its state change -> ``outputs.expect``
 holds its place in its key's line -> ``batching`` gathers jobs into calls -> ``scoring``
 scores a batch under the fail policy -> ``outputs.conclude`` publishes verdict, violation
 or dead letter through the ``sink`` in key order -> the broker's ack finishes the offset
