@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from schemas import Turn
 from worker.pipeline.conversation_state import (
     CONVERSATION_OVERHEAD_BYTES,
     REPLAY_MARGIN_TURNS,
@@ -181,3 +182,12 @@ def test_stored_content_is_cut_to_what_can_ever_be_sent(max_context_chars):
     change = s.observe(0, "c", "t0", "user", "0123456789abcdef").change
     assert change is not None
     assert json.loads(change.value)["turns"][0]["content"] == "0123456789abcdef"[-max_context_chars:]
+
+
+def test_context_turns_equal_validated_turns():
+    s = state()
+    s.observe(0, "c", "t0", "assistant", "hello there")
+    [built] = s.observe(0, "c", "t1", "user", "hi").context
+    validated = Turn(role="assistant", content="hello there")
+    assert built == validated and built.model_dump() == validated.model_dump()
+    assert built.model_fields_set == validated.model_fields_set

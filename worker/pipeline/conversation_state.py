@@ -34,12 +34,13 @@ Not thread-safe: the event loop only.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from pydantic_core import from_json, to_json
 
 from schemas import Turn
 from schemas.models import Role
@@ -164,7 +165,7 @@ class ConversationState:
             if budget <= 0:
                 break
             content = turn.content if len(turn.content) <= budget else turn.content[-budget:]
-            picked.append(Turn.model_construct(role=turn.role, content=content))
+            picked.append(_turn(turn.role, content))
             budget -= len(content)
         picked.reverse()
         return tuple(picked)
@@ -253,7 +254,7 @@ class ConversationState:
         return len(windows), invalid
 
     def _decode(self, conversation_id: str, value: bytes) -> _Window:
-        data: Any = json.loads(value)
+        data: Any = from_json(value)
         limit = self.max_context_chars
         stored = []
         for item in data["turns"][-self._keep :]:
@@ -266,18 +267,32 @@ class ConversationState:
         return _Window(turns, float(data["updated_at"]), size)
 
 
+def _turn(role: Role, content: str) -> Turn:
+    """A ``Turn`` holding already-valid values, built as ``verdicts._assemble`` builds
+    verdicts: ``model_construct`` cost ~10x more, ten times per judged turn.
+    tests/pipeline/test_conversation_state.py checks it equals a validated ``Turn``."""
+    turn = Turn.__new__(Turn)
+    object.__setattr__(turn, "__dict__", {"role": role, "content": content})
+    object.__setattr__(turn, "__pydantic_fields_set__", _TURN_FIELDS)
+    object.__setattr__(turn, "__pydantic_extra__", None)
+    object.__setattr__(turn, "__pydantic_private__", None)
+    return turn
+
+
+_TURN_FIELDS = frozenset(("role", "content"))
+
+
 def _turn_size(turn: StoredTurn) -> int:
     return TURN_OVERHEAD_BYTES + len(turn.id) + len(turn.content)
 
 
 def _encode(conversation_id: str, window: _Window) -> bytes:
     """The changelog value: the conversation's stored turns and last activity, as JSON."""
-    return json.dumps(
+    return to_json(
         {
             "v": CHANGELOG_VERSION,
             "conversation_id": conversation_id,
             "updated_at": window.last_active,
             "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in window.turns],
-        },
-        ensure_ascii=False,
-    ).encode()
+        }
+    )
