@@ -31,6 +31,11 @@ _FETCH_WAIT_MS = 100
 """A restore fetch waits this long at most for data: an empty partition is done after one."""
 
 
+CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "segment.ms": "3600000"}
+"""Compacted; segments roll hourly because the cleaner never compacts the active segment
+(default: up to 7 days or 1 GB), and a restore reads everything not yet compacted."""
+
+
 class ChangelogUnavailable(Exception):
     """The changelog topic is missing and cannot be created, or cannot hold the state."""
 
@@ -85,7 +90,7 @@ class StateChangelog:
                 )
             return
         replicas = max(1, min(len(p["replicas"]) for p in source["partitions"])) if partitions else 1
-        topic = NewTopic(self.topic, partitions, replicas, topic_configs={"cleanup.policy": "compact"})
+        topic = NewTopic(self.topic, partitions, replicas, topic_configs=CHANGELOG_CONFIGS)
         answer = await admin.create_topics([topic])
         for _name, code, *message in getattr(answer, "topic_errors", ()):
             if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another member was first)
@@ -99,7 +104,7 @@ class StateChangelog:
             topic=self.topic,
             partitions=partitions,
             replication_factor=replicas,
-            cleanup_policy="compact",
+            configs=CHANGELOG_CONFIGS,
         )
 
     async def read(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes | None]], int]:
