@@ -236,3 +236,50 @@ async def test_a_changelog_topic_that_cannot_hold_the_state_stops_the_worker_wit
     message = str(raised.value)
     assert "\n" not in message
     assert topics.conversation_state in message and "2 partitions" in message and "has 4" in message
+
+
+async def test_idle_and_least_recent_conversations_are_forgotten_with_tombstones(
+    broker, topics, mistral, api_key, monkeypatch
+):
+    """TTL and the memory bound on a running worker: a forgotten conversation's next turn is
+    judged alone, and the changelog gets a tombstone for it."""
+    bootstrap = broker.bootstrap_servers
+    published = 0
+
+    async def publish_and_wait(*turns: dict) -> None:
+        nonlocal published
+        for t in turns:  # one at a time: the order the state sees them is the order written here
+            await produce(bootstrap, topics.conversation, records([t]))
+            published += 1
+            await wait_for_count(bootstrap, topics.verdict, published)
+
+    async def scenario() -> None:
+        await publish_and_wait(chat_turn("idle", 0))
+        await asyncio.sleep(2.5)  # past the 2 s TTL
+        await publish_and_wait(chat_turn("idle", 1))
+        # ~800 bytes per one-turn conversation against a 1,024-byte bound: each new
+        # conversation pushes out the other one
+        await publish_and_wait(
+            chat_turn("mem-a", 0), chat_turn("mem-b", 0), chat_turn("mem-a", 1), chat_turn("mem-b", 1)
+        )
+
+    env = worker_env(
+        broker,
+        topics,
+        mistral,
+        api_key,
+        MODWORKER_CONVERSATION__TTL_S="2",
+        MODWORKER_CONVERSATION__MAX_BYTES="1024",
+        MODWORKER_BATCH__MAX_WAIT_MS="0",
+    )
+    await run_worker_until(monkeypatch, env, scenario)
+
+    seen = judged_with(mistral)
+    for conversation in ("idle", "mem-a", "mem-b"):
+        assert seen[f"turn 1 of {conversation}"] == [[]], f"{conversation} was not forgotten"
+    changelog = await read_all(bootstrap, topics.conversation_state, idle_s=1)
+    tombstoned = {r.key.decode() for r in changelog if r.value is None}
+    assert {"idle", "mem-a", "mem-b"} <= tombstoned
+    idle = [r.value is not None for r in changelog if r.key == b"idle"]
+    # turn 0, its TTL tombstone, turn 1 (after the tombstone), then pushed out by mem-a
+    assert idle == [True, False, True, False]
