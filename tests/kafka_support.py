@@ -28,6 +28,8 @@ class TopicSet:
     violation: str
     dead_letter: str
     group_id: str
+    conversation_state: str
+    """The conversation state's changelog: per test, so no test restores another's state."""
 
     @classmethod
     def unique(cls) -> TopicSet:
@@ -39,6 +41,7 @@ class TopicSet:
             f"moderation.violations.{tag}",
             f"moderation.dead-letter.{tag}",
             f"modworker-{tag}",
+            f"moderation.conversation-state.{tag}",
         )
 
     @property
@@ -57,6 +60,7 @@ class TopicSet:
             "MODWORKER_VIOLATION_TOPIC": self.violation,
             "MODWORKER_DEAD_LETTER_TOPIC": self.dead_letter,
             "MODWORKER_GROUP_ID": self.group_id,
+            "MODWORKER_CONVERSATION__CHANGELOG_TOPIC": self.conversation_state,
         }
 
 

@@ -2,7 +2,8 @@
 ``worker/pipeline``; this module only connects them and owns the loop.
 
 One record's way: ``source`` reads it -> the offset ``tracker`` tracks it in its
-partition's slot -> ``decode`` makes a ``Job`` (or a dead letter) -> ``outputs.expect``
+partition's slot -> ``decode`` makes a ``Job`` (or a dead letter) -> ``conversation_stage``
+gives a conversation turn its context and records its state change -> ``outputs.expect``
 holds its place in its key's line -> ``batching`` gathers jobs into calls -> ``scoring``
 scores a batch under the fail policy -> ``outputs.conclude`` publishes verdict, violation
 or dead letter through the ``sink`` in key order -> the broker's ack finishes the offset
@@ -51,6 +52,7 @@ from worker.ops.logs import Event
 from worker.pipeline.backpressure import InFlight
 from worker.pipeline.batching import MicroBatcher
 from worker.pipeline.commit import CommitPolicy, Committer
+from worker.pipeline.conversation_stage import ConversationStage
 from worker.pipeline.decode import Decoder
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outputs import Outputs
@@ -131,6 +133,9 @@ class ModerationWorker:
             on_assign=self._on_assigned,
             on_revoke=self._on_revoked,
             rebalance_timeout_ms=rebalance_timeout_ms,
+        )
+        self._conversations = ConversationStage(
+            settings, publish=self._sink.publish, source=self.source, on_fatal=self._fail
         )
         self._committer = Committer(
             CommitPolicy(every=settings.commit_every, interval_s=settings.commit_interval_ms / 1000),
@@ -219,6 +224,7 @@ class ModerationWorker:
             )
             return
         metrics.decoded(record.topic).inc()
+        self._conversations.accept(decoded)  # context from the conversation state, the turn into it
         self._outputs.expect(decoded)
         self._batcher.add(decoded)
 
@@ -284,6 +290,7 @@ class ModerationWorker:
         # Their queued outputs are now dropped unsent; wait for those already sent, so
         # that nothing is published for them after this listener returns.
         await self._sink.settle(max(_SETTLE_MIN_S, deadline - time.monotonic()))
+        await self._conversations.revoked(revoked)
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -291,6 +298,7 @@ class ModerationWorker:
         self._tracker.assign(assigned)
         if self.source.paused and assigned:
             self.source.pause(assigned)
+        self._conversations.assigned(assigned)  # held until their state is restored
         log.info(Event.PARTITIONS_ASSIGNED, partitions=_names(assigned))
 
     # -- shutdown -------------------------------------------------------------------
@@ -314,7 +322,7 @@ class ModerationWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # Nothing is pending any more: a revoke fired by leaving the group must not wait.
         self._tracker = self._committer.tracker = OffsetTracker()
-        for close in (self.source.stop, self._sink.close, self.backend.close):
+        for close in (self._conversations.close, self.source.stop, self._sink.close, self.backend.close):
             try:
                 await close()
             except Exception as err:  # noqa: BLE001 - closing must go on whatever one part does

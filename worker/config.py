@@ -250,6 +250,32 @@ class CacheSettings(BaseModel):
     ttl_s: float = Field(default=3_600.0, gt=0, description="Cached scores expire after this.")
 
 
+class ConversationSettings(BaseModel):
+    """Conversation state: earlier turns kept per input partition, backed by a changelog topic."""
+
+    enabled: bool = Field(
+        default=True, description="Judge a turn published without context with its conversation's earlier turns."
+    )
+    max_turns: int = Field(default=10, ge=1, le=1_000, description="Earlier turns given as context, at most.")
+    max_context_chars: int = Field(
+        default=8_000,
+        ge=1,
+        description="Characters of context per judged turn (the turn itself is never cut); the oldest turn given "
+        "is cut to its end to fit.",
+    )
+    ttl_s: float = Field(default=86_400.0, gt=0, description="A conversation idle this long is forgotten.")
+    max_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1_024,
+        description="Approximate memory for all conversations held; least recently active ones are forgotten first.",
+    )
+    changelog_topic: str = Field(
+        default="moderation.conversation-state",
+        min_length=1,
+        description="Compacted topic the state is written to and restored from; one per consumer group.",
+    )
+
+
 class Settings(BaseSettings):
     """All of the worker's configuration. See the README's configuration table."""
 
@@ -281,6 +307,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    conversation: ConversationSettings = Field(default_factory=ConversationSettings)
 
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")

@@ -230,3 +230,16 @@ def test_a_verdict_that_cannot_fit_at_all_is_dead_lettered_not_fatal():
     [([record], _)] = h.publisher.published
     headers = dict(record.headers or [])
     assert record.topic == "d" and headers[DeadLetterHeaders.ERROR_TYPE] == b"output_too_large"
+
+
+def test_a_turns_state_change_is_published_with_its_verdict_or_dead_letter():
+    h = Harness()
+    change = OutRecord("state", b"conv", b"{}", partition=3)
+    judged, refused = h.job(0), h.job(1, key=b"other")
+    judged.changelog = refused.changelog = change
+    h.outputs.conclude(judged, Scored({"sexual": 0.99}, "m"))
+    h.outputs.conclude(refused, Rejected("API said 400"))
+    assert h.publisher.topics == [["v", "x", "state"], ["d", "state"]]
+    assert h.finished == [], "nothing finishes before its group, state change included, is acknowledged"
+    h.publisher.ack_all()
+    assert h.finished == [0, 1]

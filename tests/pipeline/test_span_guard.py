@@ -16,10 +16,10 @@ class FakeSource:
     def __init__(self) -> None:
         self.held: set[TopicPartition] = set()
 
-    def hold(self, tps: list[TopicPartition]) -> None:
+    def hold(self, tps: list[TopicPartition], reason: str) -> None:
         self.held.update(tps)
 
-    def release(self, tps: list[TopicPartition]) -> None:
+    def release(self, tps: list[TopicPartition], reason: str) -> None:
         self.held.difference_update(tps)
 
 

@@ -7,12 +7,12 @@ import json
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import Verdict, Violation
+from schemas import Turn, Verdict, Violation
 from worker.backends.base import Scored
 from worker.pipeline.decode import Decoder
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets
-from worker.pipeline.verdicts import VerdictBuilder
+from worker.pipeline.verdicts import VerdictBuilder, verdict_id
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=1000)
 BUILDER = VerdictBuilder(policy=Policy.load(None), backend_name="mistral", include_text=True)
@@ -59,3 +59,18 @@ def test_violation_and_degraded_verdicts_equal_the_validated_models():
     assert_same_as_validated(degraded)
     assert degraded.degraded and degraded.conversation_id == "c" and degraded.scores == {}
     assert BUILDER.violation(BUILDER.scored(conversation, Scored(scores={"law": 0.0}, model="m"))) is None
+
+
+def test_the_context_a_turn_was_judged_with_is_part_of_its_verdict_id():
+    turn = {"id": "t1", "conversation_id": "c", "role": "assistant", "content": "do it like this"}
+    alone = BUILDER.scored(job(turn, topic="in.v"), Scored(SCORES, "m")).verdict_id
+    stated = job(turn, topic="in.v")
+    stated.context = (Turn(role="user", content="how do I do it?"),)
+    with_context = BUILDER.scored(stated, Scored(SCORES, "m")).verdict_id
+    again = job(turn, topic="in.v")
+    again.context = (Turn(role="user", content="how do I do it?"),)
+    assert with_context != alone
+    assert BUILDER.scored(again, Scored(SCORES, "m")).verdict_id == with_context
+    # no context: the id is what it was before context counted
+    policy = Policy.load(None).version
+    assert alone == verdict_id("conversation", "t1", "do it like this", policy, "m")

@@ -52,6 +52,10 @@ class Event:
     BACKEND_POISON_INPUT = "backend.poison_input"
     TASK_FAILED = "worker.task_failed"
     WORKER_EXIT = "worker.exit"
+    STATE_RESTORED = "conversation_state.restored"
+    STATE_CHANGELOG_CREATED = "conversation_state.changelog_created"
+    STATE_CHANGELOG_UNAVAILABLE = "conversation_state.changelog_unavailable"
+    STATE_RECORD_INVALID = "conversation_state.invalid_record"
 
 
 class HealthEvent:

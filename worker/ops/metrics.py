@@ -157,6 +157,31 @@ WORKER_INFO = Info(
     f"{PREFIX}_build", "The running worker: version, backend, policy version, consumer group.", registry=REGISTRY
 )
 
+# -- conversation state -----------------------------------------------------------------
+
+CONVERSATIONS_HELD = Gauge(
+    f"{PREFIX}_conversations_held",
+    "Conversations held in the conversation state, over all owned partitions.",
+    registry=REGISTRY,
+)
+CONVERSATION_STATE_BYTES = Gauge(
+    f"{PREFIX}_conversation_state_bytes",
+    "Approximate memory of the conversation state (bounded by MODWORKER_CONVERSATION__MAX_BYTES).",
+    registry=REGISTRY,
+)
+CONVERSATION_EVICTIONS = Counter(
+    f"{PREFIX}_conversation_evictions",
+    "Conversations forgotten, by reason: ttl (idle too long) or memory (least recently active at the bound).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CONVERSATION_RESTORE = Histogram(
+    f"{PREFIX}_conversation_restore_seconds",
+    "Restoring the conversation state of newly assigned partitions from the changelog topic.",
+    buckets=_BACKEND_S,
+    registry=REGISTRY,
+)
+
 # -- backend ----------------------------------------------------------------------------
 
 BACKEND_REQUEST_LATENCY = Histogram(
@@ -250,6 +275,7 @@ backend_retries = LabelCache(BACKEND_RETRIES)
 llm_tokens = LabelCache(LLM_TOKENS)
 llm_unparseable = LabelCache(LLM_UNPARSEABLE)
 outputs_trimmed = LabelCache(OUTPUTS_TRIMMED)
+conversation_evictions = LabelCache(CONVERSATION_EVICTIONS)
 
 
 def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:
@@ -279,6 +305,13 @@ def bind_worker(worker: WorkerStatus, *, version: str, group_id: str) -> None:
             "group_id": group_id,
         }
     )
+
+
+def bind_conversation_state(state: Any) -> None:
+    """Point the conversation-state gauges at ``state`` (``conversations`` and ``bytes``
+    attributes: ``worker.pipeline.conversation_state.ConversationState``); a later call rebinds."""
+    CONVERSATIONS_HELD.set_function(lambda: state.conversations)
+    CONVERSATION_STATE_BYTES.set_function(lambda: state.bytes)
 
 
 class _BackendCollector(Collector):

@@ -19,6 +19,9 @@ at every restart. A verdict over it is published without its pass-through fields
 is dead-lettered as ``output_too_large``; a dead letter over it has its value truncated
 (``sink.dead_letter_record``).
 
+A conversation turn's state change (``Job.changelog``) is published in the same group as
+its verdict or dead letter, so its offset finishes only once the change is acknowledged.
+
 Contract: ``conclude`` never raises for any outcome; a job whose partition is no longer
 owned is not published (``on_abandoned`` is called instead: the new owner redoes it).
 """
@@ -108,14 +111,29 @@ class Outputs:
             self._sequencer.complete(
                 job,
                 lambda: self.dead_letter(
-                    job.slot, job.record, stage="backend", error_type=rejected.error_type, message=rejected.reason
+                    job.slot,
+                    job.record,
+                    stage="backend",
+                    error_type=rejected.error_type,
+                    message=rejected.reason,
+                    also=job.changelog,
                 ),
             )
         else:
             self._verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
-    def dead_letter(self, slot: PartitionOffsets, record: Record, *, stage: str, error_type: str, message: str) -> None:
-        """Publish ``record`` unchanged to the dead-letter topic with the reason headers."""
+    def dead_letter(
+        self,
+        slot: PartitionOffsets,
+        record: Record,
+        *,
+        stage: str,
+        error_type: str,
+        message: str,
+        also: OutRecord | None = None,
+    ) -> None:
+        """Publish ``record`` unchanged to the dead-letter topic with the reason headers
+        (and ``also``, a conversation state change, in the same acknowledged group)."""
         log.warning(
             Event.MESSAGE_DEAD_LETTERED,
             topic=record.topic,
@@ -137,7 +155,7 @@ class Outputs:
         if out.headers and any(k == DeadLetterHeaders.TRUNCATED for k, _ in out.headers):
             metrics.outputs_trimmed("dead_letter").inc()
         offset = record.offset
-        self._sink.publish([out], lambda: self._on_finished(slot, offset), slot)
+        self._sink.publish([out] if also is None else [out, also], lambda: self._on_finished(slot, offset), slot)
 
     # -- verdicts -------------------------------------------------------------------
 
@@ -156,10 +174,17 @@ class Outputs:
             self._sequencer.complete(
                 job,
                 lambda: self.dead_letter(
-                    job.slot, job.record, stage="output", error_type="output_too_large", message=message
+                    job.slot,
+                    job.record,
+                    stage="output",
+                    error_type="output_too_large",
+                    message=message,
+                    also=job.changelog,
                 ),
             )
             return
+        if job.changelog is not None:  # the turn's state change: acknowledged before its offset finishes
+            records.append(job.changelog)
         record = job.record
         if verdict.flagged:
             log.info(

@@ -188,10 +188,14 @@ class Scorer:
     async def _call(self, kind: Kind, jobs: Sequence[Job]) -> list[Outcome]:
         if kind == "content":
             return await self.backend.score_texts([job.text for job in jobs])
-        return await self.backend.score_conversations([conversation_of(job.event) for job in jobs])
+        return await self.backend.score_conversations([conversation_of(job.event, job.context) for job in jobs])
 
 
-def conversation_of(event: ConversationEvent | object) -> Conversation:
-    """What the backend judges for a conversation event: its context, then its turn last."""
+def conversation_of(event: ConversationEvent | object, context: tuple[Turn, ...] | None = None) -> Conversation:
+    """What the backend judges for a conversation event: its context, then its turn last.
+
+    ``context`` (from the conversation state, ``Job.context``) replaces the event's own when set.
+    """
     assert isinstance(event, ConversationEvent)
-    return Conversation(turn=Turn(role=event.role, content=event.content), context=tuple(event.context))
+    turns = tuple(event.context) if context is None else context
+    return Conversation(turn=Turn(role=event.role, content=event.content), context=turns)

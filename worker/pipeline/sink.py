@@ -44,7 +44,7 @@ def record_size(record: OutRecord) -> int:
     """Bytes ``record`` takes alone in a record batch: what the broker's ``max.message.bytes``
     limits. An upper bound, a few bytes generous."""
     headers = sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in record.headers or ())
-    return _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value) + headers
+    return _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value or b"") + headers
 
 
 def dead_letter_record(
@@ -190,9 +190,11 @@ class Sink:
             for record in records:
                 topic = record.topic
                 choices = partitions.get(topic)
-                if choices is None:
+                if choices is None:  # also for explicit partitions: it loads the topic's leaders
                     choices = partitions[topic] = sorted(await producer.partitions_for(topic))
-                partition = _partition_of(record.key, choices, choices)
+                partition = record.partition
+                if partition is None:
+                    partition = _partition_of(record.key, choices, choices)
                 slot = (topic, partition)
                 batch = batches.get(slot)
                 if batch is None:

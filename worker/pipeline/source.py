@@ -89,7 +89,7 @@ class Source:
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         )
         self.paused = False
-        self._held: set[TopicPartition] = set()
+        self._held: dict[TopicPartition, set[str]] = {}
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -114,19 +114,32 @@ class Source:
 
     def resume(self) -> None:
         """Resume every assigned partition except those held (``hold``)."""
-        self._consumer.resume(*(self._consumer.assignment() - self._held))
+        self._consumer.resume(*(self._consumer.assignment() - set(self._held)))
         self.paused = False
 
-    def hold(self, tps: list[TopicPartition]) -> None:
-        """Pause ``tps`` on their own, whatever backpressure does, until ``release``."""
-        self._held.update(tps)
+    def hold(self, tps: list[TopicPartition], reason: str) -> None:
+        """Keep ``tps`` paused for ``reason`` until ``release(tps, reason)``, whatever
+        ``pause``/``resume`` do meanwhile. Holds of different reasons add up: a partition
+        resumes only when every reason released it (e.g. a state restore and a stuck span)."""
+        for tp in tps:
+            self._held.setdefault(tp, set()).add(reason)
         self._consumer.pause(*tps)
 
-    def release(self, tps: list[TopicPartition]) -> None:
-        """End a ``hold``; the partitions resume unless backpressure has everything paused."""
-        self._held.difference_update(tps)
-        if not self.paused:
-            self._consumer.resume(*(tp for tp in tps if tp in self._consumer.assignment()))
+    def release(self, tps: list[TopicPartition], reason: str) -> None:
+        """End ``reason``'s hold: partitions no longer held for any reason resume, if still
+        assigned and unless backpressure has everything paused."""
+        freed = []
+        for tp in tps:
+            reasons = self._held.get(tp)
+            if reasons is None:
+                continue
+            reasons.discard(reason)
+            if not reasons:
+                del self._held[tp]
+                freed.append(tp)
+        if not self.paused and freed:
+            assigned = self._consumer.assignment()
+            self._consumer.resume(*(tp for tp in freed if tp in assigned))
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())

@@ -32,9 +32,9 @@ log = structlog.get_logger("worker.pipeline.span_guard")
 class Holdable(Protocol):
     """What the guard needs of the source: pause and resume single partitions."""
 
-    def hold(self, tps: list[TopicPartition]) -> None: ...
+    def hold(self, tps: list[TopicPartition], reason: str) -> None: ...
 
-    def release(self, tps: list[TopicPartition]) -> None: ...
+    def release(self, tps: list[TopicPartition], reason: str) -> None: ...
 
 
 class SpanGuard:
@@ -62,7 +62,7 @@ class SpanGuard:
                     self._note(tp, slot)
             elif span > self.cap:
                 self._note(tp, slot)
-                source.hold([tp])
+                source.hold([tp], "uncommitted-span")
                 log.error(
                     Event.PARTITION_STUCK,
                     topic=tp.topic,
@@ -74,7 +74,7 @@ class SpanGuard:
         for tp in [tp for tp in self._held if tp not in seen]:  # revoked: no longer ours to hold
             del self._held[tp]
             metrics.PARTITION_STUCK_OFFSET.remove(tp.topic, str(tp.partition))
-            source.release([tp])
+            source.release([tp], "uncommitted-span")
 
     def _note(self, tp: TopicPartition, slot: PartitionOffsets) -> None:
         offset = slot.lowest_unfinished
@@ -85,5 +85,5 @@ class SpanGuard:
     def _release(self, tp: TopicPartition, source: Holdable, span: int) -> None:
         del self._held[tp]
         metrics.PARTITION_STUCK_OFFSET.remove(tp.topic, str(tp.partition))
-        source.release([tp])
+        source.release([tp], "uncommitted-span")
         log.info(Event.PARTITION_UNSTUCK, topic=tp.topic, partition=tp.partition, span=span)

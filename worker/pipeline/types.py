@@ -18,7 +18,7 @@ from typing import TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import ContentEvent, ConversationEvent, Kind
+from schemas import ContentEvent, ConversationEvent, Kind, Turn
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 """An input record as aiokafka delivers it (``key`` and ``value`` may also be None)."""
@@ -102,6 +102,12 @@ class Job:
     event: ContentEvent | ConversationEvent
     size: int
     """Bytes of the record value: a cheap upper bound of the text the backend will see."""
+    context: tuple[Turn, ...] | None = None
+    """Context given by the conversation state (``worker.pipeline.conversation_stage``) to a
+    turn published without any; None: the event's own ``context`` is used."""
+    changelog: OutRecord | None = None
+    """The conversation state change this turn made, published with its outcome (so its
+    offset is committed only once the change is acknowledged); None: no change."""
 
     @property
     def tp(self) -> TopicPartition:
@@ -112,6 +118,14 @@ class Job:
         """The judged text: a content item's text or a conversation turn's content."""
         event = self.event
         return event.text if isinstance(event, ContentEvent) else event.content
+
+    @property
+    def judged_context(self) -> tuple[Turn, ...]:
+        """The turns a conversation turn is judged with (oldest first); empty for content."""
+        if self.context is not None:
+            return self.context
+        event = self.event
+        return () if isinstance(event, ContentEvent) else tuple(event.context)
 
     @property
     def key(self) -> bytes:
@@ -138,5 +152,8 @@ class OutRecord:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
+    """None: a tombstone (compacted topics forget the key)."""
     headers: Headers | None = None
+    partition: int | None = None
+    """An explicit partition (a changelog's matches its input's); None: chosen by key hash."""

@@ -1,7 +1,8 @@
 """Turn a policy decision into the output contracts: ``Verdict`` and ``Violation``.
 
 ``verdict_id`` is deterministic: a hash of the input's kind, event id and judged text, the
-policy version and the model id. Reprocessing the same input after a crash therefore
+context it was judged with (a conversation turn's earlier turns), the policy version and
+the model id. Reprocessing the same input after a crash therefore
 yields the same id, which is how consumers drop the duplicates at-least-once allows.
 
 Verdicts are assembled, not validated: every value comes from a validated event, the
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from schemas import BackendDetails, CategoryHit, ContentEvent, InputPosition, Verdict, Violation
+from schemas import BackendDetails, CategoryHit, ContentEvent, InputPosition, Turn, Verdict, Violation
 from worker.backends.base import Scored
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job
@@ -41,8 +43,13 @@ def _assemble(model: type[_Model], values: dict[str, Any]) -> _Model:
     return instance
 
 
-def verdict_id(kind: str, event_id: str, text: str, policy_version: str, model: str) -> str:
-    digest = hashlib.sha256("\x1f".join((kind, event_id, text, policy_version, model)).encode())
+def verdict_id(
+    kind: str, event_id: str, text: str, policy_version: str, model: str, context: Sequence[Turn] = ()
+) -> str:
+    """``context``: the turns the input was judged with; none leaves the id as it was without."""
+    parts = [kind, event_id, text, policy_version, model]
+    parts.extend(f"{turn.role}\x1e{turn.content}" for turn in context)
+    digest = hashlib.sha256("\x1f".join(parts).encode())
     return digest.hexdigest()[:32]
 
 
@@ -99,7 +106,9 @@ class VerdictBuilder:
         return _assemble(
             Verdict,
             {
-                "verdict_id": verdict_id(job.kind, event.id, job.text, self._policy.version, id_model),
+                "verdict_id": verdict_id(
+                    job.kind, event.id, job.text, self._policy.version, id_model, job.judged_context
+                ),
                 "event_id": event.id,
                 "kind": job.kind,
                 "conversation_id": conversation_id,

@@ -1,0 +1,158 @@
+"""The conversation state's changelog topic: created when missing, read back on assignment.
+
+The topic is compacted (``cleanup.policy=compact``), keyed by conversation id, with the
+conversation topic's partition count: the state of input partition ``p`` lives in
+changelog partition ``p`` (the worker writes there explicitly, whatever the key hashes
+to). Writing happens through the sink with the turn's verdict (``worker.pipeline.outputs``);
+this module only ensures the topic and reads partitions back.
+
+Reading stops at each partition's highwater mark as the first fetch response reports it,
+not at ``end_offsets()``: the embedded test broker reports end offsets wrongly
+(../shared/BROKER.md), the highwater mark is right there and on Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
+
+from worker.config import KafkaSettings
+from worker.ops.logs import Event
+from worker.pipeline.source import client_options
+
+log = structlog.get_logger("worker.pipeline.state_changelog")
+
+_FETCH_WAIT_MS = 100
+"""A restore fetch waits this long at most for data: an empty partition is done after one."""
+
+
+CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "segment.ms": "3600000"}
+"""Compacted; segments roll hourly because the cleaner never compacts the active segment
+(default: up to 7 days or 1 GB), and a restore reads everything not yet compacted."""
+
+
+class ChangelogUnavailable(Exception):
+    """The changelog topic is missing and cannot be created, or cannot hold the state."""
+
+
+class StateChangelog:
+    """The changelog ``topic`` of the conversation ``source_topic``'s state."""
+
+    def __init__(self, kafka: KafkaSettings, *, topic: str, source_topic: str) -> None:
+        self.topic = topic
+        self.source_topic = source_topic
+        self._kafka = kafka
+        self._ensured = False
+        self._lock = asyncio.Lock()
+
+    async def ensure(self) -> None:
+        """Create the topic when missing (compacted, the source's partitions and replicas).
+
+        Raises ``ChangelogUnavailable`` with a one-line reason when it is missing and cannot
+        be created, or has fewer partitions than the source topic. Checked once per process.
+        """
+        async with self._lock:
+            if self._ensured:
+                return
+            admin = AIOKafkaAdminClient(**client_options(self._kafka))
+            try:
+                await admin.start()
+                await self._ensure(admin)
+            except ChangelogUnavailable:
+                raise
+            except Exception as err:  # noqa: BLE001 - every admin failure becomes the one-line reason
+                raise ChangelogUnavailable(
+                    f"conversation state: cannot check or create changelog topic {self.topic!r}: "
+                    f"{type(err).__name__}: {err}; create it (cleanup.policy=compact, as many partitions as "
+                    f"{self.source_topic!r}) or set MODWORKER_CONVERSATION__ENABLED=false"
+                ) from None
+            finally:
+                await admin.close()
+            self._ensured = True
+
+    async def _ensure(self, admin: AIOKafkaAdminClient) -> None:
+        # Describe only topics known to exist: describing a missing one auto-creates it on
+        # brokers that allow auto-creation (with the broker's default partition count).
+        source = _describe(await admin.describe_topics([self.source_topic]), self.source_topic)
+        partitions = len(source["partitions"])
+        if self.topic in set(await admin.list_topics()):
+            existing = _describe(await admin.describe_topics([self.topic]), self.topic)
+            if len(existing["partitions"]) < partitions:
+                raise ChangelogUnavailable(
+                    f"conversation state: changelog topic {self.topic!r} has {len(existing['partitions'])} "
+                    f"partitions, {self.source_topic!r} has {partitions}: recreate it with {partitions} or set "
+                    "MODWORKER_CONVERSATION__CHANGELOG_TOPIC to another topic"
+                )
+            return
+        replicas = max(1, min(len(p["replicas"]) for p in source["partitions"])) if partitions else 1
+        topic = NewTopic(self.topic, partitions, replicas, topic_configs=CHANGELOG_CONFIGS)
+        answer = await admin.create_topics([topic])
+        for _name, code, *message in getattr(answer, "topic_errors", ()):
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another member was first)
+                raise ChangelogUnavailable(
+                    f"conversation state: cannot create changelog topic {self.topic!r} (error {code}: "
+                    f"{message[0] if message else ''}); create it (cleanup.policy=compact, {partitions} partitions) "
+                    "or set MODWORKER_CONVERSATION__ENABLED=false"
+                )
+        log.info(
+            Event.STATE_CHANGELOG_CREATED,
+            topic=self.topic,
+            partitions=partitions,
+            replication_factor=replicas,
+            configs=CHANGELOG_CONFIGS,
+        )
+
+    async def read(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes | None]], int]:
+        """The latest value per key of each partition, read from the beginning up to its
+        highwater mark at the time of the first fetch; and the number of records read."""
+        consumer = AIOKafkaConsumer(
+            **client_options(self._kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=_FETCH_WAIT_MS,
+        )
+        latest: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
+        read = 0
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            targets: dict[TopicPartition, int] = {}
+            remaining = set(tps)
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=_FETCH_WAIT_MS * 2)
+                for tp, records in batches.items():
+                    values = latest[tp.partition]
+                    for record in records:
+                        if record.key is not None:
+                            values[record.key.decode("utf-8", "replace")] = record.value
+                    read += len(records)
+                for tp in list(remaining):
+                    highwater = consumer.highwater(tp)
+                    if highwater is None:  # no fetch response yet
+                        continue
+                    target = targets.setdefault(tp, highwater)
+                    if await consumer.position(tp) >= target:
+                        remaining.discard(tp)
+                        consumer.pause(tp)
+        finally:
+            await consumer.stop()
+        return latest, read
+
+
+def _describe(answer: Any, topic: str) -> dict[str, Any]:
+    for entry in answer:
+        if entry.get("topic") == topic:
+            if entry.get("error_code", 0) != 0:
+                raise ChangelogUnavailable(
+                    f"conversation state: cannot describe topic {topic!r} (error {entry['error_code']})"
+                )
+            return dict(entry)
+    raise ChangelogUnavailable(f"conversation state: topic {topic!r} is not described by the broker")
