@@ -6,17 +6,26 @@
 - ``openai``: ``worker.backends.openai.OpenAIBackend``;
 - ``local``: ``worker.backends.local.LocalBackend`` (imported only when chosen: it needs the
   ``local`` extra);
+- ``cascade``: ``worker.backends.cascade.CascadeBackend`` over ``cascade.first`` and
+  ``cascade.then`` (each built as above); it needs the policy (its thresholds and bands);
 
-and, unless ``cache.enabled`` is false, wraps it in the dedup cache
-(``worker.backends.cache.CachingBackend``, which has ``cache_stats()``).
+and, unless ``cache.enabled`` is false, wraps each scoring backend in the dedup cache
+(``worker.backends.cache.CachingBackend``, which has ``cache_stats()``); a cascade's stages
+are cached each, the cascade itself is not. ``create_named(settings, name)`` builds one
+scoring backend by name: the fallback and shadow backends.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from worker.backends.base import Backend
 from worker.config import Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline.policy import Policy
 
 
 def default_policy_file(settings: Settings) -> Path | None:
@@ -33,9 +42,33 @@ def default_policy_file(settings: Settings) -> Path | None:
     return None
 
 
-def create_backend(settings: Settings) -> Backend:
-    """The backend ``settings.backend`` names, not yet started (``await backend.start()``)."""
-    backend = _bare_backend(settings)
+def create_backend(settings: Settings, policy: Policy | None = None) -> Backend:
+    """The backend ``settings.backend`` names, not yet started (``await backend.start()``).
+
+    ``policy`` is needed for ``cascade`` (``ValueError`` without it) and ignored otherwise.
+    """
+    if settings.backend == "cascade":
+        from worker.backends.cascade import CascadeBackend, UncertaintyBands
+
+        if policy is None:
+            raise ValueError("the cascade backend needs the policy: create_backend(settings, policy)")
+        bands = UncertaintyBands(policy, default_band=settings.cascade.default_band)
+        return CascadeBackend(
+            create_named(settings, settings.cascade.first), create_named(settings, settings.cascade.then), bands
+        )
+    return create_named(settings, settings.backend)
+
+
+def create_fallback(settings: Settings) -> Backend | None:
+    """The fallback backend (fail policy ``fallback``), not yet started; None without one."""
+    if settings.scoring.fail_policy != "fallback" or settings.fallback.backend is None:
+        return None
+    return create_named(settings, settings.fallback.backend)
+
+
+def create_named(settings: Settings, name: str) -> Backend:
+    """The scoring backend ``name`` (mistral, openai, local), cached unless disabled."""
+    backend = _bare_backend(settings, name)
     if not settings.cache.enabled:
         return backend
     from worker.backends.cache import CachingBackend
@@ -43,17 +76,17 @@ def create_backend(settings: Settings) -> Backend:
     return CachingBackend(backend, max_entries=settings.cache.max_entries, ttl_s=settings.cache.ttl_s)
 
 
-def _bare_backend(settings: Settings) -> Backend:
-    if settings.backend == "mistral":
+def _bare_backend(settings: Settings, name: str) -> Backend:
+    if name == "mistral":
         from worker.backends.mistral import MistralBackend
 
         return MistralBackend(settings)
-    if settings.backend == "openai":
+    if name == "openai":
         from worker.backends.openai import OpenAIBackend
 
         return OpenAIBackend(settings)
-    if settings.backend == "local":
+    if name == "local":
         from worker.backends.local import LocalBackend
 
         return LocalBackend(settings)
-    raise ValueError(f"unknown backend {settings.backend!r}: set MODWORKER_BACKEND to mistral, openai or local")
+    raise ValueError(f"unknown backend {name!r}: set MODWORKER_BACKEND to mistral, openai, local or cascade")

@@ -46,6 +46,10 @@ class Event:
     BACKEND_UNAVAILABLE = "backend.unavailable"
     BACKEND_DEGRADED = "backend.degraded_verdicts"
     BACKEND_WAITING = "backend.waiting"
+    BACKEND_FALLBACK = "backend.fallback_scored"
+    FALLBACK_FAILED = "backend.fallback_failed"
+    SHADOW_FAILED = "shadow.failed"
+    SHADOW_STARTED = "shadow.started"
     TASK_FAILED = "worker.task_failed"
     WORKER_EXIT = "worker.exit"
 

@@ -26,7 +26,7 @@ import structlog
 from aiokafka.structs import TopicPartition
 
 from schemas import Verdict
-from worker.backends.base import Outcome, Rejected, Scored
+from worker.backends.base import Outcome, Rejected, Scored, Unavailable
 from worker.config import Settings
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -58,6 +58,7 @@ class Outputs:
         verdicts: VerdictBuilder,
         on_finished: FinishFunction,
         on_abandoned: Callable[[], None],
+        on_verdict: Callable[[Job, Verdict], None] | None = None,
     ) -> None:
         self._verdict_topic = settings.verdict_topic
         self._violation_topic = settings.violation_topic
@@ -66,6 +67,8 @@ class Outputs:
         self._verdicts = verdicts
         self._on_finished = on_finished
         self._on_abandoned = on_abandoned
+        self._on_verdict = on_verdict
+        """Sees every verdict once built (the shadow's ``offer``); must not block or raise."""
         self._sequencer = KeySequencer()
 
     # -- ordering -------------------------------------------------------------------
@@ -101,6 +104,8 @@ class Outputs:
                     job.slot, job.record, stage="backend", error_type=rejected.error_type, message=rejected.reason
                 ),
             )
+        elif isinstance(outcome, Unavailable):  # the Scorer resolves these; never unmoderated if one slips by
+            self._verdict(job, self._verdicts.degraded(job, action="review", reason=outcome.reason))
         else:
             self._verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
@@ -153,6 +158,8 @@ class Outputs:
             )
         on_acked = self._verdict_acked(job, verdict)
         self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked))
+        if self._on_verdict is not None:
+            self._on_verdict(job, verdict)
 
     def _verdict_acked(self, job: Job, verdict: Verdict) -> Callable[[], None]:
         """The sink's callback for a verdict: finish the message, count it, time it end to end."""

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from schemas import CategoryHit, ContentEvent, InputPosition, Verdict, Violation
+from schemas import CategoryHit, ContentEvent, InputPosition, StageScore, Verdict, Violation
 from worker.backends.base import Scored
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job
@@ -65,6 +65,16 @@ class VerdictBuilder:
             scores=dict(result.scores),
             model=result.model,
             id_model=result.model,
+            degraded_reason=result.degraded_reason,
+            decided_by=result.decided_by,
+            stages=[
+                _assemble(
+                    StageScore,
+                    {"stage": s.stage, "backend": s.backend, "model": s.model, "scores": dict(s.scores)},
+                )
+                for s in result.stages
+            ]
+            or None,
         )
 
     def degraded(self, job: Job, *, action: str, reason: str) -> Verdict:
@@ -89,6 +99,8 @@ class VerdictBuilder:
         model: str | None,
         id_model: str,
         degraded_reason: str | None = None,
+        decided_by: str | None = None,
+        stages: list[StageScore] | None = None,
     ) -> Verdict:
         event = job.event
         record = job.record
@@ -113,6 +125,8 @@ class VerdictBuilder:
                 "policy_version": self._policy.version,
                 "degraded": degraded_reason is not None,
                 "degraded_reason": degraded_reason,
+                "decided_by": decided_by,
+                "stages": stages,
                 "input": _assemble(
                     InputPosition, {"topic": record.topic, "partition": record.partition, "offset": record.offset}
                 ),
