@@ -75,9 +75,7 @@ class UncertaintyBands:
         found = self._intervals.get(category)
         if found is None:
             below, above = self.band(category)
-            found = tuple(
-                (t - below, t + above) for t in self._policy.thresholds(category) if below > 0 or above > 0
-            )
+            found = tuple((t - below, t + above) for t in self._policy.thresholds(category) if below > 0 or above > 0)
             self._intervals[category] = found
         return found
 
@@ -162,13 +160,17 @@ class CascadeBackend(Backend):
             return results
         metrics.cascade_inputs("then").inc(len(escalate))
         if len(thens) != len(escalate):
-            raise RuntimeError(f"cascade second stage {self.then.name} returned {len(thens)} results for {len(escalate)}")
+            raise RuntimeError(
+                f"cascade second stage {self.then.name} returned {len(thens)} results for {len(escalate)}"
+            )
         for i, outcome in zip(escalate, thens, strict=True):
             if isinstance(outcome, Scored):
                 before = firsts[i]
-                stages = (StageScores("first", self.first.name, before.model, before.scores),) if isinstance(
-                    before, Scored
-                ) else ()
+                stages = (
+                    (StageScores("first", self.first.name, before.model, before.scores),)
+                    if isinstance(before, Scored)
+                    else ()
+                )
                 outcome = Scored(
                     outcome.scores,
                     outcome.model,
@@ -182,4 +184,3 @@ class CascadeBackend(Backend):
         if not isinstance(outcome, Scored):
             return False  # rejected (or unavailable) by the first stage: the second may judge it
         return not self.bands.uncertain(outcome.scores)
-

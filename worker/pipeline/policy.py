@@ -349,7 +349,9 @@ class Policy:
             rules.append(patch.over(rule) if patch is not None else rule)
         return tuple(sorted({rule.threshold for rule in rules if rule.action != "allow"}))
 
-    def with_cascade_bands(self, default: tuple[float, float] | None, bands: Mapping[str, tuple[float, float]]) -> Policy:
+    def with_cascade_bands(
+        self, default: tuple[float, float] | None, bands: Mapping[str, tuple[float, float]]
+    ) -> Policy:
         """This policy with its ``cascade`` section replaced (what ``modworker calibrate`` writes)."""
         cascade = _Cascade(
             default=None if default is None else _Band(below=default[0], above=default[1]),
