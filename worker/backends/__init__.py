@@ -18,7 +18,6 @@ scoring backend by name: the fallback and shadow backends.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from worker.backends.base import Backend

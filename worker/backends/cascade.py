@@ -163,22 +163,16 @@ class CascadeBackend(Backend):
             raise RuntimeError(
                 f"cascade second stage {self.then.name} returned {len(thens)} results for {len(escalate)}"
             )
-        for i, outcome in zip(escalate, thens, strict=True):
-            if isinstance(outcome, Scored):
-                before = firsts[i]
-                stages = (
-                    (StageScores("first", self.first.name, before.model, before.scores),)
-                    if isinstance(before, Scored)
-                    else ()
-                )
-                outcome = Scored(
-                    outcome.scores,
-                    outcome.model,
-                    decided_by=self.then.name,
-                    stages=(*stages, StageScores("then", self.then.name, outcome.model, outcome.scores)),
-                )
-            results[i] = outcome
+        for i, second in zip(escalate, thens, strict=True):
+            results[i] = self._decided_by_then(firsts[i], second)
         return results
+
+    def _decided_by_then(self, first: Outcome, second: Outcome) -> Outcome:
+        if not isinstance(second, Scored):
+            return second
+        stages = [StageScores("first", self.first.name, first.model, first.scores)] if isinstance(first, Scored) else []
+        stages.append(StageScores("then", self.then.name, second.model, second.scores))
+        return Scored(second.scores, second.model, decided_by=self.then.name, stages=tuple(stages))
 
     def _confident(self, outcome: Outcome) -> bool:
         if not isinstance(outcome, Scored):

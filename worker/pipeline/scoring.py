@@ -165,9 +165,11 @@ class Scorer:
         log.warning(Event.BACKEND_FALLBACK, reason=reason, fallback=self._fallback.name, batch=len(batch))
         degraded_reason = f"scored by fallback backend {self._fallback.name}: {reason}"
         for i, outcome in zip(pending, outcomes, strict=True):
-            if isinstance(outcome, Scored):
-                outcome = replace(outcome, decided_by=self._fallback.name, degraded_reason=degraded_reason)
-            results[i] = outcome
+            results[i] = (
+                replace(outcome, decided_by=self._fallback.name, degraded_reason=degraded_reason)
+                if isinstance(outcome, Scored)
+                else outcome
+            )
         return True
 
     async def _call(self, kind: Kind, jobs: Sequence[Job], *, backend: Backend | None = None) -> list[Outcome]:
