@@ -225,7 +225,7 @@ async def test_the_fallback_scores_during_an_outage_and_the_primary_takes_over_a
             # The breaker lets a probe through once its reset passed; keep sending single
             # inputs until one is answered by the primary (bounded), then a batch.
             probes = 0
-            for probes in range(1, 40):  # noqa: B007 - the count is reported below
+            for probes in range(1, 40):
                 await publish(bootstrap, topics, [{"id": f"probe-{probes}", "text": f"probe {probes}"}])
                 records = await wait_for_count(bootstrap, topics.verdict, len(during) + probes)
                 if any(
