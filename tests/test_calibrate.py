@@ -116,3 +116,44 @@ def test_the_written_policy_loads_with_the_chosen_bands(tmp_path):
     assert loaded.version == calibrated.version
     assert loaded.cascade_band("x") == (0.08, 0.05)
     assert loaded.cascade_band("other") == (0.1, 0.1)
+
+
+def test_calibrate_chooses_on_one_part_reports_on_the_other_and_traces_the_frontier():
+    from worker.backends.base import Scored
+    from worker.config import load_settings
+    from worker.offline.calibrate import calibrate
+    from worker.offline.labelled import Example
+
+    policy = Policy.from_mapping({"categories": {"x": {"threshold": 0.5, "action": "block"}}})
+    examples, first, then = [], [], []
+    for i in range(400):
+        score = (i + 0.5) / 400
+        truth = score >= 0.5 if not 0.4 < score < 0.6 else i % 2 == 0  # the first stage is unsure there
+        examples.append(Example(text=f"text {i}", labels=frozenset({"x"}) if truth else frozenset()))
+        first.append(Scored({"x": score}, "small"))
+        then.append(Scored({"x": 0.95 if truth else 0.01}, "big"))
+    settings = load_settings(require_backend=False, require_kafka=False, backend="cascade")
+    report = calibrate(
+        settings,
+        policy,
+        examples,
+        first,
+        then,
+        search=True,
+        max_f1_loss=0.0,
+        objective="macro",
+        calibration_fraction=0.5,
+        default_band=0.1,
+        batch_size=16,
+    )
+    assert report["calibration_examples"] + report["test_examples"] == 400
+    assert 0 < report["calibration_examples"] < 400
+    below, above = report["bands"]["x"]
+    # Covers the calibration half's mistakes, all inside the unsure region (0.4, 0.6).
+    assert 0.05 <= below <= 0.11 and 0.05 <= above <= 0.11
+    assert report["calibration"]["macro_f1_loss"] == 0.0
+    assert report["test"]["macro_f1_loss"] <= 0.05  # measured on texts that did not choose the band
+    assert 0.15 < report["test"]["escalated_fraction"] < 0.3
+    losses = [p["max_macro_f1_loss"] for p in report["frontier"]]
+    escalated = [p["escalated_fraction"] for p in report["frontier"]]
+    assert losses == sorted(losses) and escalated == sorted(escalated, reverse=True)

@@ -57,6 +57,8 @@ STAGES = ["local", "mistral", "openai"]
 GRID_STEP = 0.01
 MAX_BAND = 0.5
 CURVE_WIDTHS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+FRONTIER_LOSSES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+"""Macro-F1 budgets for which bands are chosen on the calibration part and measured on the test part."""
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -544,6 +546,19 @@ def calibrate(
     }
     if calibration is not None:
         report["calibration"] = quality(calibration, calibration.escalated(bands, default), batch_size=batch_size)
+        report["frontier"] = []
+        for budget in FRONTIER_LOSSES:
+            chosen = choose_bands_macro(calibration, max_f1_loss=budget, default=default, batch_size=batch_size)
+            measured = quality(test, test.escalated(chosen, default), batch_size=batch_size)
+            report["frontier"].append(
+                {
+                    "max_macro_f1_loss": budget,
+                    "escalated_fraction": measured["escalated_fraction"],
+                    "macro_f1": measured["macro_f1"]["cascade"],
+                    "macro_f1_loss": measured["macro_f1_loss"],
+                    "tokens_saved_fraction": measured["tokens_saved_fraction"],
+                }
+            )
     report["curve"] = [
         {
             "band": w,
@@ -597,6 +612,24 @@ def plot_curve(path: Path, report: dict[str, Any]) -> Path:
         )
     ax.axhline(test["macro_f1"]["then"], color="grey", ls="--", label=f"{report['then']} alone")
     ax.axhline(test["macro_f1"]["first"], color="grey", ls=":", label=f"{report['first']} alone")
+    frontier = report.get("frontier") or []
+    if frontier:
+        ax.plot(
+            [p["escalated_fraction"] for p in frontier],
+            [p["macro_f1"] for p in frontier],
+            "s-",
+            color="tab:green",
+            label="bands calibrated for a macro-F1 budget",
+        )
+        for p in frontier:
+            ax.annotate(
+                f"{p['max_macro_f1_loss']:g}",
+                (p["escalated_fraction"], p["macro_f1"]),
+                fontsize=7,
+                xytext=(-12, 4),
+                textcoords="offset points",
+                color="tab:green",
+            )
     ax.plot([test["escalated_fraction"]], [test["macro_f1"]["cascade"]], "r*", ms=12, label="calibrated bands")
     ax.set_xlabel("fraction of inputs escalated to the second stage")
     ax.set_ylabel("macro-F1 (test part)")
