@@ -263,3 +263,13 @@ async def test_fallback_takes_only_the_inputs_a_composite_left_unavailable():
     assert results is not None
     assert results[0] == Scored({"len": 0.04}, "m")
     assert results[1].decided_by == "spare" and "second stage down" in results[1].degraded_reason  # type: ignore[union-attr]
+
+
+async def test_inputs_left_unavailable_in_a_revoked_partition_do_not_hold_back_the_scored_rest():
+    revoked = PartitionOffsets(TopicPartition("in.c", 1))
+    unsure = make_job("unsure?", slot=revoked, offset=1)
+    revoked.owned = False
+    harness = Harness(HalfDown(down_for=5))
+    results = await harness.scorer.score("content", [make_job("sure", offset=0), unsure])
+    assert results is not None and results[0] == Scored({"len": 0.04}, "m")
+    assert harness.slept == []  # nothing to wait for: the unsure input's partition is gone

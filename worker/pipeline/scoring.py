@@ -136,8 +136,16 @@ class Scorer:
                 for i in pending:
                     results[i] = Degraded(self._fail_policy, reason)
                 return results  # type: ignore[return-value]
-            if self._failed() or not any(job.slot.owned for job in batch):
+            if self._failed():
                 return None
+            if not any(job.slot.owned for job in batch):
+                if len(pending) == len(jobs):
+                    return None
+                # The rest of the batch was scored and is published; these are abandoned by
+                # the outputs stage, which publishes nothing for a revoked partition.
+                for i in pending:
+                    results[i] = Degraded("review", reason)
+                return results  # type: ignore[return-value]
             delay = max(not_before, WAIT_BACKOFF_S[min(waits, len(WAIT_BACKOFF_S) - 1)])
             waits += 1
             log.warning(
