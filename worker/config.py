@@ -320,6 +320,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MODWORKER_FALLBACK__BACKEND is required with MODWORKER_SCORING__FAIL_POLICY=fallback: set e.g. local"
             )
+        if self.scoring.fail_policy == "fallback" and self.fallback.backend == self.backend:
+            raise ValueError(
+                "MODWORKER_FALLBACK__BACKEND must differ from MODWORKER_BACKEND: it scores while that one is down"
+            )
         if self.backend == "cascade" and self.cascade.first == self.cascade.then:
             raise ValueError(
                 "MODWORKER_CASCADE__THEN must differ from MODWORKER_CASCADE__FIRST: a cascade of one backend saves nothing"
