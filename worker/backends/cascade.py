@@ -46,6 +46,7 @@ from worker.backends.base import (
     Unavailable,
 )
 from worker.ops import metrics
+from worker.ops.logs import Event
 from worker.pipeline.policy import Policy
 
 log = structlog.get_logger(__name__)
@@ -114,7 +115,7 @@ class CascadeBackend(Backend):
             try:
                 await stage.close()
             except Exception as err:  # noqa: BLE001 - the other stage must still close
-                log.warning("cascade.close_failed", backend=stage.name, error=f"{type(err).__name__}: {err}")
+                log.warning(Event.CASCADE_CLOSE_FAILED, backend=stage.name, error=f"{type(err).__name__}: {err}")
 
     async def ready(self) -> bool:
         return await self.first.ready() and await self.then.ready()

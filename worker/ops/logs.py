@@ -48,6 +48,7 @@ class Event:
     BACKEND_WAITING = "backend.waiting"
     BACKEND_FALLBACK = "backend.fallback_scored"
     FALLBACK_FAILED = "backend.fallback_failed"
+    CASCADE_CLOSE_FAILED = "cascade.close_failed"
     SHADOW_FAILED = "shadow.failed"
     SHADOW_STARTED = "shadow.started"
     TASK_FAILED = "worker.task_failed"
