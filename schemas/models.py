@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CONTRACT_VERSION = "2"
-"""2: ``Verdict.backend_details`` (optional) added."""
+"""2: ``Verdict.backend_details``, ``decided_by``, ``stages`` and ``trimmed`` (all optional) added; ``ShadowVerdict``."""
 
 Action = Literal["allow", "flag", "review", "block"]
 """What downstream should do, in increasing severity: ``allow < flag < review < block``."""
@@ -126,6 +126,15 @@ class BackendDetails(_Output):
     )
 
 
+class StageScore(_Output):
+    """What one stage of a cascade gave the input."""
+
+    stage: Literal["first", "then"] = Field(description="first: scores every input; then: the escalated ones.")
+    backend: str
+    model: str
+    scores: dict[str, float] = Field(description="Raw scores as that stage's backend gave them.")
+
+
 class Verdict(_Output):
     """The decision for one input (topic ``moderation.verdicts``, key = the input's key).
 
@@ -156,6 +165,14 @@ class Verdict(_Output):
     policy_version: str
     degraded: bool = False
     degraded_reason: str | None = None
+    decided_by: str | None = Field(
+        default=None,
+        description="Backend whose scores decided, when not 'backend' itself: the deciding cascade stage, "
+        "or the fallback backend (then degraded is true).",
+    )
+    stages: list[StageScore] | None = Field(
+        default=None, description="Cascade only: each stage's scores (the second's only where it ran)."
+    )
     input: InputPosition
     decided_at: datetime
     latency_ms: float | None = Field(default=None, description="From the event's Kafka timestamp to the decision.")
@@ -182,6 +199,27 @@ class Violation(_Output):
     author_id: str | None = None
     action: Action
     violations: list[CategoryHit]
+    decided_at: datetime
+
+
+class ShadowVerdict(_Output):
+    """A candidate's decision beside the live one (topic ``moderation.shadow-verdicts``,
+    key = the input's key). Written for a sample of inputs; never acted on."""
+
+    event_id: str
+    kind: Kind
+    live_verdict_id: str
+    live_action: Action
+    live_violations: list[str] = Field(description="Categories the live verdict found.")
+    live_backend: str
+    live_policy_version: str
+    action: Action = Field(description="The shadow's action.")
+    violations: list[CategoryHit] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict, description="Raw scores the shadow decided on.")
+    model: str | None = None
+    backend: str = Field(description="Shadow backend, or the live one when only the policy is shadowed.")
+    policy_version: str = Field(description="The shadow policy's version.")
+    agree: bool = Field(description="True when the shadow's action equals the live action.")
     decided_at: datetime
 
 
@@ -219,4 +257,5 @@ EXPORTED_MODELS: dict[str, type[BaseModel]] = {
     "conversation_event": ConversationEvent,
     "verdict": Verdict,
     "violation": Violation,
+    "shadow_verdict": ShadowVerdict,
 }

@@ -278,3 +278,48 @@ def test_the_new_scoring_name_wins_over_its_deprecated_alias(monkeypatch):
     assert settings.deprecations == [
         "MODWORKER_HTTP__FAIL_POLICY is deprecated and ignored: MODWORKER_SCORING__FAIL_POLICY is set"
     ]
+
+
+# -- routing: cascade, fallback, shadow --------------------------------------------------
+
+
+def test_the_cascade_stage_names_are_read_from_the_contract_variables(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_BACKEND", "cascade")
+    monkeypatch.setenv("MODWORKER_CASCADE__FIRST", "local")
+    monkeypatch.setenv("MODWORKER_CASCADE__THEN", "openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    settings = load_settings()
+    assert (settings.backend, settings.cascade.first, settings.cascade.then) == ("cascade", "local", "openai")
+    assert settings.backends_in_use() == ["local", "openai"]
+
+
+def test_a_cascade_needs_the_key_of_its_remote_stage(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    monkeypatch.setenv("MODWORKER_BACKEND", "cascade")
+    with pytest.raises(ConfigError, match="MISTRAL_API_KEY is not set"):
+        load_settings()
+
+
+def test_the_fallback_policy_needs_a_fallback_backend_other_than_the_primary(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_SCORING__FAIL_POLICY", "fallback")
+    with pytest.raises(ConfigError, match="MODWORKER_FALLBACK__BACKEND is required"):
+        load_settings()
+    monkeypatch.setenv("MODWORKER_FALLBACK__BACKEND", "mistral")
+    with pytest.raises(ConfigError, match="must differ from MODWORKER_BACKEND"):
+        load_settings()
+    monkeypatch.setenv("MODWORKER_FALLBACK__BACKEND", "local")
+    assert load_settings().backends_in_use() == ["mistral", "local"]
+
+
+def test_the_shadow_is_off_unless_sampled_and_a_candidate_is_named(monkeypatch, minimal_env, tmp_path):
+    assert not load_settings().shadow.enabled
+    monkeypatch.setenv("MODWORKER_SHADOW__SAMPLE", "0.1")
+    assert not load_settings().shadow.enabled
+    monkeypatch.setenv("MODWORKER_SHADOW__POLICY_FILE", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="MODWORKER_SHADOW__POLICY_FILE: no such file"):
+        load_settings()
+    (tmp_path / "missing.yaml").write_text("default: {threshold: 0.4, action: flag}\n")
+    assert load_settings().shadow.enabled
+    monkeypatch.setenv("MODWORKER_SHADOW__SAMPLE", "1.5")
+    with pytest.raises(ConfigError, match="MODWORKER_SHADOW__SAMPLE"):
+        load_settings()

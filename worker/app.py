@@ -58,6 +58,7 @@ from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outputs import Outputs
 from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Scorer
+from worker.pipeline.shadow import Shadow
 from worker.pipeline.sink import Sink
 from worker.pipeline.source import Source, make_producer
 from worker.pipeline.span_guard import SpanGuard
@@ -89,10 +90,20 @@ class ModerationWorker:
     Implements ``worker.ops.status.WorkerStatus`` for the probes and metrics.
     """
 
-    def __init__(self, settings: Settings, *, backend: Backend, policy: Policy) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backend: Backend,
+        policy: Policy,
+        fallback: Backend | None = None,
+        shadow: Shadow | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.policy = policy
+        self.fallback = fallback
+        self.shadow = shadow
         self._decoder = Decoder(
             content_topic=settings.content_topic,
             conversation_topic=settings.conversation_topic,
@@ -118,6 +129,7 @@ class ModerationWorker:
             verdicts=VerdictBuilder(policy=policy, backend_name=backend.name, include_text=settings.include_text),
             on_finished=self._finish,
             on_abandoned=self._abandon,
+            on_verdict=shadow.offer if shadow is not None else None,
         )
         self._scorer = Scorer(
             backend,
@@ -126,6 +138,7 @@ class ModerationWorker:
             on_fatal=self._fail,
             failed=lambda: self._fatal is not None,
             poison_attempts=settings.scoring.poison_attempts,
+            fallback=fallback,
         )
         rebalance_timeout_ms = int(max(settings.kafka.session_timeout_ms, (settings.revoke_timeout_s + 5) * 1000))
         self.source = Source(
@@ -187,6 +200,10 @@ class ModerationWorker:
         )
         try:
             await self.backend.start()
+            if self.fallback is not None:
+                await self.fallback.start()
+            if self.shadow is not None:
+                await self.shadow.start()
             await self._sink.start()
             await self.source.start()
             self.started = True
@@ -322,7 +339,9 @@ class ModerationWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # Nothing is pending any more: a revoke fired by leaving the group must not wait.
         self._tracker = self._committer.tracker = OffsetTracker()
-        for close in (self._conversations.close, self.source.stop, self._sink.close, self.backend.close):
+        closers = [self._conversations.close, self.source.stop, self._sink.close, self.backend.close]
+        closers += [part.close for part in (self.fallback, self.shadow) if part is not None]
+        for close in closers:
             try:
                 await close()
             except Exception as err:  # noqa: BLE001 - closing must go on whatever one part does

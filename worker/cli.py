@@ -39,6 +39,7 @@ COMMAND_MODULES: dict[str, str] = {
     "bench": "worker.offline.bench",
     "train": "worker.offline.train",
     "eval": "worker.offline.evaluate",
+    "calibrate": "worker.offline.calibrate",
     "demo": "worker.offline.demo",
 }
 """Offline commands and the module that adds each."""
@@ -131,10 +132,11 @@ def _offline_commands(argv: Sequence[str] | None, *, builtin: set[str]) -> list[
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
-    from worker.backends import create_backend, default_policy_file
+    from worker.backends import create_backend, create_fallback, default_policy_file
     from worker.backends.base import BackendStartError
     from worker.ops.logs import Event, configure_logging
     from worker.pipeline.policy import Policy, PolicyError
+    from worker.pipeline.shadow import create_shadow
 
     settings = load_settings(args.config)
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
@@ -144,12 +146,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = Policy.load(default_policy_file(settings))
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
-    backend = create_backend(settings, policy=policy)
+    backend = create_backend(settings, policy)
+    fallback = create_fallback(settings, policy)
+    try:
+        shadow = create_shadow(settings, policy)
+    except PolicyError as err:
+        raise ConfigError(f"MODWORKER_SHADOW__POLICY_FILE: {err}") from None
     # Start-up objects (modules, settings, policy) live as long as the process: keep them
     # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
     gc.freeze()
     try:
-        asyncio.run(_serve(settings, lambda: ModerationWorker(settings, backend=backend, policy=policy)))
+        asyncio.run(
+            _serve(
+                settings,
+                lambda: ModerationWorker(settings, backend=backend, policy=policy, fallback=fallback, shadow=shadow),
+            )
+        )
     except WorkerFatal as err:
         raise CommandError(str(err)) from None
     except BackendStartError as err:

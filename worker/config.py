@@ -26,7 +26,10 @@ from pydantic_settings import (
 
 ENV_PREFIX = "MODWORKER_"
 
-FailPolicy = Literal["wait", "review", "allow"]
+FailPolicy = Literal["wait", "review", "allow", "fallback"]
+
+BackendName = Literal["mistral", "openai", "local", "llm"]
+"""The backends that score by themselves (``cascade`` composes two of them)."""
 
 
 class ConfigError(Exception):
@@ -228,7 +231,7 @@ class ScoringSettings(BaseModel):
     fail_policy: FailPolicy = Field(
         default="wait",
         description="When the backend gives up: keep waiting (nothing passes unmoderated), "
-        "or publish a degraded verdict with action review/allow.",
+        "publish a degraded verdict with action review/allow, or score with MODWORKER_FALLBACK__BACKEND (fallback).",
     )
     poison_attempts: int = Field(
         default=3,
@@ -236,6 +239,46 @@ class ScoringSettings(BaseModel):
         description="Under wait: an input that fails alone this many times while the backend answers other "
         "batches is dead-lettered as backend_failed (a failing batch is split in halves to find it).",
     )
+
+
+class CascadeSettings(BaseModel):
+    """``MODWORKER_BACKEND=cascade``: the first backend decides confident inputs, the second the rest."""
+
+    first: BackendName = Field(default="local", description="Backend that scores every input first.")
+    then: BackendName = Field(default="mistral", description="Backend that decides the inputs the first is unsure of.")
+    default_band: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Uncertainty band on each side of a threshold, for categories the policy's cascade section "
+        "does not give.",
+    )
+
+
+class FallbackSettings(BaseModel):
+    """``MODWORKER_SCORING__FAIL_POLICY=fallback``: who scores while the backend is down."""
+
+    backend: BackendName | None = Field(
+        default=None, description="Backend that scores a batch when the primary gives up (e.g. local)."
+    )
+
+
+class ShadowSettings(BaseModel):
+    """Shadow evaluation: a candidate backend and/or policy judges a sample beside the live path."""
+
+    backend: BackendName | None = Field(default=None, description="Candidate backend; unset: reuse the live scores.")
+    model: str | None = Field(
+        default=None, description="Model of the candidate backend (e.g. mistral-moderation-2603); unset: its own."
+    )
+    policy_file: Path | None = Field(default=None, description="Candidate policy YAML; unset: the live policy.")
+    sample: float = Field(default=0.0, ge=0, le=1, description="Fraction of inputs shadowed (by event id hash).")
+    queue_size: int = Field(default=1_000, ge=1, description="Shadow queue bound; a full queue drops (counted).")
+    batch_size: int = Field(default=32, ge=1, description="Inputs per shadow backend call, at most.")
+    topic: str = Field(default="moderation.shadow-verdicts", description="Output: a ShadowVerdict per shadowed input.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample > 0 and (self.backend is not None or self.policy_file is not None)
 
 
 _DEPRECATED_ALIASES = (("fail_policy", "FAIL_POLICY"), ("max_concurrency", "MAX_CONCURRENCY"))
@@ -296,9 +339,12 @@ class Settings(BaseSettings):
         default="moderation.dead-letter", description="Output: inputs that could not be judged."
     )
 
-    backend: Literal["mistral", "openai", "local", "llm"] = Field(
-        default="mistral", description="mistral, openai, local or llm."
+    backend: Literal["mistral", "openai", "local", "llm", "cascade"] = Field(
+        default="mistral", description="mistral, openai, local, llm or cascade."
     )
+    cascade: CascadeSettings = Field(default_factory=CascadeSettings)
+    fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     mistral: MistralSettings = Field(default_factory=MistralSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
@@ -353,7 +399,31 @@ class Settings(BaseSettings):
     def _check_requirements(self) -> Settings:
         if self.policy_file is not None and not self.policy_file.is_file():
             raise ValueError(f"MODWORKER_POLICY_FILE: no such file {self.policy_file}")
+        if self.scoring.fail_policy == "fallback" and self.fallback.backend is None:
+            raise ValueError(
+                "MODWORKER_FALLBACK__BACKEND is required with MODWORKER_SCORING__FAIL_POLICY=fallback: set e.g. local"
+            )
+        if self.scoring.fail_policy == "fallback" and self.fallback.backend == self.backend:
+            raise ValueError(
+                "MODWORKER_FALLBACK__BACKEND must differ from MODWORKER_BACKEND: it scores while that one is down"
+            )
+        if self.backend == "cascade" and self.cascade.first == self.cascade.then:
+            raise ValueError(
+                "MODWORKER_CASCADE__THEN must differ from MODWORKER_CASCADE__FIRST: a cascade of one backend saves nothing"
+            )
+        if self.shadow.policy_file is not None and not self.shadow.policy_file.is_file():
+            raise ValueError(f"MODWORKER_SHADOW__POLICY_FILE: no such file {self.shadow.policy_file}")
         return self
+
+    def backends_in_use(self) -> list[str]:
+        """Every backend this configuration calls: the chosen one (both stages of a cascade),
+        the fallback and the shadow backend."""
+        names = [self.cascade.first, self.cascade.then] if self.backend == "cascade" else [self.backend]
+        if self.scoring.fail_policy == "fallback" and self.fallback.backend is not None:
+            names.append(self.fallback.backend)
+        if self.shadow.enabled and self.shadow.backend is not None:
+            names.append(self.shadow.backend)
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _apply_deprecated_aliases(self) -> Settings:
@@ -448,12 +518,13 @@ def check_backend_credentials(settings: Settings) -> None:
     Separate from validation so that commands that never call a backend (``produce``,
     ``tail``) run without a key.
     """
-    if settings.backend == "mistral" and not _secret(settings.mistral.api_key):
+    in_use = settings.backends_in_use()
+    if "mistral" in in_use and not _secret(settings.mistral.api_key):
         raise ConfigError(
             "configuration error: MISTRAL_API_KEY is not set: export MISTRAL_API_KEY=<your key>, "
             "or choose another backend with MODWORKER_BACKEND"
         )
-    if settings.backend == "openai" and not _secret(settings.openai.api_key):
+    if "openai" in in_use and not _secret(settings.openai.api_key):
         raise ConfigError(
             "configuration error: OPENAI_API_KEY is not set: export OPENAI_API_KEY=<your key>, "
             "or choose another backend with MODWORKER_BACKEND"

@@ -73,6 +73,7 @@ def test_schemas_export_writes_the_checked_in_files(tmp_path: Path):
         "conversation_event.schema.json",
         "verdict.schema.json",
         "violation.schema.json",
+        "shadow_verdict.schema.json",
     }
 
 

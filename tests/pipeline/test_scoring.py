@@ -17,6 +17,7 @@ from worker.backends.base import (
     Outcome,
     Rejected,
     Scored,
+    Unavailable,
 )
 from worker.ops import metrics
 from worker.pipeline.scoring import WAIT_BACKOFF_S, Degraded, Scorer
@@ -265,3 +266,119 @@ async def test_an_open_circuit_says_when_to_retry_and_the_table_does_not_stretch
     harness = Harness(backend)
     assert await harness.scorer.score("content", [make_job()]) == [Scored({"len": 0.05}, "m")]
     assert harness.slept == [0.5, 1.0, 2.0]  # the probe times, not max(probe, 1/2/5 s)
+
+
+# -- inputs a composite backend could not score, and the fallback backend ---------------
+
+
+class HalfDown(ScriptedBackend):
+    """Like a cascade whose second stage is down: texts containing '?' come back
+    Unavailable for the first ``down_for`` calls; the rest are scored."""
+
+    def __init__(self, down_for: int) -> None:
+        super().__init__()
+        self.down_for = down_for
+        self.seen: list[list[str]] = []
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        self.seen.append(list(texts))
+        self.calls += 1
+        down = self.calls <= self.down_for
+        return [
+            Unavailable("second stage down", retry_in_s=3.0)
+            if down and "?" in t
+            else Scored({"len": len(t) / 100}, "m")
+            for t in texts
+        ]
+
+
+async def test_wait_retries_only_the_inputs_left_unavailable_and_keeps_the_others():
+    backend = HalfDown(down_for=2)
+    harness = Harness(backend)
+    jobs = [make_job("sure", offset=0), make_job("unsure?", offset=1), make_job("ok", offset=2)]
+    results = await harness.scorer.score("content", jobs)
+    assert results == [Scored({"len": 0.04}, "m"), Scored({"len": 0.07}, "m"), Scored({"len": 0.02}, "m")]
+    assert backend.seen == [["sure", "unsure?", "ok"], ["unsure?"], ["unsure?"]]
+    assert harness.slept == [3.0, 3.0]  # never sooner than the unavailable inputs' retry_in_s
+
+
+async def test_review_degrades_only_the_inputs_left_unavailable():
+    harness = Harness(HalfDown(down_for=1), fail_policy="review")
+    results = await harness.scorer.score("content", [make_job("sure", offset=0), make_job("unsure?", offset=1)])
+    assert results == [Scored({"len": 0.04}, "m"), Degraded("review", "second stage down")]
+
+
+class Fallback(ScriptedBackend):
+    name = "spare"
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return [Scored({"spare": 0.5}, "spare-model") for _ in texts]
+
+
+def fallback_harness(primary: Backend, fallback: Backend) -> Harness:
+    harness = Harness(primary, fail_policy="fallback")
+    harness.scorer = Scorer(
+        primary,
+        fail_policy="fallback",
+        max_concurrency=4,
+        on_fatal=harness.fatal.append,
+        failed=lambda: harness.failed,
+        sleep=harness.scorer._sleep,
+        fallback=fallback,
+    )
+    return harness
+
+
+async def test_fallback_scores_the_batch_when_the_primary_gives_up_and_says_so():
+    spare = Fallback()
+    harness = fallback_harness(ScriptedBackend(unavailable()), spare)
+    results = await harness.scorer.score("content", [make_job(offset=0), make_job(offset=1)])
+    reason = "scored by fallback backend spare: API down"
+    assert results == [
+        Scored({"spare": 0.5}, "spare-model", decided_by="spare", degraded_reason=reason),
+        Scored({"spare": 0.5}, "spare-model", decided_by="spare", degraded_reason=reason),
+    ]
+    assert harness.slept == []
+
+
+async def test_the_primary_is_tried_first_on_every_batch_and_takes_over_when_it_answers():
+    primary = ScriptedBackend(unavailable())
+    spare = Fallback()
+    harness = fallback_harness(primary, spare)
+    first = await harness.scorer.score("content", [make_job()])
+    second = await harness.scorer.score("content", [make_job()])
+    assert first is not None and first[0].decided_by == "spare"  # type: ignore[union-attr]
+    assert second == [Scored({"len": 0.05}, "m")]
+    assert (primary.calls, spare.calls) == (2, 1)
+
+
+async def test_when_the_fallback_is_down_too_the_batch_waits_for_either():
+    primary = ScriptedBackend(unavailable(), unavailable())
+    spare = Fallback(unavailable())
+    harness = fallback_harness(primary, spare)
+    results = await harness.scorer.score("content", [make_job()])
+    # 1st round: primary down, spare down -> wait; 2nd: primary down, spare answers.
+    assert results is not None and results[0].decided_by == "spare"  # type: ignore[union-attr]
+    assert harness.slept == [WAIT_BACKOFF_S[0]]
+
+
+async def test_fallback_takes_only_the_inputs_a_composite_left_unavailable():
+    spare = Fallback()
+    harness = fallback_harness(HalfDown(down_for=1), spare)
+    results = await harness.scorer.score("content", [make_job("sure", offset=0), make_job("unsure?", offset=1)])
+    assert results is not None
+    assert results[0] == Scored({"len": 0.04}, "m")
+    assert results[1].decided_by == "spare" and "second stage down" in results[1].degraded_reason  # type: ignore[union-attr]
+
+
+async def test_inputs_left_unavailable_in_a_revoked_partition_do_not_hold_back_the_scored_rest():
+    revoked = PartitionOffsets(TopicPartition("in.c", 1))
+    unsure = make_job("unsure?", slot=revoked, offset=1)
+    revoked.owned = False
+    harness = Harness(HalfDown(down_for=5))
+    results = await harness.scorer.score("content", [make_job("sure", offset=0), unsure])
+    assert results is not None and results[0] == Scored({"len": 0.04}, "m")
+    assert harness.slept == []  # nothing to wait for: the unsure input's partition is gone

@@ -8,7 +8,7 @@ from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
 from schemas import Turn, Verdict, Violation
-from worker.backends.base import Scored
+from worker.backends.base import Scored, StageScores
 from worker.pipeline.decode import Decoder
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets
@@ -74,3 +74,30 @@ def test_the_context_a_turn_was_judged_with_is_part_of_its_verdict_id():
     # no context: the id is what it was before context counted
     policy = Policy.load(None).version
     assert alone == verdict_id("conversation", "t1", "do it like this", policy, "m")
+
+
+def test_a_cascade_verdict_says_who_decided_and_keeps_both_stages_scores():
+    first = StageScores("first", "local", "starter", {"sexual": 0.45})
+    then = StageScores("then", "mistral", "mistral-moderation-2411", SCORES)
+    verdict = BUILDER.scored(
+        job({"id": "c2", "text": "hm"}),
+        Scored(SCORES, "mistral-moderation-2411", decided_by="mistral", stages=(first, then)),
+    )
+    assert_same_as_validated(verdict)
+    assert verdict.decided_by == "mistral" and not verdict.degraded
+    assert [(s.stage, s.backend, s.scores) for s in verdict.stages or []] == [
+        ("first", "local", {"sexual": 0.45}),
+        ("then", "mistral", SCORES),
+    ]
+    assert verdict.scores == SCORES and verdict.action == "block"
+
+
+def test_a_fallback_verdict_is_degraded_with_the_reason_and_the_policy_still_decides():
+    verdict = BUILDER.scored(
+        job({"id": "c3", "text": "x"}),
+        Scored(SCORES, "starter", decided_by="local", degraded_reason="scored by fallback backend local: down"),
+    )
+    assert_same_as_validated(verdict)
+    assert verdict.degraded and verdict.degraded_reason == "scored by fallback backend local: down"
+    assert verdict.decided_by == "local" and verdict.model == "starter" and verdict.action == "block"
+    assert verdict.stages is None

@@ -9,9 +9,13 @@
 - ``llm``: ``worker.backends.llm.LlmBackend`` (a chat model or guard model behind any
   OpenAI-compatible chat-completions server; the json dialect asks about ``policy``'s
   categories, so pass the policy the worker applies);
+- ``cascade``: ``worker.backends.cascade.CascadeBackend`` over ``cascade.first`` and
+  ``cascade.then`` (each built as above); it needs the policy (its thresholds and bands);
 
-and, unless ``cache.enabled`` is false, wraps it in the dedup cache
-(``worker.backends.cache.CachingBackend``, which has ``cache_stats()``).
+and, unless ``cache.enabled`` is false, wraps each scoring backend in the dedup cache
+(``worker.backends.cache.CachingBackend``, which has ``cache_stats()``); a cascade's stages
+are cached each, the cascade itself is not. ``create_named(settings, name)`` builds one
+scoring backend by name: the fallback and shadow backends.
 """
 
 from __future__ import annotations
@@ -40,13 +44,37 @@ def default_policy_file(settings: Settings) -> Path | None:
     return None
 
 
-def create_backend(settings: Settings, *, policy: Policy | None = None) -> Backend:
+def create_backend(settings: Settings, policy: Policy | None = None) -> Backend:
     """The backend ``settings.backend`` names, not yet started (``await backend.start()``).
 
-    ``policy`` is the policy the worker applies; only the ``llm`` backend reads it (unset:
-    it loads the configured one itself).
+    ``policy`` is the policy the worker applies: ``cascade`` needs it (its thresholds and
+    bands; ``ValueError`` without it), ``llm`` reads it (unset: it loads the configured
+    one itself), the others ignore it.
     """
-    backend = _bare_backend(settings, policy)
+    if settings.backend == "cascade":
+        from worker.backends.cascade import CascadeBackend, UncertaintyBands
+
+        if policy is None:
+            raise ValueError("the cascade backend needs the policy: create_backend(settings, policy)")
+        bands = UncertaintyBands(policy, default_band=settings.cascade.default_band)
+        return CascadeBackend(
+            create_named(settings, settings.cascade.first, policy),
+            create_named(settings, settings.cascade.then, policy),
+            bands,
+        )
+    return create_named(settings, settings.backend, policy)
+
+
+def create_fallback(settings: Settings, policy: Policy | None = None) -> Backend | None:
+    """The fallback backend (fail policy ``fallback``), not yet started; None without one."""
+    if settings.scoring.fail_policy != "fallback" or settings.fallback.backend is None:
+        return None
+    return create_named(settings, settings.fallback.backend, policy)
+
+
+def create_named(settings: Settings, name: str, policy: Policy | None = None) -> Backend:
+    """The scoring backend ``name`` (mistral, openai, local, llm), cached unless disabled."""
+    backend = _bare_backend(settings, name, policy)
     if not settings.cache.enabled:
         return backend
     from worker.backends.cache import CachingBackend
@@ -54,21 +82,21 @@ def create_backend(settings: Settings, *, policy: Policy | None = None) -> Backe
     return CachingBackend(backend, max_entries=settings.cache.max_entries, ttl_s=settings.cache.ttl_s)
 
 
-def _bare_backend(settings: Settings, policy: Policy | None) -> Backend:
-    if settings.backend == "mistral":
+def _bare_backend(settings: Settings, name: str, policy: Policy | None) -> Backend:
+    if name == "mistral":
         from worker.backends.mistral import MistralBackend
 
         return MistralBackend(settings)
-    if settings.backend == "openai":
+    if name == "openai":
         from worker.backends.openai import OpenAIBackend
 
         return OpenAIBackend(settings)
-    if settings.backend == "local":
+    if name == "local":
         from worker.backends.local import LocalBackend
 
         return LocalBackend(settings)
-    if settings.backend == "llm":
+    if name == "llm":
         from worker.backends.llm import LlmBackend
 
         return LlmBackend(settings, policy=policy)
-    raise ValueError(f"unknown backend {settings.backend!r}: set MODWORKER_BACKEND to mistral, openai, local or llm")
+    raise ValueError(f"unknown backend {name!r}: set MODWORKER_BACKEND to mistral, openai, local, llm or cascade")

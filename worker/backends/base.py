@@ -11,6 +11,13 @@ Contract for implementations:
 - ``Scored.scores`` is the backend's raw open map of category -> score in [0, 1], exactly
   as the model gave it (no renaming: the policy owns aliases). ``Scored.model`` is the model
   id the backend reports (for remote APIs: the id in the response, not the configured one).
+- Composite backends (``worker.backends.cascade``) say which stage decided
+  (``Scored.decided_by``) and keep every stage's scores (``Scored.stages``); a plain
+  backend leaves both empty.
+- ``Unavailable`` marks one input a composite could not have scored now while the rest of
+  the batch was (e.g. the cascade's second stage is down for the escalated inputs): the
+  pipeline's fail policy applies to those inputs only. A plain backend never returns it; it
+  raises ``BackendUnavailable`` for the whole batch.
 - ``Rejected`` marks an input the backend refuses for a reason that retrying cannot fix
   (e.g. a 400 on that input alone); the pipeline dead-letters it with ``reason``.
 - Transient trouble is retried inside the backend. When the backend gives up it raises
@@ -30,12 +37,41 @@ from schemas import BackendDetails, Turn
 
 
 @dataclass(frozen=True, slots=True)
+class StageScores:
+    """What one stage of a composite backend gave an input: ``stage`` is its role
+    (``first``, ``then``), ``backend`` its name."""
+
+    stage: str
+    backend: str
+    model: str
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
 class Scored:
-    """Raw scores for one input."""
+    """Raw scores for one input.
+
+    ``decided_by``: the backend whose scores these are, when it is not the configured one
+    (a cascade stage, or the fallback backend). ``stages``: every stage's scores, when a
+    composite backend ran several. ``degraded_reason``: set when these scores came from a
+    stand-in (the fallback backend) because the configured backend was down.
+    """
 
     scores: dict[str, float]
     model: str
     details: BackendDetails | None = None
+    decided_by: str | None = None
+    stages: tuple[StageScores, ...] = ()
+    degraded_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """This input could not be scored now (the rest of its batch was); the fail policy
+    applies to it. Only composite backends return it (see the module docstring)."""
+
+    reason: str
+    retry_in_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +82,7 @@ class Rejected:
     error_type: str = "backend_rejected"
 
 
-Outcome = Scored | Rejected
+Outcome = Scored | Rejected | Unavailable
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,7 +126,7 @@ async def run_demo(
         await admin.close()
 
     policy = Policy.load(settings.policy_file)
-    backend = create_backend(settings)
+    backend = create_backend(settings, policy)
     say(out, f"demo: loading the {settings.backend} backend")
     started = time.monotonic()
     try:

@@ -57,7 +57,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``modworker eval``."""
     parser = subparsers.add_parser("eval", help="measure a backend and the policy on labelled JSONL")
     parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s): text and conversation records")
-    parser.add_argument("--backend", required=True, choices=["local", "mistral", "openai", "llm"])
+    parser.add_argument("--backend", required=True, choices=["local", "mistral", "openai", "llm", "cascade"])
     parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
     parser.add_argument(
         "--model",
@@ -77,6 +77,10 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.backend == "cascade":  # both stages, offline replay of the routing: worker.offline.calibrate
+        from worker.offline.calibrate import eval_cascade
+
+        return eval_cascade(args)
     from worker.cli import CommandError
     from worker.config import check_backend_credentials
     from worker.offline.train import tool_settings

@@ -231,6 +231,36 @@ POISON_INPUTS = Counter(
     "while the backend answered others.",
     registry=REGISTRY,
 )
+
+# -- shadow evaluation ------------------------------------------------------------------
+
+SHADOW_DECISIONS = Counter(
+    f"{PREFIX}_shadow_decisions",
+    "Shadow verdicts by the live verdict's action and the shadow's (agreement when equal).",
+    ["live_action", "shadow_action"],
+    registry=REGISTRY,
+)
+SHADOW_CATEGORIES = Counter(
+    f"{PREFIX}_shadow_categories",
+    "Violated categories of shadowed inputs: found by both, by the live verdict only, or by the shadow only.",
+    ["category", "outcome"],
+    registry=REGISTRY,
+)
+SHADOW_DROPPED = Counter(
+    f"{PREFIX}_shadow_dropped", "Sampled inputs dropped because the shadow queue was full.", registry=REGISTRY
+)
+SHADOW_FAILURES = Counter(
+    f"{PREFIX}_shadow_failures",
+    "Shadow inputs lost to a failure, by stage (offer, start, score, decide, publish); the live path is unaffected.",
+    ["stage"],
+    registry=REGISTRY,
+)
+CASCADE_INPUTS = Counter(
+    f"{PREFIX}_cascade_inputs",
+    "Inputs scored by the cascade, by the stage that decided (first, then) or unavailable (then stage down).",
+    ["decided_by"],
+    registry=REGISTRY,
+)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 """Value of ``moderation_worker_backend_circuit_state`` for each breaker state."""
 
@@ -276,6 +306,10 @@ llm_tokens = LabelCache(LLM_TOKENS)
 llm_unparseable = LabelCache(LLM_UNPARSEABLE)
 outputs_trimmed = LabelCache(OUTPUTS_TRIMMED)
 conversation_evictions = LabelCache(CONVERSATION_EVICTIONS)
+shadow_decisions = LabelCache(SHADOW_DECISIONS)
+shadow_categories = LabelCache(SHADOW_CATEGORIES)
+shadow_failures = LabelCache(SHADOW_FAILURES)
+cascade_inputs = LabelCache(CASCADE_INPUTS)
 
 
 def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:

@@ -36,7 +36,7 @@ import structlog
 from aiokafka.structs import TopicPartition
 
 from schemas import DeadLetterHeaders, Verdict
-from worker.backends.base import Outcome, Rejected, Scored
+from worker.backends.base import Outcome, Rejected, Scored, Unavailable
 from worker.config import Settings
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -70,6 +70,7 @@ class Outputs:
         verdicts: VerdictBuilder,
         on_finished: FinishFunction,
         on_abandoned: Callable[[], None],
+        on_verdict: Callable[[Job, Verdict], None] | None = None,
     ) -> None:
         self._verdict_topic = settings.verdict_topic
         self._violation_topic = settings.violation_topic
@@ -79,6 +80,8 @@ class Outputs:
         self._verdicts = verdicts
         self._on_finished = on_finished
         self._on_abandoned = on_abandoned
+        self._on_verdict = on_verdict
+        """Sees every verdict once built (the shadow's ``offer``); must not block or raise."""
         self._sequencer = KeySequencer()
 
     # -- ordering -------------------------------------------------------------------
@@ -119,6 +122,8 @@ class Outputs:
                     also=job.changelog,
                 ),
             )
+        elif isinstance(outcome, Unavailable):  # the Scorer resolves these; never unmoderated if one slips by
+            self._verdict(job, self._verdicts.degraded(job, action="review", reason=outcome.reason))
         else:
             self._verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
@@ -208,6 +213,8 @@ class Outputs:
             )
         on_acked = self._verdict_acked(job, verdict)
         self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked, job.slot))
+        if self._on_verdict is not None:
+            self._on_verdict(job, verdict)
 
     def _verdict_acked(self, job: Job, verdict: Verdict) -> Callable[[], None]:
         """The sink's callback for a verdict: finish the message, count it, time it end to end."""

@@ -39,11 +39,19 @@ The document
         categories:
           pii: {action: block}
 
+    # Optional, for MODWORKER_BACKEND=cascade only: the first stage decides an input alone
+    # when every category's score lies outside [threshold - below, threshold + above).
+    cascade:
+      default: {below: 0.1, above: 0.1}            # categories not named under bands
+      bands:
+        sexual: {below: 0.05, above: 0.3}
+
 Top-level keys: ``categories`` (name -> ``{threshold, action}``, both required, and an
 optional ``description``: what the category means, for backends that judge by it, the
 ``llm`` backend's json dialect; a rule without one hashes as before descriptions existed),
 ``aliases`` (raw name -> canonical name), ``default`` (``{threshold, action}``; flag at
-0.5 when omitted) and ``overrides`` (a list). Each override has ``match`` (``tenant``
+0.5 when omitted), ``overrides`` (a list) and ``cascade`` (uncertainty bands of the
+cascade backend, see ``worker.backends.cascade``; ``modworker calibrate`` writes it). Each override has ``match`` (``tenant``
 and/or ``source``, exact strings; every key given must equal the input's), and
 ``categories`` and/or ``default`` whose rules may give only ``threshold`` or only
 ``action``: the missing field is taken from the rule in force at that point (the
@@ -195,11 +203,22 @@ class _Override(_Strict):
     default: _RulePatch | None = None
 
 
+class _Band(_Strict):
+    below: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    above: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+
+
+class _Cascade(_Strict):
+    default: _Band | None = None
+    bands: dict[str, _Band] = Field(default_factory=dict)
+
+
 class _Document(_Strict):
     categories: dict[str, _Rule] = Field(default_factory=dict)
     aliases: dict[str, str] = Field(default_factory=dict)
     default: _Rule = Field(default_factory=lambda: _Rule(threshold=0.5, action="flag"))
     overrides: list[_Override] = Field(default_factory=list)
+    cascade: _Cascade | None = None
 
     @model_validator(mode="after")
     def _aliases_are_consistent(self) -> _Document:
@@ -214,9 +233,11 @@ class _Document(_Strict):
                     if target != raw
                     else f"aliases.{raw}: an alias of itself; remove it"
                 )
-        named = [("categories", self.categories)] + [
+        named: list[tuple[str, Mapping[str, object]]] = [("categories", self.categories)] + [
             (f"overrides[{i}].categories", o.categories) for i, o in enumerate(self.overrides)
         ]
+        if self.cascade is not None:
+            named.append(("cascade.bands", self.cascade.bands))
         for where, categories in named:
             for name in categories:
                 if not name:
@@ -263,8 +284,11 @@ class Policy:
         # Keyed by which overrides matched: bounded by the distinct tenant/source values the
         # document names, however many tenants the stream carries.
         self._resolved: dict[tuple[int, ...], _Rules] = {(): self._base}
+        # A document without ``cascade`` hashes as it did before that key existed, so adding
+        # the key to the format changed no deployed policy's version.
+        dumped = document.model_dump(mode="json", exclude={"cascade"} if document.cascade is None else None)
         canonical_form = json.dumps(
-            {"format": POLICY_FORMAT, "document": document.model_dump(mode="json")},
+            {"format": POLICY_FORMAT, "document": dumped},
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -337,6 +361,44 @@ class Policy:
     def canonical(self, category: str) -> str:
         """The canonical name of a raw category name (itself when it has no alias)."""
         return self._aliases.get(category, category)
+
+    def cascade_band(self, category: str) -> tuple[float, float] | None:
+        """``(below, above)`` of the cascade's uncertainty band for a canonical category: its
+        own under ``cascade.bands``, else ``cascade.default``; None when the document gives
+        neither (the cascade then uses its configured default)."""
+        cascade = self._document.cascade
+        if cascade is None:
+            return None
+        band = cascade.bands.get(category, cascade.default)
+        return None if band is None else (band.below, band.above)
+
+    def thresholds(self, category: str) -> tuple[float, ...]:
+        """Every threshold at which ``category`` (canonical) can become a violation, under the
+        base rules or any override (sorted, distinct). Empty when its action is ``allow``
+        everywhere. For decisions that cannot see the input's tenant and source (the
+        cascade's bands): near any of these, the input is near a decision boundary."""
+        rules = [self._base.categories.get(category, self._base.default)]
+        for override in self._overrides:
+            rule = self._base.categories.get(category)
+            if rule is None:
+                rule = override.default.over(self._base.default) if override.default else self._base.default
+            patch = override.categories.get(category)
+            rules.append(patch.over(rule) if patch is not None else rule)
+        return tuple(sorted({rule.threshold for rule in rules if rule.action != "allow"}))
+
+    def with_cascade_bands(
+        self, default: tuple[float, float] | None, bands: Mapping[str, tuple[float, float]]
+    ) -> Policy:
+        """This policy with its ``cascade`` section replaced (what ``modworker calibrate`` writes)."""
+        cascade = _Cascade(
+            default=None if default is None else _Band(below=default[0], above=default[1]),
+            bands={name: _Band(below=b, above=a) for name, (b, a) in bands.items()},
+        )
+        return Policy(self._document.model_copy(update={"cascade": cascade}))
+
+    def document(self) -> dict[str, Any]:
+        """The validated document as plain data (``yaml.safe_dump`` writes it back)."""
+        return self._document.model_dump(mode="json", exclude_none=True)
 
     def decide(self, scores: Mapping[str, float], *, tenant: str | None = None, source: str | None = None) -> Decision:
         """Apply the policy to one input's raw scores.

@@ -21,6 +21,15 @@ bug must not kill the stream silently) the fail policy decides:
   committed offset back for ever. An outage (no other batch succeeds) still waits.
 - ``review`` / ``allow``: every job of the batch gets a ``Degraded`` outcome with that
   action and the reason.
+- ``fallback``: the ``fallback`` backend scores the batch; its ``Scored`` outcomes carry
+  ``decided_by`` (the fallback's name) and ``degraded_reason``. When the fallback fails too,
+  as under ``wait``. The primary is tried first for every batch (its circuit breaker makes
+  that cheap while it is open), so it takes over again as soon as it answers.
+
+When a composite backend (the cascade) returns ``Unavailable`` for some inputs only, the
+others keep their outcomes and the fail policy applies to those inputs alone: the retries
+of ``wait`` re-send only them. Such a partial answer is an outage of the stage behind it,
+never evidence of a poison input, and does not count as the backend answering.
 
 Contract: ``score`` returns one outcome per job, in order, or ``None`` when the batch was
 given up (a fatal error reported through ``on_fatal``, the worker failed, or every job's
@@ -33,12 +42,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
 from schemas import ConversationEvent, Kind, Turn
-from worker.backends.base import Backend, BackendAuthError, BackendUnavailable, Conversation, Outcome, Rejected
+from worker.backends.base import (
+    Backend,
+    BackendAuthError,
+    BackendUnavailable,
+    Conversation,
+    Outcome,
+    Rejected,
+    Scored,
+    Unavailable,
+)
 from worker.config import FailPolicy
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -72,10 +90,12 @@ class Scorer:
         on_fatal: Callable[[BaseException], None],
         failed: Callable[[], bool],
         poison_attempts: int = 3,
+        fallback: Backend | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.backend = backend
         self._fail_policy = fail_policy
+        self._fallback = fallback if fail_policy == "fallback" else None
         self._concurrency = asyncio.Semaphore(max_concurrency)
         self._on_fatal = on_fatal
         self._failed = failed
@@ -98,9 +118,13 @@ class Scorer:
         # its parent's evidence: it starts set).
         top_level = since is None
         since = since if since is not None else self._answered
+        results: list[Result | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))  # the jobs still without a result
         while True:
+            batch = [jobs[i] for i in pending]
+            partial = False
             try:
-                outcomes = await self._call(kind, jobs)
+                outcomes = await self._call(kind, batch)
             except BackendAuthError as err:
                 self._on_fatal(err)
                 return None
@@ -111,35 +135,65 @@ class Scorer:
                 reason = f"unexpected backend error: {type(err).__name__}: {err}"
                 not_before = 0.0
                 if waits == 0 and failed_alone == 0 and top_level:  # the traceback once per batch, not per try
-                    log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(jobs))
+                    log.exception(Event.BACKEND_UNAVAILABLE, reason="unexpected backend error", batch=len(batch))
                 else:
-                    log.warning(Event.BACKEND_UNAVAILABLE, reason=reason, batch=len(jobs))
+                    log.warning(Event.BACKEND_UNAVAILABLE, reason=reason, batch=len(batch))
             else:
-                if len(outcomes) != len(jobs):
+                if len(outcomes) != len(batch):
                     self._on_fatal(
                         RuntimeError(
-                            f"backend {self.backend.name} returned {len(outcomes)} results for {len(jobs)} inputs"
+                            f"backend {self.backend.name} returned {len(outcomes)} results for {len(batch)} inputs"
                         )
                     )
                     return None
-                self._answered.set()
-                self._answered = asyncio.Event()
-                return list(outcomes)
-            if self._fail_policy != "wait":
-                log.warning(Event.BACKEND_DEGRADED, reason=reason, action=self._fail_policy, batch=len(jobs))
-                return [Degraded(self._fail_policy, reason)] * len(jobs)
-            if self._failed() or not any(job.slot.owned for job in jobs):
+                left = [(i, o) for i, o in zip(pending, outcomes, strict=True) if isinstance(o, Unavailable)]
+                for i, outcome in zip(pending, outcomes, strict=True):
+                    results[i] = outcome
+                if not left:
+                    self._answered.set()
+                    self._answered = asyncio.Event()
+                    return _filled(results)
+                # A composite backend left some inputs Unavailable: the fail policy applies to those only.
+                partial = True
+                pending = [i for i, _ in left]
+                batch = [jobs[i] for i in pending]
+                reason = left[0][1].reason
+                not_before = max(o.retry_in_s or 0.0 for _, o in left)
+            if self._fallback is not None and await self._score_with_fallback(kind, batch, pending, results, reason):
+                return _filled(results)
+            if self._fail_policy in ("review", "allow"):
+                log.warning(Event.BACKEND_DEGRADED, reason=reason, action=self._fail_policy, batch=len(batch))
+                for i in pending:
+                    results[i] = Degraded(self._fail_policy, reason)
+                return _filled(results)
+            if self._failed():
                 return None
+            if not any(job.slot.owned for job in batch):
+                if len(pending) == len(jobs):
+                    return None
+                # The rest was scored; these are abandoned by the outputs stage, which
+                # publishes nothing for a partition no longer owned.
+                for i in pending:
+                    results[i] = Degraded("review", reason)
+                return _filled(results)
             answered_others, since = since.is_set(), self._answered
-            if answered_others:  # the backend answered another batch since this one last failed
-                if len(jobs) > 1:
-                    return await self._split(kind, jobs, reason)
+            if answered_others and not partial:  # the backend answered another batch since this one last failed
+                if len(batch) > 1:
+                    split = await self._split(kind, batch, reason)
+                    if split is None:
+                        return None
+                    for i, result in zip(pending, split, strict=True):
+                        results[i] = result
+                    return _filled(results)
                 failed_alone += 1
                 if failed_alone >= self._poison_attempts:
-                    return [self._poisoned(jobs[0], failed_alone, reason)]
+                    results[pending[0]] = self._poisoned(batch[0], failed_alone, reason)
+                    return _filled(results)
             delay = not_before if not_before > 0 else WAIT_BACKOFF_S[min(waits, len(WAIT_BACKOFF_S) - 1)]
             waits += 1
-            log.warning(Event.BACKEND_WAITING, reason=reason, retry_in_s=delay, batch=len(jobs), fail_policy="wait")
+            log.warning(
+                Event.BACKEND_WAITING, reason=reason, retry_in_s=delay, batch=len(batch), fail_policy=self._fail_policy
+            )
             await self._pause(delay, since)
 
     async def _split(self, kind: Kind, jobs: Sequence[Job], reason: str) -> list[Result] | None:
@@ -185,10 +239,44 @@ class Scorer:
             sleeping.cancel()
             woken.cancel()
 
-    async def _call(self, kind: Kind, jobs: Sequence[Job]) -> list[Outcome]:
+    async def _score_with_fallback(
+        self, kind: Kind, batch: list[Job], pending: list[int], results: list[Result | None], reason: str
+    ) -> bool:
+        """Fail policy ``fallback``: the fallback backend scores ``batch`` (the jobs at
+        ``pending``); True when it did. Its verdicts are degraded, naming the primary's
+        failure; when the fallback is down too, the caller waits as under ``wait``."""
+        assert self._fallback is not None
+        try:
+            outcomes = await self._call(kind, batch, backend=self._fallback)
+        except BackendAuthError as err:
+            self._on_fatal(err)
+            return False
+        except Exception as err:  # noqa: BLE001 - a broken fallback must not end the primary's waiting
+            log.warning(Event.FALLBACK_FAILED, reason=reason, error=f"{type(err).__name__}: {err}", batch=len(batch))
+            return False
+        if len(outcomes) != len(batch) or any(isinstance(o, Unavailable) for o in outcomes):
+            return False
+        log.warning(Event.BACKEND_FALLBACK, reason=reason, fallback=self._fallback.name, batch=len(batch))
+        degraded_reason = f"scored by fallback backend {self._fallback.name}: {reason}"
+        for i, outcome in zip(pending, outcomes, strict=True):
+            results[i] = (
+                replace(outcome, decided_by=self._fallback.name, degraded_reason=degraded_reason)
+                if isinstance(outcome, Scored)
+                else outcome
+            )
+        return True
+
+    async def _call(self, kind: Kind, jobs: Sequence[Job], *, backend: Backend | None = None) -> list[Outcome]:
+        backend = backend or self.backend
         if kind == "content":
-            return await self.backend.score_texts([job.text for job in jobs])
-        return await self.backend.score_conversations([conversation_of(job.event, job.context) for job in jobs])
+            return await backend.score_texts([job.text for job in jobs])
+        return await backend.score_conversations([conversation_of(job.event, job.context) for job in jobs])
+
+
+def _filled(results: list[Result | None]) -> list[Result]:
+    """``results`` once every slot holds a result (the loop fills them all before returning)."""
+    assert all(result is not None for result in results)
+    return results  # type: ignore[return-value]
 
 
 def conversation_of(event: ConversationEvent | object, context: tuple[Turn, ...] | None = None) -> Conversation:

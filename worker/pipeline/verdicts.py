@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from schemas import BackendDetails, CategoryHit, ContentEvent, InputPosition, Turn, Verdict, Violation
+from schemas import BackendDetails, CategoryHit, ContentEvent, InputPosition, StageScore, Turn, Verdict, Violation
 from worker.backends.base import Scored
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job
@@ -73,6 +73,16 @@ class VerdictBuilder:
             model=result.model,
             id_model=result.model,
             details=result.details,
+            degraded_reason=result.degraded_reason,
+            decided_by=result.decided_by,
+            stages=[
+                _assemble(
+                    StageScore,
+                    {"stage": s.stage, "backend": s.backend, "model": s.model, "scores": dict(s.scores)},
+                )
+                for s in result.stages
+            ]
+            or None,
         )
 
     def degraded(self, job: Job, *, action: str, reason: str) -> Verdict:
@@ -98,6 +108,8 @@ class VerdictBuilder:
         id_model: str,
         degraded_reason: str | None = None,
         details: BackendDetails | None = None,
+        decided_by: str | None = None,
+        stages: list[StageScore] | None = None,
     ) -> Verdict:
         event = job.event
         record = job.record
@@ -125,6 +137,8 @@ class VerdictBuilder:
                 "policy_version": self._policy.version,
                 "degraded": degraded_reason is not None,
                 "degraded_reason": degraded_reason,
+                "decided_by": decided_by,
+                "stages": stages,
                 "input": _assemble(
                     InputPosition, {"topic": record.topic, "partition": record.partition, "offset": record.offset}
                 ),

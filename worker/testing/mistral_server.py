@@ -10,7 +10,8 @@ Endpoints (request and response shapes as in Mistral's OpenAPI document, vendore
   (chat: ``{"messages": [...]}`` objects); results map each target to
   ``{"scores": {label: score}}``.
 
-Scores are deterministic, see ``fake_scores``. Moderation results carry ``categories``
+Scores are deterministic, see ``fake_scores``, unless a ``scorer`` is given (e.g.
+``scores_from_labels``: the labelled data's answers, for measuring a cascade). Moderation results carry ``categories``
 booleans (score >= 0.5) like the real API; a client must not use them. The response
 ``model`` is the server's configured ``model`` for moderation, and the requested model for
 classifiers (a fine-tuned classifier id).
@@ -31,7 +32,7 @@ import hashlib
 import math
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from worker.testing.faults import FaultPlan
@@ -99,6 +100,29 @@ def fake_scores(text: str, categories: Sequence[str] = CATEGORIES_2411) -> dict[
     return scores
 
 
+ScoreFunction = Callable[[str, Sequence[str]], dict[str, float]]
+"""``scorer(text, categories) -> {category: score}``: how a server scores one judged text."""
+
+
+def scores_from_labels(labels: Mapping[str, Iterable[str]], *, positive: float = 0.95) -> ScoreFunction:
+    """A scorer that knows the answers: ``positive`` for each category ``labels[text]`` names,
+    ``fake_scores`` (below 0.1, or a marker's value) for the rest and for unknown texts.
+
+    A stand-in second stage that is right by construction (labelled data's labels), so a
+    cascade's loss against it is what the first stage's confident decisions cost.
+    """
+    known = {text: frozenset(names) for text, names in labels.items()}
+
+    def score(text: str, categories: Sequence[str]) -> dict[str, float]:
+        scores = fake_scores(text, categories)
+        for category in known.get(text, ()):
+            if category in scores:
+                scores[category] = max(scores[category], positive)
+        return scores
+
+    return score
+
+
 def _base_score(category: str, text: str) -> float:
     digest = hashlib.sha256(f"{category}\x00{text}".encode()).hexdigest()
     return (int(digest[:8], 16) % 1000) / 10000
@@ -137,6 +161,7 @@ class MistralServer(LoopbackApiServer):
         latency_s: float = 0.0,
         fault_plan: FaultPlan = None,
         rate_limit: RateLimit | None = None,
+        scorer: ScoreFunction | None = None,
     ) -> None:
         super().__init__(
             api_key=api_key, validator=validator, latency_s=latency_s, fault_plan=fault_plan, rate_limit=rate_limit
@@ -149,6 +174,7 @@ class MistralServer(LoopbackApiServer):
             target: tuple(labels) for target, labels in (classifier_targets or DEFAULT_CLASSIFIER_TARGETS).items()
         }
         self.max_input_tokens = max_input_tokens or MODEL_CONTEXT_TOKENS.get(model, 8_192)
+        self.scorer: ScoreFunction = scorer or fake_scores
 
     # ---- routes -----------------------------------------------------------------------------
 
@@ -189,7 +215,7 @@ class MistralServer(LoopbackApiServer):
     # ---- shapes -----------------------------------------------------------------------------
 
     def _moderation_result(self, text: str) -> dict[str, Any]:
-        scores = fake_scores(text, self.categories)
+        scores = self.scorer(text, self.categories)
         return {"categories": {c: s >= 0.5 for c, s in scores.items()}, "category_scores": scores}
 
     def _moderation_response(self, results: list[dict[str, Any]], texts: list[str]) -> dict[str, Any]:
