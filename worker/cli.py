@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     gc.freeze()
     try:
         asyncio.run(_serve(settings, lambda: ModerationWorker(settings, backend=backend, policy=policy)))
-    except WorkerFatal as err:
+    except (WorkerFatal, ShutdownTimeout) as err:
         raise CommandError(str(err)) from None
     except _KAFKA_START_ERRORS as err:
         raise CommandError(
@@ -159,15 +159,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SHUTDOWN_GRACE_S = 15.0
+"""After SIGTERM the worker has ``drain_timeout_s`` for in-flight work plus this for the
+final commit and leaving the group; past that the process gives up (exit code 1)."""
+
+
+class ShutdownTimeout(Exception):
+    """The worker did not stop within ``drain_timeout_s + SHUTDOWN_GRACE_S`` of SIGTERM."""
+
+
 async def _serve(settings: Settings, make_worker: Callable[[], ModerationWorker]) -> None:
     from worker.ops.health import serve_health
+    from worker.ops.logs import Event
 
     worker = make_worker()  # inside the loop: aiokafka clients need a running loop
     loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+
+    def on_signal() -> None:
+        worker.stop()
+        signalled.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, on_signal)
     async with serve_health(worker, settings):  # /metrics, /livez, /readyz until the worker has drained
-        await worker.run()
+        running = asyncio.ensure_future(worker.run())
+        waiting = asyncio.ensure_future(signalled.wait())
+        await asyncio.wait((running, waiting), return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not running.done():  # signalled: a hard deadline, whatever blocks in aiokafka
+            bound = settings.drain_timeout_s + SHUTDOWN_GRACE_S
+            await asyncio.wait((running,), timeout=bound)
+            if not running.done():
+                running.cancel()
+                message = (
+                    f"did not stop within {bound:g}s of the signal (MODWORKER_DRAIN_TIMEOUT_S + {SHUTDOWN_GRACE_S:g}s)"
+                )
+                structlog.get_logger("worker.cli").error(Event.SHUTDOWN_TIMEOUT, error=message)
+                raise ShutdownTimeout(message)
+        await running
 
 
 def secrets_of(settings: Settings) -> list[str]:

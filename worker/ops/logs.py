@@ -47,6 +47,9 @@ class Event:
     BACKEND_DEGRADED = "backend.degraded_verdicts"
     BACKEND_WAITING = "backend.waiting"
     TASK_FAILED = "worker.task_failed"
+    CONSUME_FAILED = "worker.consume_failed"
+    OFFSET_RESET = "partitions.offset_reset"
+    SHUTDOWN_TIMEOUT = "worker.shutdown_timeout"
     WORKER_EXIT = "worker.exit"
 
 
