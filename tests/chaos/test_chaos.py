@@ -1,0 +1,213 @@
+"""The chaos suite: each scenario runs a steady stream of mixed content and conversation
+events (10% malformed) through real worker processes (``python -m worker.cli run``) on the
+durable embedded broker, injects one fault, and tallies inputs, verdicts, dead letters,
+lost, duplicates, peak RSS and recovery time into ``tests/chaos/results.json``
+(``python -m tests.chaos.report`` turns that into docs/reliability.md's table).
+
+Promises checked everywhere: lost == 0 (every input gets a verdict or a dead letter), and
+the API key appears in no worker output. Duplicates only where a worker crashed (at most
+the in-flight window of the crashed worker). Run: ``make chaos``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.chaos.conftest import ChaosRun
+from worker.testing.faults import Fault
+
+IN_FLIGHT = 200
+"""MODWORKER_MAX_IN_FLIGHT in these scenarios: the bound on a crashed worker's duplicates."""
+
+
+def _wait_started(run: ChaosRun, outputs: int = 50, timeout_s: float = 60) -> None:
+    assert run.traffic is not None
+    assert run.traffic.wait_for_outputs(outputs, timeout_s), "the stream never got going"
+
+
+def _no_loss(outcome, *, crashes: int = 0) -> None:
+    assert outcome.notes["settled"], f"not every input got an output: {outcome}"
+    assert outcome.lost == 0, outcome
+    assert outcome.duplicates <= crashes * IN_FLIGHT, outcome
+    assert outcome.dead_letters >= 1, "the malformed tenth must be dead-lettered"
+
+
+def test_malformed_inputs_at_ten_percent(chaos: ChaosRun):
+    """Baseline: the mixed stream with 10% malformed inputs, no other fault."""
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    traffic = chaos.stream()
+    _wait_started(chaos)
+    time.sleep(8)
+    outcome = chaos.finish("malformed 10%", fault_end=None)
+    _no_loss(outcome)
+    assert outcome.duplicates == 0
+    malformed = outcome.dead_letter_types
+    assert set(malformed) <= {"not_utf8", "not_json", "schema"}, malformed
+    assert 0.05 * outcome.inputs <= outcome.dead_letters <= 0.15 * outcome.inputs, outcome
+    assert traffic.inputs() == outcome.inputs
+
+
+def test_worker_sigkill_mid_stream(chaos: ChaosRun):
+    first = chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    time.sleep(3)
+    first.stop(signal.SIGKILL)
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    fault_end = time.time()
+    time.sleep(8)
+    outcome = chaos.finish("worker SIGKILL mid-stream", fault_end=fault_end)
+    _no_loss(outcome, crashes=1)
+
+
+@pytest.mark.parametrize("down_s", [5, 30])
+def test_broker_sigkill_and_restart(chaos: ChaosRun, down_s: int):
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    time.sleep(3)
+    killed = time.time()
+    chaos.broker.kill()
+    time.sleep(down_s)
+    chaos.broker.start()
+    fault_end = time.time()
+    time.sleep(8)
+    lines = _log_lines_between(chaos.workers[0].log(), killed, fault_end + 5)
+    outcome = chaos.finish(
+        f"broker SIGKILL, down {down_s} s", fault_end=fault_end, settle_s=120, log_lines_during_outage=lines
+    )
+    # Defect 8: in JSON mode every line is JSON (aiokafka's too) and a repeated library
+    # error is logged once per interval: the outage costs tens of lines, not thousands.
+    assert lines < 20 + 4 * down_s, f"{lines} log lines for a {down_s} s outage"
+    # The worker never crashed, but a produce whose ack the broker's death swallowed is
+    # sent again (idempotence is off on this broker): duplicates stay within one window.
+    _no_loss(outcome, crashes=1)
+    assert all(w.process.poll() is not None for w in chaos.workers)
+    assert outcome.notes["sigterm_exit_codes"] == [0], "the worker must ride out the outage and stop cleanly"
+
+
+def _log_lines_between(log: str, start: float, end: float) -> int:
+    """Lines logged in [start, end]; fails on any line that is not JSON."""
+    from datetime import datetime
+
+    count = 0
+    for line in log.splitlines():
+        record = json.loads(line)  # JSON mode: a plain-text line is a failure
+        at = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
+        count += start <= at <= end
+    return count
+
+
+def test_rebalance_storm(chaos: ChaosRun):
+    """Three workers; every 4 s one is SIGKILLed and a new one added, four times."""
+    for _ in range(3):
+        chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    kills = 4
+    for round_ in range(kills):
+        alive = [w for w in chaos.workers if w.process.poll() is None]
+        alive[round_ % len(alive)].stop(signal.SIGKILL)
+        chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+        time.sleep(4)
+    fault_end = time.time()
+    time.sleep(6)
+    outcome = chaos.finish("rebalance storm", fault_end=fault_end, settle_s=120, kills=kills)
+    _no_loss(outcome, crashes=kills)
+
+
+def test_backend_503_burst(chaos: ChaosRun):
+    """A burst of 503s: the first 30 requests after the stream started."""
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    start = chaos.mistral.request_count
+    chaos.mistral.fault_plan = lambda request: Fault(status=503) if request.index < start + 30 else None
+    while chaos.mistral.request_count < start + 30:
+        time.sleep(0.05)
+    fault_end = time.time()
+    time.sleep(6)
+    outcome = chaos.finish("backend 503 burst", fault_end=fault_end)
+    _no_loss(outcome)
+    assert outcome.duplicates == 0
+
+
+@pytest.mark.xfail(
+    reason="needs faults-core: breaker recovery within ~2 s of the API answering (defect 7)", strict=False
+)
+def test_backend_503_burst_recovers_within_seconds(chaos: ChaosRun):
+    """Six 503s in a row, then healthy: moderation resumes within about 2 s (defect 7)."""
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    start = chaos.mistral.request_count
+    chaos.mistral.fault_plan = lambda request: Fault(status=503) if request.index < start + 6 else None
+    while chaos.mistral.request_count < start + 6:
+        time.sleep(0.01)
+    fault_end = time.time()
+    time.sleep(6)
+    outcome = chaos.finish("backend 6x503 then healthy", fault_end=fault_end)
+    _no_loss(outcome)
+    assert outcome.recovery_s is not None and outcome.recovery_s <= 5, outcome
+
+
+def test_backend_flapping(chaos: ChaosRun):
+    """The API down (503) 20 s, up 20 s, down 20 s, then up; fail policy ``wait``."""
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    down = Fault(status=503)
+    for _ in range(2):
+        chaos.mistral.fault_plan = lambda request: down
+        time.sleep(20)
+        chaos.mistral.fault_plan = None
+        fault_end = time.time()
+        time.sleep(20)
+    outcome = chaos.finish("backend flapping 20 s / 20 s", fault_end=fault_end, settle_s=120)
+    _no_loss(outcome)
+    assert outcome.duplicates == 0
+
+
+def test_backend_outage_60s_under_wait_keeps_memory_flat(chaos: ChaosRun):
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    traffic = chaos.stream()
+    _wait_started(chaos)
+    chaos.mistral.fault_plan = lambda request: Fault(status=503)
+    outage_start = time.time()
+    time.sleep(60)
+    chaos.mistral.fault_plan = None
+    fault_end = time.time()
+    time.sleep(5)
+    early = chaos.rss.between(outage_start + 10, outage_start + 20)
+    late = chaos.rss.between(fault_end - 10, fault_end)
+    growth = round(max(late) - max(early), 1)
+    produced_during = traffic.inputs()
+    outcome = chaos.finish(
+        "backend outage 60 s (wait)",
+        fault_end=fault_end,
+        settle_s=150,
+        rss_growth_mb=growth,
+        inputs_at_end=produced_during,
+    )
+    _no_loss(outcome)
+    assert outcome.duplicates == 0
+    assert growth < 15, f"RSS grew {growth} MB over the outage's last 40 s"
+
+
+def test_backend_429_storm(chaos: ChaosRun):
+    """Every other request gets 429 with Retry-After: 1 for 15 s."""
+    chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
+    chaos.stream()
+    _wait_started(chaos)
+    chaos.mistral.fault_plan = lambda request: Fault(status=429, retry_after="1") if request.index % 2 == 0 else None
+    time.sleep(15)
+    chaos.mistral.fault_plan = None
+    fault_end = time.time()
+    time.sleep(5)
+    outcome = chaos.finish("backend 429 storm", fault_end=fault_end)
+    _no_loss(outcome)
+    assert outcome.duplicates == 0
