@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.chaos.harness import DurableBroker, Outcome, RssSampler, Traffic, create_topics, moto_server_command
+from tests.chaos.harness import (
+    DurableBroker,
+    Outcome,
+    RssSampler,
+    TlsFront,
+    Traffic,
+    create_topics,
+    moto_server_command,
+    self_signed_certificate,
+    stunnel_command,
+)
 from tests.conftest import WorkerProcess, worker_env
 from tests.kafka_support import TopicSet
-from worker.testing.broker import BrokerHandle
+from worker.testing.broker import BrokerHandle, free_port
 from worker.testing.mistral_server import MistralServer
 
 
@@ -40,6 +49,7 @@ class ChaosRun:
         self.rss = RssSampler()
         self.traffic: Traffic | None = None
         self.client: dict[str, Any] = {}
+        self.ca: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -73,6 +83,10 @@ class ChaosRun:
         assert self.api_key not in logs, "the API key appeared in a worker's output"
         return outcome
 
+    def note_start_up_failure(self, name: str, notes: dict[str, Any]) -> None:
+        """Record a scenario that ends at start-up (no stream): its one line and exit code."""
+        Outcome(name, 0, 0, 0, 0, 0, 0, self.rss.peak_mb or None, None, notes=notes).record()
+
     def close(self) -> None:
         if self.traffic is not None:
             self.traffic.close()
@@ -103,5 +117,33 @@ def chaos(durable: DurableBroker, mistral: MistralServer, api_key: str, tmp_path
         run.close()
 
 
-def now() -> float:
-    return time.time()
+@pytest.fixture
+def tls_chaos(mistral: MistralServer, api_key: str, tmp_path: Path) -> Iterator[ChaosRun]:
+    """A ``ChaosRun`` whose broker is reachable only through TLS (stunnel in front of it,
+    the broker advertising the TLS port); the harness's own clients use the CA."""
+    if moto_server_command() is None:
+        pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
+    if stunnel_command() is None:
+        pytest.skip("stunnel missing: `make` installs Debian's stunnel4 when run as root")
+    from aiokafka.helpers import create_ssl_context
+
+    tls_port = free_port()
+    broker = DurableBroker(tmp_path, advertised_port=tls_port)
+    front = None
+    run = None
+    try:
+        cert, key = self_signed_certificate(tmp_path)
+        front = TlsFront(tmp_path, port=tls_port, plain_port=broker.port, cert=cert, key=key)
+        client = {"security_protocol": "SSL", "ssl_context": create_ssl_context(cafile=str(cert))}
+        topics = TopicSet.unique()
+        asyncio.run(create_topics(broker.bootstrap_servers, topics.inputs + topics.outputs, partitions=4, **client))
+        run = ChaosRun(broker, topics, mistral, api_key, tmp_path)
+        run.client = client
+        run.ca = cert
+        yield run
+    finally:
+        if run is not None:
+            run.close()
+        if front is not None:
+            front.close()
+        broker.close()

@@ -281,6 +281,8 @@ class Traffic:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),), daemon=True)
         self.errors: list[str] = []
+        self.largest_output = 0
+        """Bytes of the largest output record seen (key + value + headers)."""
 
     # control (test thread)
 
@@ -436,6 +438,8 @@ class Traffic:
             with self._lock:
                 self.seen.produced[(record.topic, record.partition, record.offset)] = record.timestamp / 1000
             return
+        size = len(record.value or b"") + len(record.key or b"") + sum(len(k) + len(v) for k, v in record.headers or ())
+        self.largest_output = max(self.largest_output, size)
         if record.topic == self.topics.verdict:
             where = json.loads(record.value)["input"]
             position = (where["topic"], int(where["partition"]), int(where["offset"]))
