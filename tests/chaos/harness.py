@@ -47,7 +47,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from tests.kafka_support import TopicSet
 from worker.testing.broker import BrokerUnavailable, free_port
 
-RESULTS_FILE = Path(os.environ.get("MODWORKER_CHAOS_RESULTS", Path(__file__).parent / "results.json"))
+RESULTS_FILE = Path(
+    os.environ.get("MODWORKER_CHAOS_RESULTS", Path(__file__).parents[2] / "build" / "chaos" / "results.json")
+)
 """Where each scenario's ``Outcome`` is written (one JSON object per scenario name)."""
 
 MALFORMED_SHARE = 0.10
