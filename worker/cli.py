@@ -153,10 +153,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from None
     except _KAFKA_START_ERRORS as err:
         raise CommandError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}); "
-            "check KAFKA_BOOTSTRAP_SERVERS and the MODWORKER_KAFKA__SECURITY_* settings"
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}"
+            f"{_tls_failure(settings)}); check KAFKA_BOOTSTRAP_SERVERS and the MODWORKER_KAFKA__SECURITY_* settings"
         ) from None
     return 0
+
+
+def _tls_failure(settings: Settings) -> str:
+    """What one TLS handshake with the first bootstrap server shows, as '; TLS: ...', or ''.
+
+    aiokafka reports a failed handshake (a wrong CA) or a plaintext client on a TLS port
+    only as "Unable to bootstrap"; this names the cause in the start-up line."""
+    import socket
+    import ssl
+
+    from worker.pipeline.source import client_options
+
+    kafka = settings.kafka
+    if not kafka.bootstrap_servers:
+        return ""
+    tls = kafka.security_protocol in ("SSL", "SASL_SSL")
+    if tls:
+        context: ssl.SSLContext = client_options(kafka)["ssl_context"]
+    else:  # only asking whether the port speaks TLS at all
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return "" if tls else "; TLS: the port speaks TLS, set MODWORKER_KAFKA__SECURITY_PROTOCOL=SSL"
+    except ssl.SSLError as err:
+        return f"; TLS: {err.reason or err}" if tls else ""
+    except (OSError, ValueError):
+        return ""
 
 
 SHUTDOWN_GRACE_S = 15.0

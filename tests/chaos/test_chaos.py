@@ -305,5 +305,7 @@ def test_a_bad_tls_client_stops_start_up_with_one_line(tls_chaos: ChaosRun, tmp_
     assert "Traceback" not in log and tls_chaos.api_key not in log
     last = json.loads(log.strip().splitlines()[-1])
     assert last["event"] == "worker.exit" and "cannot reach Kafka" in last["error"], last
+    named = "CERTIFICATE_VERIFY_FAILED" if client == "wrong CA" else "the port speaks TLS"
+    assert named in last["error"], last
     note = {"client": client, "exit_code": code, "line": last["error"]}
     tls_chaos.note_start_up_failure(f"TLS port, {client} client", note)
