@@ -77,7 +77,13 @@ class ChaosRun:
         settled = self.traffic.settle(settle_s)
         exits = [w.stop(signal.SIGTERM, timeout_s=60) for w in self.workers if w.process.poll() is None]
         outcome = self.traffic.outcome(name, fault_end=fault_end, rss=self.rss)
-        outcome.notes = {"settled": settled, "workers": len(self.workers), "sigterm_exit_codes": exits, **notes}
+        outcome.notes = {
+            "settled": settled,
+            "workers": len(self.workers),
+            "sigterm_exit_codes": exits,
+            "reader_errors": len(self.traffic.errors),
+            **notes,
+        }
         outcome.record()
         logs = "".join(w.log() for w in self.workers)
         assert self.api_key not in logs, "the API key appeared in a worker's output"
