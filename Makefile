@@ -31,7 +31,7 @@ demo: $(STAMP)
 test: check
 	$(PY) -m pytest -q -m "not chaos" $(PYTEST_ARGS)
 
-# The chaos suite (tests/chaos, ~12 minutes): real workers under injected faults. Writes its
+# The chaos suite (tests/chaos, ~15 minutes): real workers under injected faults. Writes its
 # measurements to build/chaos/results.json and the table in docs/reliability.md.
 chaos: $(STAMP)
 	$(PY) -m pytest -q -rxXs -m chaos tests/chaos $(PYTEST_ARGS)

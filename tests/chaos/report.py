@@ -44,7 +44,8 @@ def measured(result: dict | None) -> str:
         return "not run"
     notes = result.get("notes", {})
     if "line" in notes:
-        return f"exit {notes['exit_code']}: “{notes['line'][:90]}…”"
+        cause = notes["line"].partition("; TLS: ")[2].partition(")")[0] or notes["line"][:90]
+        return f"exit {notes['exit_code']}, one line naming the cause: “…TLS: {cause}…”"
     parts = [
         f"inputs {result['inputs']}",
         f"verdicts {result['verdicts']}",
@@ -55,7 +56,11 @@ def measured(result: dict | None) -> str:
     ]
     if result.get("recovery_s") is not None:
         parts.append(f"recovery {result['recovery_s']} s")
-    for key, label in (("rss_growth_mb", "RSS growth {} MB"), ("log_lines_during_outage", "{} log lines")):
+    for key, label in (
+        ("rss_growth_mb", "RSS growth {} MB"),
+        ("log_lines_during_outage", "{} log lines"),
+        ("largest_output_bytes", "largest output {} B"),
+    ):
         if key in notes:
             parts.append(label.format(notes[key]))
     if not notes.get("settled", True):
@@ -63,10 +68,16 @@ def measured(result: dict | None) -> str:
     return ", ".join(parts)
 
 
+NEEDS_FAULTS_CORE = {"backend 6x503 then healthy", "one poison input", "oversized outputs (limit 64 KB)"}
+"""Scenarios whose promise needs the faults-core branch: marked xfail in the suite until it lands."""
+
+
 def table(results: dict[str, dict]) -> str:
     lines = ["| scenario | injected | promised | measured | command |", "|---|---|---|---|---|"]
     for name, injected, promised, test in SCENARIOS:
         command = f"`.venv/bin/python -m pytest '{T}{test}'`"
+        if name in NEEDS_FAULTS_CORE:
+            promised += " *(xfail: not kept yet, needs the faults-core fixes)*"
         lines.append(f"| {name} | {injected} | {promised} | {measured(results.get(name))} | {command} |")
     return "\n".join(lines)
 
