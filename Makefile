@@ -18,14 +18,24 @@ $(STAMP): pyproject.toml
 	command -v kubectl >/dev/null 2>&1 \
 		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } \
 		|| echo "kubectl missing and not installable here (needs root): the manifest tests will be skipped"
+	# stunnel puts TLS in front of the embedded broker for the chaos suite's TLS scenarios (root only).
+	command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq stunnel4 >/dev/null; } \
+		|| echo "stunnel missing and not installable here (needs root): the chaos suite's TLS scenarios will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m worker.cli demo
 
-# Lint, format and types first (seconds), then the suite.
+# Lint, format and types first (seconds), then the suite (the chaos suite apart: `make chaos`).
 test: check
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not chaos" $(PYTEST_ARGS)
+
+# The chaos suite (tests/chaos, ~15 minutes): real workers under injected faults. Writes its
+# measurements to build/chaos/results.json and the table in docs/reliability.md.
+chaos: $(STAMP)
+	$(PY) -m pytest -q -rxXs -m chaos tests/chaos $(PYTEST_ARGS)
+	$(PY) -m tests.chaos.report --write docs/reliability.md
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check worker schemas tests demo

@@ -39,7 +39,9 @@ keeps each:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from typing import Any
 
 import structlog
 from aiokafka.structs import TopicPartition
@@ -158,6 +160,8 @@ class ModerationWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._fatal: BaseException | None = None
+        self._loop_error: Exception | None = None
+        """What ended the consume loop other than ``stop()`` (reported after the drain)."""
         self.started = False
         self.draining = False
         self.last_loop_at = time.monotonic()
@@ -208,12 +212,19 @@ class ModerationWorker:
             await self.source.start()
             self.started = True
             log.info(Event.WORKER_READY)
-            await self._consume()
+            try:
+                await self._consume()
+            except Exception as err:  # noqa: BLE001 - whatever stops the loop, drain and commit first
+                self._loop_error = err
+                log.error(Event.CONSUME_FAILED, error=f"{type(err).__name__}: {err}")
             await self._shutdown()
         finally:
             await self._close_quietly()
         if self._fatal is not None:
             raise WorkerFatal(str(self._fatal))
+        if self._loop_error is not None:
+            error = self._loop_error
+            raise WorkerFatal(f"consuming from Kafka failed: {type(error).__name__}: {error}")
         log.info(Event.WORKER_STOPPED)
 
     # -- the loop -------------------------------------------------------------------
@@ -221,18 +232,39 @@ class ModerationWorker:
     async def _consume(self) -> None:
         max_poll = self.settings.kafka.max_poll_records
         in_flight = self._in_flight
-        while not self._stopping.is_set():
-            self.last_loop_at = time.monotonic()
-            records = await self.source.poll(timeout_ms=_POLL_TIMEOUT_MS, max_records=min(in_flight.room, max_poll))
-            for record in records:
-                self._accept(record)
-            in_flight.apply(self.source)
-            self._span_guard.apply(self._tracker.slots(), self.source)
-            await self._committer.maybe_commit()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                self.last_loop_at = time.monotonic()
+                records = await self._poll_unless_stopped(stopping, min(in_flight.room, max_poll))
+                for record in records:
+                    self._accept(record)
+                in_flight.apply(self.source)
+                self._span_guard.apply(self._tracker.slots(), self.source)
+                await self._committer.maybe_commit()
+        finally:
+            stopping.cancel()
+
+    async def _poll_unless_stopped(self, stopping: asyncio.Future[Any], max_records: int) -> list[Record]:
+        """One poll, given up when ``stop()`` is called: aiokafka's poll can wait without a
+        timeout (during a rebalance), and SIGTERM must be acted on within the drain bound."""
+        poll = asyncio.ensure_future(self.source.poll(timeout_ms=_POLL_TIMEOUT_MS, max_records=max_records))
+        await asyncio.wait((poll, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if poll.done():
+            return poll.result()
+        poll.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poll
+        return []
 
     def _accept(self, record: Record) -> None:
-        slot = self._tracker.slot(TopicPartition(record.topic, record.partition))
-        slot.track(record.offset)
+        tp = TopicPartition(record.topic, record.partition)
+        slot = self._tracker.slot(tp)
+        try:
+            slot.track(record.offset)
+        except ValueError:  # the consumer's position went backwards (an offset reset)
+            slot = self._offset_reset(tp, slot, record.offset)
+            slot.track(record.offset)
         self._in_flight.count += 1
         decoded = self._decoder.decode(record, slot)
         if isinstance(decoded, DecodeFailure):
@@ -244,6 +276,15 @@ class ModerationWorker:
         self._conversations.accept(decoded)  # context from the conversation state, the turn into it
         self._outputs.expect(decoded)
         self._batcher.add(decoded)
+
+    def _offset_reset(self, tp: TopicPartition, old: PartitionOffsets, offset: int) -> PartitionOffsets:
+        """The partition's position moved back (log truncated, offsets reset to earliest):
+        detach the slot so nothing read before the reset is committed over the new
+        positions, and track afresh from ``offset``. Work already in flight still publishes."""
+        log.warning(
+            Event.OFFSET_RESET, partition=f"{tp.topic}-{tp.partition}", offset=offset, pending_before=old.pending
+        )
+        return self._tracker.reset(tp)
 
     def _dispatch(self, kind: Kind, jobs: list[Job]) -> None:
         metrics.batch_size(kind).observe(len(jobs))
@@ -346,6 +387,14 @@ class ModerationWorker:
                 await close()
             except Exception as err:  # noqa: BLE001 - closing must go on whatever one part does
                 log.warning(Event.WORKER_STOPPING, close_error=f"{type(err).__name__}: {err}")
+            except asyncio.CancelledError:
+                # aiokafka's fetcher, closed while a fetch to a dead broker backs off, lets
+                # its task's CancelledError out of consumer.stop(): not ours unless we are
+                # being cancelled ourselves.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                log.warning(Event.WORKER_STOPPING, close_error="CancelledError out of a Kafka client's close")
 
     def _fail(self, err: BaseException) -> None:
         if self._fatal is None:

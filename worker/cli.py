@@ -162,27 +162,90 @@ def cmd_run(args: argparse.Namespace) -> int:
                 lambda: ModerationWorker(settings, backend=backend, policy=policy, fallback=fallback, shadow=shadow),
             )
         )
-    except WorkerFatal as err:
+    except (WorkerFatal, ShutdownTimeout) as err:
         raise CommandError(str(err)) from None
     except BackendStartError as err:
         raise CommandError(f"cannot start the {settings.backend} backend: {err}") from None
     except _KAFKA_START_ERRORS as err:
         raise CommandError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}); "
-            "check KAFKA_BOOTSTRAP_SERVERS and the MODWORKER_KAFKA__SECURITY_* settings"
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}"
+            f"{_tls_failure(settings)}); check KAFKA_BOOTSTRAP_SERVERS and the MODWORKER_KAFKA__SECURITY_* settings"
         ) from None
     return 0
 
 
+def _tls_failure(settings: Settings) -> str:
+    """What one TLS handshake with the first bootstrap server shows, as '; TLS: ...', or ''.
+
+    aiokafka reports a failed handshake (a wrong CA) or a plaintext client on a TLS port
+    only as "Unable to bootstrap"; this names the cause in the start-up line."""
+    import socket
+    import ssl
+
+    from worker.pipeline.source import client_options
+
+    kafka = settings.kafka
+    if not kafka.bootstrap_servers:
+        return ""
+    tls = kafka.security_protocol in ("SSL", "SASL_SSL")
+    if tls:
+        context: ssl.SSLContext = client_options(kafka)["ssl_context"]
+    else:  # only asking whether the port speaks TLS at all
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return "" if tls else "; TLS: the port speaks TLS, set MODWORKER_KAFKA__SECURITY_PROTOCOL=SSL"
+    except ssl.SSLError as err:
+        return f"; TLS: {err.reason or err}" if tls else ""
+    except (OSError, ValueError):
+        return ""
+
+
+SHUTDOWN_GRACE_S = 15.0
+"""After SIGTERM the worker has ``drain_timeout_s`` for in-flight work plus this for the
+final commit and leaving the group; past that the process gives up (exit code 1)."""
+
+
+class ShutdownTimeout(Exception):
+    """The worker did not stop within ``drain_timeout_s + SHUTDOWN_GRACE_S`` of SIGTERM."""
+
+
 async def _serve(settings: Settings, make_worker: Callable[[], ModerationWorker]) -> None:
     from worker.ops.health import serve_health
+    from worker.ops.logs import Event
 
     worker = make_worker()  # inside the loop: aiokafka clients need a running loop
     loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+
+    def on_signal() -> None:
+        worker.stop()
+        signalled.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, on_signal)
     async with serve_health(worker, settings):  # /metrics, /livez, /readyz until the worker has drained
-        await worker.run()
+        running = asyncio.ensure_future(worker.run())
+        waiting = asyncio.ensure_future(signalled.wait())
+        await asyncio.wait((running, waiting), return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not running.done():  # signalled: a hard deadline, whatever blocks in aiokafka
+            bound = settings.drain_timeout_s + SHUTDOWN_GRACE_S
+            await asyncio.wait((running,), timeout=bound)
+            if not running.done():
+                running.cancel()
+                message = (
+                    f"did not stop within {bound:g}s of the signal (MODWORKER_DRAIN_TIMEOUT_S + {SHUTDOWN_GRACE_S:g}s)"
+                )
+                structlog.get_logger("worker.cli").error(Event.SHUTDOWN_TIMEOUT, error=message)
+                raise ShutdownTimeout(message)
+        await running
 
 
 def secrets_of(settings: Settings) -> list[str]:

@@ -82,3 +82,21 @@ async def test_a_failed_commit_is_retried_by_the_next_one():
     assert recorder.commits == []
     await committer.commit()
     assert recorder.commits == [{TP: 1}]
+
+
+async def test_a_commit_that_never_returns_is_given_up_and_retried_by_the_next():
+    """aiokafka retries a commit for as long as the coordinator is away: bounded here."""
+    import asyncio
+
+    tracker = OffsetTracker()
+    slot = tracker.slot(TP)
+    slot.track(0)
+    slot.finish(0)
+    hanging = asyncio.Event()
+
+    async def never(offsets: dict[TopicPartition, int]) -> None:
+        await hanging.wait()
+
+    committer = Committer(CommitPolicy(every=1, interval_s=60), tracker, never, timeout_s=0.05)
+    await asyncio.wait_for(committer.commit(), 5)
+    assert tracker.committable() == {TP: 1}, "not marked committed: the next commit tries again"

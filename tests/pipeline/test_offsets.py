@@ -72,3 +72,16 @@ def test_pending_and_committable_filter_by_partition():
     tracker.slot(b).finish(0)
     assert tracker.pending([a]) == 1 and tracker.pending([b]) == 0
     assert tracker.committable([b]) == {b: 1}
+
+
+def test_a_reset_detaches_the_old_state_and_tracks_afresh_from_a_lower_offset():
+    tracker = OffsetTracker()
+    old = tracker.slot(TP)
+    for offset in (50, 51):
+        old.track(offset)
+    new = tracker.reset(TP)
+    assert not old.owned and new.owned and tracker.slot(TP) is new
+    new.track(0)  # lower than anything tracked before: no error in the fresh state
+    new.finish(0)
+    old.finish(50)  # late results for the old positions are never committed
+    assert tracker.committable() == {TP: 1}

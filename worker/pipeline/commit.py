@@ -4,12 +4,14 @@
 commit is due once ``every`` messages finished since the last one, or ``interval_s`` passed.
 ``Committer`` applies it: it asks the offset tracker what is committable (only contiguous
 finished prefixes of owned partitions, see ``offsets``), commits that through the
-source, and records it. A failed commit (a rebalance in progress) is counted and logged;
+source, and records it. A failed commit (a rebalance in progress) or one that outlasts
+``COMMIT_TIMEOUT_S`` (the coordinator unreachable) is counted and logged;
 the next commit catches up, so at-least-once holds either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +25,10 @@ from worker.ops.logs import Event
 from worker.pipeline.offsets import OffsetTracker
 
 log = structlog.get_logger("worker.pipeline.commit")
+
+COMMIT_TIMEOUT_S = 10.0
+"""Bound on one commit. aiokafka retries a commit for as long as the group coordinator is
+unreachable; unbounded, a broker outage would hold the loop (and SIGTERM) forever."""
 
 CommitFunction = Callable[[dict[TopicPartition, int]], Awaitable[None]]
 
@@ -48,8 +54,10 @@ class Committer:
         commit: CommitFunction,
         *,
         clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = COMMIT_TIMEOUT_S,
     ) -> None:
         self.policy = policy
+        self.timeout_s = timeout_s
         self.tracker = tracker
         self._commit = commit
         self._clock = clock
@@ -74,8 +82,8 @@ class Committer:
             return
         started = time.perf_counter()
         try:
-            await self._commit(offsets)
-        except KafkaError as err:  # e.g. a rebalance in progress: the next commit catches up
+            await asyncio.wait_for(self._commit(offsets), self.timeout_s)
+        except (KafkaError, TimeoutError) as err:  # e.g. a rebalance in progress: the next commit catches up
             metrics.COMMIT_FAILURES.inc()
             log.warning(Event.COMMIT_FAILED, error=f"{type(err).__name__}: {err}", partitions=len(offsets))
             return

@@ -41,6 +41,12 @@ class OffsetTracker:
             if state is not None:
                 state.owned = False
 
+    def reset(self, tp: TopicPartition) -> PartitionOffsets:
+        """Detach ``tp``'s state (as ``revoke``) and start a fresh one (an offset reset)."""
+        self.revoke([tp])
+        state = self._partitions[tp] = PartitionOffsets(tp)
+        return state
+
     def slot(self, tp: TopicPartition) -> PartitionOffsets:
         """The current state of an owned partition (assigning it if the listener lagged)."""
         state = self._partitions.get(tp)

@@ -1,0 +1,155 @@
+"""Fixtures of the chaos suite: one durable broker, fresh topics, the loopback API and a
+``ChaosRun`` that starts workers, runs the stream and tallies the outcome per scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos.harness import (
+    DurableBroker,
+    Outcome,
+    RssSampler,
+    TlsFront,
+    Traffic,
+    create_topics,
+    moto_server_command,
+    self_signed_certificate,
+    stunnel_command,
+)
+from tests.conftest import WorkerProcess, worker_env
+from tests.kafka_support import TopicSet
+from worker.testing.broker import BrokerHandle, free_port
+from worker.testing.mistral_server import MistralServer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.chaos)
+            item.add_marker(pytest.mark.timeout(420))
+
+
+class ChaosRun:
+    """One scenario: workers on the durable broker, the stream, the tally."""
+
+    def __init__(self, broker: DurableBroker, topics: TopicSet, mistral: MistralServer, api_key: str, tmp: Path):
+        self.broker = broker
+        self.topics = topics
+        self.mistral = mistral
+        self.api_key = api_key
+        self.tmp = tmp
+        self.workers: list[WorkerProcess] = []
+        self.rss = RssSampler()
+        self.traffic: Traffic | None = None
+        self.client: dict[str, Any] = {}
+        self.ca: Path | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap_servers
+
+    def env(self, **extra: str) -> dict[str, str]:
+        handle = BrokerHandle(self.bootstrap, "tansu")
+        return worker_env(handle, self.topics, self.mistral, self.api_key, MODWORKER_LOG_LEVEL="info", **extra)
+
+    def spawn(self, **extra: str) -> WorkerProcess:
+        worker = WorkerProcess(self.env(**extra), self.tmp / f"worker-{len(self.workers)}.log")
+        self.workers.append(worker)
+        self.rss.watch(worker.process.pid)
+        return worker
+
+    def stream(self, rate: int = 40) -> Traffic:
+        self.traffic = Traffic(self.bootstrap, self.topics, rate=rate, **self.client).start()
+        return self.traffic
+
+    def finish(self, name: str, *, fault_end: float | None, settle_s: float = 90, **notes: Any) -> Outcome:
+        """Stop the stream, wait for every input's output, SIGTERM the workers, tally.
+        Checks what holds in every scenario: the API key is in no output."""
+        assert self.traffic is not None
+        self.traffic.stop_producing()
+        settled = self.traffic.settle(settle_s)
+        exits = [w.stop(signal.SIGTERM, timeout_s=60) for w in self.workers if w.process.poll() is None]
+        outcome = self.traffic.outcome(name, fault_end=fault_end, rss=self.rss)
+        outcome.notes = {
+            "settled": settled,
+            "workers": len(self.workers),
+            "sigterm_exit_codes": exits,
+            "reader_errors": len(self.traffic.errors),
+            **notes,
+        }
+        outcome.record()
+        logs = "".join(w.log() for w in self.workers)
+        assert self.api_key not in logs, "the API key appeared in a worker's output"
+        return outcome
+
+    def note_start_up_failure(self, name: str, notes: dict[str, Any]) -> None:
+        """Record a scenario that ends at start-up (no stream): its one line and exit code."""
+        Outcome(name, 0, 0, 0, 0, 0, 0, self.rss.peak_mb or None, None, notes=notes).record()
+
+    def close(self) -> None:
+        if self.traffic is not None:
+            self.traffic.close()
+        for worker in self.workers:
+            worker.close()
+        self.rss.close()
+
+
+@pytest.fixture
+def durable(tmp_path: Path) -> Iterator[DurableBroker]:
+    if moto_server_command() is None:
+        pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
+    broker = DurableBroker(tmp_path)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+def chaos(durable: DurableBroker, mistral: MistralServer, api_key: str, tmp_path: Path) -> Iterator[ChaosRun]:
+    topics = TopicSet.unique()
+    asyncio.run(create_topics(durable.bootstrap_servers, topics.inputs + topics.outputs, partitions=4))
+    run = ChaosRun(durable, topics, mistral, api_key, tmp_path)
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+@pytest.fixture
+def tls_chaos(mistral: MistralServer, api_key: str, tmp_path: Path) -> Iterator[ChaosRun]:
+    """A ``ChaosRun`` whose broker is reachable only through TLS (stunnel in front of it,
+    the broker advertising the TLS port); the harness's own clients use the CA."""
+    if moto_server_command() is None:
+        pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
+    if stunnel_command() is None:
+        pytest.skip("stunnel missing: `make` installs Debian's stunnel4 when run as root")
+    from aiokafka.helpers import create_ssl_context
+
+    tls_port = free_port()
+    broker = DurableBroker(tmp_path, advertised_port=tls_port)
+    front = None
+    run = None
+    try:
+        cert, key = self_signed_certificate(tmp_path)
+        front = TlsFront(tmp_path, port=tls_port, plain_port=broker.port, cert=cert, key=key)
+        client = {"security_protocol": "SSL", "ssl_context": create_ssl_context(cafile=str(cert))}
+        topics = TopicSet.unique()
+        asyncio.run(create_topics(broker.bootstrap_servers, topics.inputs + topics.outputs, partitions=4, **client))
+        run = ChaosRun(broker, topics, mistral, api_key, tmp_path)
+        run.client = client
+        run.ca = cert
+        yield run
+    finally:
+        if run is not None:
+            run.close()
+        if front is not None:
+            front.close()
+        broker.close()
