@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,18 @@ def test_stratified_split_puts_every_label_set_on_both_sides_and_copies_on_one(t
     assert not any(data.examples[i].text in validation_texts for i in train)
     again, _ = stratified_split(data.examples, 0.25, seed=3)
     assert list(again) == list(train)
+
+
+def test_stratified_split_keeps_each_sources_share_of_a_label_on_both_sides(tmp_path: Path) -> None:
+    # The same label from two sources: a split stratified on labels alone could put one
+    # source's positives all on one side; stratified on source and label set it cannot.
+    records = [{"text": f"a{i}", "labels": {"m": ["hate_and_discrimination"]}, "source": "a"} for i in range(20)]
+    records += [{"text": f"b{i}", "labels": {"m": ["hate_and_discrimination"]}, "source": "b"} for i in range(20)]
+    records += [{"text": f"s{i}", "labels": {"m": ["safe"]}, "source": "a"} for i in range(40)]
+    data = read_labelled([write_jsonl(tmp_path / "d.jsonl", records)])
+    _, validation = stratified_split(data.examples, 0.25, seed=0)
+    held = Counter((data.examples[i].source, bool(data.examples[i].labels)) for i in validation)
+    assert held == {("a", True): 5, ("b", True): 5, ("a", False): 10}
 
 
 def test_reliability_bins_and_ece_on_a_worked_example() -> None:

@@ -209,10 +209,10 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
         scored = [dict(raw[i].scores) for i in kept]  # type: ignore[union-attr]
         models = sorted({raw[i].model for i in kept})  # type: ignore[union-attr]
         categories = data.categories()
-        decisions = [policy.decide(scores) for scores in scored]  # type: ignore[arg-type]
+        decisions = [policy.decide(scores) for scores in scored]
         positives = {c: np.array([c in e.labels for e in examples], dtype=bool) for c in categories}
-        scores = {c: np.array([canonical_score(policy, s, c) for s in scored], dtype=np.float64) for c in categories}  # type: ignore[arg-type]
-        produced = {policy.canonical(name) for s in scored for name in s}  # type: ignore[union-attr]
+        scores = {c: np.array([canonical_score(policy, s, c) for s in scored], dtype=np.float64) for c in categories}
+        produced = {policy.canonical(name) for s in scored for name in s}
         report_categories: dict[str, dict[str, Any]] = {}
         thresholds: dict[str, float | None] = {}
         hits_of: dict[str, np.ndarray] = {}
@@ -226,7 +226,7 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
             entry["f1_ci95"] = list(bootstrap_f1(positives[c], hits))
             entry["calibration"] = reliability(positives[c], scores[c])
             report_categories[c] = entry
-        unsafe = unsafe_view(policy, examples, scored, decisions)  # type: ignore[arg-type]
+        unsafe = unsafe_view(policy, examples, scored, decisions)
         sources = [e.source or "(no source)" for e in examples]
         report: dict[str, Any] = {
             "categories": report_categories,

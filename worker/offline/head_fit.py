@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from worker.backends.local_model import Features
 
 NGRAM_CHUNK = 512
+STACK_C = 100.0
+"""Inverse L2 strength of the two-input calibration regressions: nearly unregularised."""
 
 
 @dataclass
@@ -41,11 +43,11 @@ class FitSettings:
     """Hyper-parameters of the head recipe (``modworker train`` flags)."""
 
     c_embedding: float = 1.0
-    c_ngrams: float = 8.0
+    c_ngrams: float = 4.0
     min_df: int = 2
     folds: int = 5
     seed: int = 0
-    class_weight: str | None = None
+    class_weight: str | None = "balanced"
 
 
 @dataclass
@@ -181,7 +183,7 @@ def _stack(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 
     if y.all() or not y.any():
         return np.zeros(z.shape[1]), _base_logit(y)
-    model = _logistic(z, y, 1e4, None)
+    model = _logistic(z, y, STACK_C, None)
     return model.coef_[0], float(model.intercept_[0])
 
 

