@@ -137,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     texts = [e.text for e in examples]
     train_idx, val_idx = stratified_split(examples, args.validation, args.seed)
     budget = settings.local.max_tokens_per_batch or default_token_budget(encoder.device.type)
-    embeddings = cached_embeddings(encoder, texts, budget, args.embedding_cache)
+    embed_started = time.monotonic()
+    embeddings, from_cache = cached_embeddings(encoder, texts, budget, args.embedding_cache)
+    embed_seconds = time.monotonic() - embed_started
     features = encoder.tokenize(texts)
     vocab_size = len(encoder.tokenizer)
     targets = label_matrix(examples, labels)
@@ -212,6 +214,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         n_ngrams=len(ngram_keys),
         baseline=baseline,
         elapsed=elapsed,
+        embeddings_note=(
+            "embeddings read from --embedding-cache"
+            if from_cache
+            else f"embeddings included: {embed_seconds / 60:.1f} minutes"
+        ),
     )
     (out / "MODEL_CARD.md").write_text(card, encoding="utf-8")
     print(f"train: wrote {out} (model id {model_id}) in {elapsed:.0f} s", file=sys.stderr)
@@ -232,8 +239,10 @@ def stratum(example: Example) -> str:
     return f"{example.source or '-'}:{'+'.join(sorted(example.labels)) or 'safe'}"
 
 
-def cached_embeddings(encoder: LocalModel, texts: Sequence[str], budget: int, cache: Path | None) -> np.ndarray:
-    """The encoder's embeddings of ``texts``, read from / written to ``cache`` (a directory) when given.
+def cached_embeddings(
+    encoder: LocalModel, texts: Sequence[str], budget: int, cache: Path | None
+) -> tuple[np.ndarray, bool]:
+    """(the encoder's embeddings of ``texts``, whether they came from ``cache``, a directory).
 
     The file name is a digest of the encoder's id, its token limit and every text, so a
     cached file is only reused for exactly the same inputs.
@@ -249,12 +258,12 @@ def cached_embeddings(encoder: LocalModel, texts: Sequence[str], budget: int, ca
         if path.is_file():
             print(f"train: embeddings from {path}", file=sys.stderr)
             cached: np.ndarray = np.load(path)
-            return cached
+            return cached, True
     embeddings = embed_with_progress(encoder, texts, budget)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, embeddings)
-    return embeddings
+    return embeddings, False
 
 
 def baseline_report(
@@ -482,6 +491,7 @@ def model_card(
     n_ngrams: int = 0,
     baseline: dict[str, Any] | None = None,
     elapsed: float | None = None,
+    embeddings_note: str = "",
 ) -> str:
     """MODEL_CARD.md: what the model is, how it was made, from what, and how well it does."""
     command = ["modworker", "train", *map(str, data_files), "--out", str(args.out)]
@@ -538,7 +548,7 @@ def model_card(
         "```",
         "",
         f"- Written {datetime.now(UTC).strftime('%Y-%m-%d')} by moderation-worker's `modworker train`"
-        + (f" in {elapsed / 60:.1f} minutes (2 shared CPU cores, embeddings included)." if elapsed else "."),
+        + (f" in {elapsed / 60:.1f} minutes wall ({os.cpu_count()} CPU cores; {embeddings_note})." if elapsed else "."),
         (
             f"- {n_records} records: {n_train} train, {n_records - n_train} held out (`split.json`; stratified on "
             f"source and label set, copies of a text on one side, seed {args.seed}). The held-out split is used for "
