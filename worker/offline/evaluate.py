@@ -58,7 +58,7 @@ UNSAFE_ACTIONS = frozenset({"review", "block"})
 """A decision with one of these actions stops the content: what ``unsafe`` means in the report."""
 
 
-def add_command(subparsers: argparse._SubParsersAction) -> None:
+def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``modworker eval``."""
     parser = subparsers.add_parser("eval", help="measure a backend and the policy on labelled JSONL")
     parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s): text and conversation records")

@@ -64,7 +64,7 @@ CARD_EVAL_START = "<!-- modworker eval results: start -->"
 CARD_EVAL_END = "<!-- modworker eval results: end -->"
 
 
-def add_command(subparsers: argparse._SubParsersAction) -> None:
+def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``modworker train``."""
     parser = subparsers.add_parser(
         "train",
