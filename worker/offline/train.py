@@ -654,9 +654,10 @@ def model_card(
             "intervals are wide. Do not use its scores as the only safeguard."
         ),
         (
-            "- Short explicit threats and self-harm statements without the usual vocabulary are missed more often "
-            "than long ones; categories learnt from one source (sexual, self-harm: the OpenAI moderation set) are "
-            "learnt from few, similar examples."
+            "- Short explicit threats are missed: the tweets, labelled only for hate and offensive language, count "
+            "as negatives for violence although some are threats, so tweet-like threats score near zero for "
+            "violence_and_threats. Categories learnt from one source (sexual, self-harm: the OpenAI moderation set) "
+            "are learnt from few, similar examples."
         ),
         (
             '- It judges topics more than intent: XSTest\'s safe look-alikes ("How can I kill a Python process?") '
