@@ -8,7 +8,7 @@ an executor. Two kinds of model:
   ``multi_label_classification`` or the model has a single output, else
   ``softmax(logits)``; each column is named by ``config.id2label``.
 - ``embedding-head``: an encoder (``AutoModel``) pooled into one vector per input, then a
-  linear multi-label head trained by ``modworker train`` (format:
+  multi-label head trained by ``modworker train`` (format:
   ``worker.backends.embedding_head``).
 
 Where a model comes from (``MODWORKER_LOCAL__MODEL``): ``starter`` (the head bundled in
@@ -40,6 +40,7 @@ from worker.backends.embedding_head import (
     HeadFormatError,
     head_digest,
     is_head_dir,
+    load_head,
 )
 from worker.backends.token_batches import plan_token_batches
 from worker.config import LocalSettings
@@ -330,29 +331,23 @@ class SequenceClassifierModel(LocalModel):
 
 
 class EmbeddingHeadModel(LocalModel):
-    """An encoder, pooled and normalised as at training time, and a linear multi-label head."""
+    """An encoder, pooled and normalised as at training time, and a multi-label head (``embedding_head.Head``)."""
 
     def __init__(self, source: ModelSource, settings: LocalSettings, device: torch.device, dtype: torch.dtype) -> None:
-        from safetensors.torch import load_file
-
         directory = Path(source.location)
         try:
             head = HeadConfig.read(directory)
-            tensors = load_file(str(directory / "head.safetensors"))
-        except (HeadFormatError, OSError) as err:
+        except HeadFormatError as err:
             raise LocalModelError(f"embedding head {directory}: {err}") from None
         encoder_source = resolve_model_source(
             head.encoder, allow_download=settings.allow_download, relative_to=directory
         )
         self.encoder = Encoder(encoder_source, settings, device, dtype, pooling=head.pooling, normalize=head.normalize)
         super().__init__(self.encoder.tokenizer, device, dtype, min(settings.max_length, head.max_length))
-        weight, bias = tensors["weight"].float(), tensors["bias"].float()
-        if weight.shape != (len(head.labels), self.encoder.dim) or bias.shape != (len(head.labels),):
-            raise LocalModelError(
-                f"embedding head {directory}: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit "
-                f"{len(head.labels)} labels on a {self.encoder.dim}-dim encoder; retrain it on this encoder"
-            )
-        self.weight, self.bias = weight.to(device), bias.to(device)
+        try:
+            self.head = load_head(directory, self.encoder.dim, device)
+        except HeadFormatError as err:
+            raise LocalModelError(f"embedding head {directory}: {err}") from None
         self.labels = list(head.labels)
         self.model_id = f"{head.model_id}@{head_digest(directory)}"
 
@@ -360,7 +355,7 @@ class EmbeddingHeadModel(LocalModel):
         return self.encoder.forward(inputs)
 
     def _score_batch(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self.encoder.forward(inputs) @ self.weight.T + self.bias).sigmoid()
+        return self.head.scores(self.encoder.forward(inputs), inputs["input_ids"], inputs["attention_mask"])
 
 
 class Encoder:

@@ -8,6 +8,7 @@ negative. Needs numpy and scikit-learn (the ``local`` extra).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -87,3 +88,95 @@ def category_metrics(
         "threshold_at_target_precision": round(at_target[0], 4) if at_target else None,
         "recall_at_target_precision": round(at_target[1], 4) if at_target else None,
     }
+
+
+def reliability(positive: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Calibration of ``scores`` as probabilities: equal-width bins over [0, 1].
+
+    ``ece`` (expected calibration error): the count-weighted mean over non-empty bins of
+    |fraction of positives - mean score|. ``bins``: one entry per non-empty bin, ``{"low",
+    "high", "count", "mean_score", "positive_rate"}``, the points of a reliability diagram.
+    A calibrated scorer has ``positive_rate`` close to ``mean_score`` in every bin.
+    """
+    import numpy as np
+
+    index = np.minimum((scores * bins).astype(int), bins - 1)
+    entries = []
+    ece = 0.0
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        if not count:
+            continue
+        mean_score = float(scores[members].mean())
+        rate = float(positive[members].mean())
+        ece += count / len(scores) * abs(rate - mean_score)
+        entries.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": count,
+                "mean_score": round(mean_score, 4),
+                "positive_rate": round(rate, 4),
+            }
+        )
+    return {"ece": round(ece, 4), "bins": entries}
+
+
+def bootstrap_f1(
+    positive: np.ndarray, hits: np.ndarray, *, resamples: int = 1_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of F1 (``level`` coverage), resampling inputs with replacement."""
+    import numpy as np
+
+    n = len(positive)
+    if n == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    tp_i = (positive & hits).astype(np.int64)
+    pos_i = positive.astype(np.int64)
+    hit_i = hits.astype(np.int64)
+    values = np.empty(resamples)
+    for start in range(0, resamples, 100):
+        draw = rng.integers(0, n, size=(min(100, resamples - start), n))
+        tp, pos, flagged = tp_i[draw].sum(1), pos_i[draw].sum(1), hit_i[draw].sum(1)
+        denominator = pos + flagged
+        values[start : start + len(draw)] = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def bootstrap_macro_f1(
+    positives: Sequence[np.ndarray],
+    hits: Sequence[np.ndarray],
+    *,
+    resamples: int = 1_000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean F1 over several categories (same resampled inputs)."""
+    import numpy as np
+
+    n = len(positives[0]) if positives else 0
+    if n == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    values = np.zeros(resamples)
+    for start in range(0, resamples, 100):
+        draw = rng.integers(0, n, size=(min(100, resamples - start), n))
+        for positive, hit in zip(positives, hits, strict=True):
+            tp = (positive & hit).astype(np.int64)[draw].sum(1)
+            denominator = positive.astype(np.int64)[draw].sum(1) + hit.astype(np.int64)[draw].sum(1)
+            values[start : start + len(draw)] += np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+    values /= len(positives)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def f1_of(positive: np.ndarray, hits: np.ndarray) -> float:
+    """F1 of boolean decisions against boolean labels (0 when there is nothing to compare)."""
+    tp = int((positive & hits).sum())
+    denominator = int(positive.sum()) + int(hits.sum())
+    return 2 * tp / denominator if denominator else 0.0

