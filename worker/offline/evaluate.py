@@ -146,21 +146,11 @@ def holdout_only(data: LabelledData, head_dir: Path) -> LabelledData:
 
 
 def create_backend(settings: Settings, policy: Policy | None = None) -> Backend:
-    """The backend the settings choose (the worker's own factory when it has one); ``policy``
-    is the one being evaluated (the llm backend's json dialect asks about its categories)."""
-    try:
-        from worker.backends import create_backend as factory  # type: ignore[attr-defined]
-    except ImportError:
-        factory = None
-    if factory is not None:
-        return factory(settings, policy=policy)
-    if settings.backend == "local":
-        from worker.backends.local import LocalBackend
+    """The backend the settings choose, built by the worker's own factory; ``policy`` is the
+    one being evaluated (the llm backend's json dialect and the cascade read it)."""
+    from worker.backends import create_backend as factory
 
-        return LocalBackend(settings)
-    from worker.cli import CommandError
-
-    raise CommandError(f"backend {settings.backend!r} is not available in this build")
+    return factory(settings, policy)
 
 
 async def score_examples(backend: Backend, examples: Sequence[Example]) -> list[Scored | None]:
