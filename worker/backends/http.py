@@ -19,7 +19,9 @@ honoured: the next try waits at least that long. A call gives up after
 ``http.retry_budget_s`` since the call began (a ``Retry-After`` beyond the budget gives up
 at once rather than retry early).
 
-Before each try, in order: the circuit breaker may refuse (``worker.backends.breaker``);
+Before each try, in order: the circuit breaker may refuse (``worker.backends.breaker``;
+a failed try counts towards opening it unless the caller made the call inside
+``suspect_input()``);
 the connection bound (``http.max_connections`` requests in flight; the pipeline bounds
 batches in flight separately, ``scoring.max_concurrency``) and the client-side
 rate limits (``worker.backends.pacing``: requests/s, tokens/min, and slowing down when the
@@ -53,7 +55,7 @@ from tenacity import (
 )
 
 from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
-from worker.backends.breaker import CircuitBreaker, CircuitOpenError
+from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_suspected
 from worker.backends.pacing import RateLimitHeaderNames, RequestPacer
 from worker.config import HttpSettings
 from worker.ops import metrics
@@ -236,7 +238,7 @@ class RemoteApi:
             self.pacer.observe(self.dialect.rate_limit_headers.read(response.headers))
             result = self._interpret(path, response)
         except _Transient as failure:
-            if failure.counts_for_breaker:
+            if failure.counts_for_breaker and not input_suspected():
                 self.breaker.record_failure()
             else:
                 self.breaker.record_neutral()

@@ -32,6 +32,7 @@ fatal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ import structlog
 
 from schemas import ConversationEvent, Kind, Turn
 from worker.backends.base import Backend, BackendAuthError, BackendUnavailable, Conversation, Outcome, Rejected
+from worker.backends.breaker import CircuitOpenError, suspect_input
 from worker.config import FailPolicy
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -100,10 +102,25 @@ class Scorer:
         since = since if since is not None else self._answered
         while True:
             try:
-                outcomes = await self._call(kind, jobs)
+                # Evidence in hand (the backend answered others since this batch failed):
+                # the call blames the batch, and its failures must not open the circuit.
+                with suspect_input() if since.is_set() else contextlib.nullcontext():
+                    outcomes = await self._call(kind, jobs)
             except BackendAuthError as err:
                 self._on_fatal(err)
                 return None
+            except CircuitOpenError as err:
+                reason, not_before = str(err), err.retry_in_s
+                if self._fail_policy == "wait" and not self._failed() and any(job.slot.owned for job in jobs):
+                    # Refused by the circuit (opened by other calls, or by this one's own
+                    # tries before the API answered others): no evidence against this batch,
+                    # so neither split nor counted; it waits for the probe or a success.
+                    log.warning(
+                        Event.BACKEND_WAITING, reason=reason, retry_in_s=not_before, batch=len(jobs), fail_policy="wait"
+                    )
+                    since = self._answered
+                    await self._pause(not_before, since)
+                    continue
             except BackendUnavailable as err:
                 reason = str(err)
                 not_before = err.retry_in_s or 0.0
