@@ -19,6 +19,9 @@ bug must not kill the stream silently) the fail policy decides:
   others, ``poison_attempts`` times gets ``Rejected`` (``error_type`` ``backend_failed``,
   the last error in the reason): it is dead-lettered instead of holding its partition's
   committed offset back for ever. An outage (no other batch succeeds) still waits.
+  Calls made with that evidence run inside ``breaker.suspect_input()``: their failures do
+  not count towards opening the circuit, so isolating one input never stalls the other
+  batches. A call refused by an open circuit tested nothing: no split, no count; it waits.
 - ``review`` / ``allow``: every job of the batch gets a ``Degraded`` outcome with that
   action and the reason.
 
