@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from tests.backends.conftest import started
 from tests.pipeline.conftest import make_job
-from worker.backends.base import Rejected, Scored
+from worker.backends.base import BackendUnavailable, Rejected, Scored
+from worker.backends.breaker import CircuitOpenError
 from worker.backends.mistral import MistralBackend
 from worker.config import Settings
 from worker.pipeline.scoring import Scorer
@@ -103,3 +104,29 @@ async def test_a_poison_input_is_isolated_without_opening_the_circuit_on_other_t
     assert all(r.status == 500 for r in poison_requests)
     lone_tries = [r for r in poison_requests if len(inputs_of(r)) == 1]
     assert len(lone_tries) == 3 * 6, "three lone calls of six tries each: none refused by an open circuit"
+
+
+async def test_a_call_whose_own_tries_open_the_circuit_stops_there_and_leaves_the_probe_to_others(
+    api_key: str, settings_for: Callable[..., Settings]
+) -> None:
+    """Its remaining tries would fail the probe for certain if its input is the trouble (and
+    double the open time for everyone); in an outage the next call probes just the same."""
+    ticks = iter(range(0, 10_000, 10))  # each reading of the breaker's clock is 10 s later: every open time is over
+
+    with MistralServer(api_key=api_key, fault_plan=when_input_contains(POISON, Fault(status=500))) as server:
+        backend = MistralBackend(
+            settings_for(server, http={"retry_attempts": 6, "breaker_failure_threshold": 5, "breaker_reset_s": 30})
+        )
+        backend.api.breaker._clock = lambda: float(next(ticks))
+        async with started(backend):
+            try:
+                await backend.score_texts([POISON])
+            except BackendUnavailable as err:
+                error: BackendUnavailable = err
+            (healthy,) = await backend.score_texts(["all fine here"])  # the probe, after the open time
+        statuses = [request.status for request in server.requests]
+
+    assert isinstance(error, CircuitOpenError)
+    assert statuses == [500] * 5 + [200], "five tries opened the circuit; the sixth did not take the probe"
+    assert backend.api.breaker.times_opened == 1 and backend.api.breaker.state == "closed"
+    assert isinstance(healthy, Scored)

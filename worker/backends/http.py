@@ -8,7 +8,8 @@ raises one of:
 - ``ApiRejected`` on 400/413/422: the API refuses this body for good (an input over the
   context, a body it cannot parse); never retried. Backends bisect a batch on it;
 - ``BackendUnavailable`` when the retry budget is spent (its message says why), when the
-  circuit breaker is open (``CircuitOpenError``), or on an answer no retry can fix (404:
+  circuit breaker is open (``CircuitOpenError``; also when this call's own failed try opened
+  it: the call stops there rather than take the next probe), or on an answer no retry can fix (404:
   wrong base URL).
 
 What is retried: connection errors, timeouts, connection resets and HTTP 429, 500, 502,
@@ -240,6 +241,11 @@ class RemoteApi:
         except _Transient as failure:
             if failure.counts_for_breaker and not input_suspected():
                 self.breaker.record_failure()
+                if self.breaker.state == "open":
+                    # This try opened the circuit (or failed its probe): the call stops here.
+                    # Its next try would be the probe, sure to fail if its input is the
+                    # trouble, doubling the open time for everyone; others will probe.
+                    raise CircuitOpenError(self.dialect.name, self.breaker.open_for_s) from None
             else:
                 self.breaker.record_neutral()
             raise
