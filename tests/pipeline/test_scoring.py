@@ -19,6 +19,7 @@ from worker.backends.base import (
     Scored,
     Unavailable,
 )
+from worker.backends.breaker import CircuitOpenError, input_suspected
 from worker.ops import metrics
 from worker.pipeline.scoring import WAIT_BACKOFF_S, Degraded, Scorer
 from worker.pipeline.types import PartitionOffsets
@@ -382,3 +383,65 @@ async def test_inputs_left_unavailable_in_a_revoked_partition_do_not_hold_back_t
     results = await harness.scorer.score("content", [make_job("sure", offset=0), unsure])
     assert results is not None and results[0] == Scored({"len": 0.04}, "m")
     assert harness.slept == []  # nothing to wait for: the unsure input's partition is gone
+
+
+class SuspectRecordingBackend(PoisonBackend):
+    """A PoisonBackend that also records, per call, whether it was made inside ``suspect_input()``."""
+
+    def __init__(self, error: BaseException, poison: str = "POISON") -> None:
+        super().__init__(error, poison)
+        self.suspected: list[tuple[int, bool]] = []  # (inputs, suspected) per call
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        self.suspected.append((len(texts), input_suspected()))
+        return await super().score_texts(texts)
+
+
+async def test_the_poison_search_makes_its_calls_as_suspect_so_they_cannot_open_the_circuit():
+    """Once others were answered since the batch failed, its calls blame it, not the API (see breaker)."""
+    backend = SuspectRecordingBackend(unavailable())
+    harness = Harness(backend, sleeps_end=False)
+    texts = [f"t{i}" for i in range(8)]
+    texts[2] = "a POISON input"
+
+    results = await score_under_traffic(harness, [make_job(t, offset=i) for i, t in enumerate(texts)])
+
+    assert isinstance(results[2], Rejected)
+    calls = list(zip(backend.batches, backend.suspected, strict=True))
+    batch_calls = [(n, suspected) for batch, (n, suspected) in calls if not batch[0].startswith("other")]
+    assert batch_calls[0] == (8, False), "the first call has no evidence yet: an outage looks the same"
+    assert len(batch_calls) > 5 and all(suspected for _, suspected in batch_calls[1:]), batch_calls
+    others = [suspected for batch, (_, suspected) in calls if batch[0].startswith("other")]
+    assert others and not any(others), "other traffic is never suspect"
+
+
+class RefusedThenHealthy(ScriptedBackend):
+    """Calls for the batch under test (texts ``t0``, ``t1`` ...) meet the scripted errors in turn;
+    other traffic is always scored."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        super().__init__(*errors)
+        self.sizes: list[int] = []  # inputs per call for the batch under test
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        await asyncio.sleep(0)  # a real call yields: others run meanwhile
+        if texts[0].startswith("t"):
+            self.sizes.append(len(texts))
+            if self.errors:
+                raise self.errors.pop(0)
+        return [Scored({"len": len(text) / 100}, "m") for text in texts]
+
+
+async def test_a_call_refused_by_an_open_circuit_is_neither_split_nor_counted_against_its_inputs():
+    """The batch failed while others were answered (split once); then an outage opened the
+    circuit: its refusals tested nothing, so the halves wait whole and nothing is dead-lettered."""
+    backend = RefusedThenHealthy(unavailable(), *[CircuitOpenError("Mistral", 1.0) for _ in range(4)])
+    harness = Harness(backend, sleeps_end=False)
+    splits_before = metrics.POISON_SPLITS._value.get()
+    jobs = [make_job(f"t{i}", offset=i) for i in range(4)]
+
+    results = await score_under_traffic(harness, jobs)
+
+    assert results == [Scored({"len": 0.02}, "m")] * 4
+    assert backend.sizes == [4] + [2] * 6, "split once on the failure; the refused halves were not split"
+    assert metrics.POISON_SPLITS._value.get() - splits_before == 1

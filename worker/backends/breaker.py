@@ -18,6 +18,14 @@ probe, never more than ``reset_timeout_s``. A blip (a few 5xx, the API healthy a
 moment later) then costs about ``first_open_s``, not ``reset_timeout_s``, while a long
 outage is still probed only every ``reset_timeout_s``.
 
+*Suspect inputs.* A try that fails says "the API is failing" only if other requests would
+fail too. When the caller already knows better, because the API answered other requests
+since this input last failed (the pipeline's poison search), it makes its calls inside
+``suspect_input()``: their failures then count like a 429, not at all, so one bad input
+retried six times a call cannot open the circuit and stall everyone else. Their successes
+still count, and an open circuit still refuses them. An outage fails every call, including
+those made outside ``suspect_input()``, so it still opens the circuit.
+
 A small class rather than a library: the asyncio breakers on PyPI count exceptions around a
 whole call, while this one must count single tries inside the retry loop and treat 429 as
 neutral. Single-threaded (asyncio) by contract: no locks.
@@ -26,7 +34,9 @@ neutral. Single-threaded (asyncio) by contract: no locks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import structlog
@@ -38,9 +48,33 @@ log = structlog.get_logger(__name__)
 
 State = Literal["closed", "open", "half_open"]
 
+_suspect_input: ContextVar[bool] = ContextVar("suspect_input", default=False)
+
+
+@contextmanager
+def suspect_input() -> Iterator[None]:
+    """Calls made inside blame their input, not the API: their failed tries do not count.
+
+    For a caller that has seen the API answer other requests since this input last failed.
+    A context variable rather than a parameter: it crosses the ``Backend`` protocol (and
+    any tasks a backend starts for one call) without every backend passing it on.
+    """
+    token = _suspect_input.set(True)
+    try:
+        yield
+    finally:
+        _suspect_input.reset(token)
+
+
+def input_suspected() -> bool:
+    """True inside ``suspect_input()``: a failed try here says nothing about the API's health."""
+    return _suspect_input.get()
+
 
 class CircuitOpenError(BackendUnavailable):
     """The circuit is open: the call was not attempted. Try again after ``retry_in_s``."""
+
+    retry_in_s: float
 
     def __init__(self, name: str, retry_in_s: float) -> None:
         super().__init__(f"{name} API circuit open after repeated failures; next probe in {retry_in_s:.1f}s")

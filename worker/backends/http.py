@@ -8,7 +8,8 @@ raises one of:
 - ``ApiRejected`` on 400/413/422: the API refuses this body for good (an input over the
   context, a body it cannot parse); never retried. Backends bisect a batch on it;
 - ``BackendUnavailable`` when the retry budget is spent (its message says why), when the
-  circuit breaker is open (``CircuitOpenError``), or on an answer no retry can fix (404:
+  circuit breaker is open (``CircuitOpenError``; also when this call's own failed try opened
+  it: the call stops there rather than take the next probe), or on an answer no retry can fix (404:
   wrong base URL).
 
 What is retried: connection errors, timeouts, connection resets and HTTP 429, 500, 502,
@@ -19,7 +20,9 @@ honoured: the next try waits at least that long. A call gives up after
 ``http.retry_budget_s`` since the call began (a ``Retry-After`` beyond the budget gives up
 at once rather than retry early).
 
-Before each try, in order: the circuit breaker may refuse (``worker.backends.breaker``);
+Before each try, in order: the circuit breaker may refuse (``worker.backends.breaker``;
+a failed try counts towards opening it unless the caller made the call inside
+``suspect_input()``);
 the connection bound (``http.max_connections`` requests in flight; the pipeline bounds
 batches in flight separately, ``scoring.max_concurrency``) and the client-side
 rate limits (``worker.backends.pacing``: requests/s, tokens/min, and slowing down when the
@@ -53,7 +56,7 @@ from tenacity import (
 )
 
 from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
-from worker.backends.breaker import CircuitBreaker, CircuitOpenError
+from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_suspected
 from worker.backends.pacing import RateLimitHeaderNames, RequestPacer
 from worker.config import HttpSettings
 from worker.ops import metrics
@@ -236,8 +239,13 @@ class RemoteApi:
             self.pacer.observe(self.dialect.rate_limit_headers.read(response.headers))
             result = self._interpret(path, response)
         except _Transient as failure:
-            if failure.counts_for_breaker:
+            if failure.counts_for_breaker and not input_suspected():
                 self.breaker.record_failure()
+                if self.breaker.state == "open":
+                    # This try opened the circuit (or failed its probe): the call stops here.
+                    # Its next try would be the probe, sure to fail if its input is the
+                    # trouble, doubling the open time for everyone; others will probe.
+                    raise CircuitOpenError(self.dialect.name, self.breaker.open_for_s) from None
             else:
                 self.breaker.record_neutral()
             raise

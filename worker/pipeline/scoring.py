@@ -19,6 +19,9 @@ bug must not kill the stream silently) the fail policy decides:
   others, ``poison_attempts`` times gets ``Rejected`` (``error_type`` ``backend_failed``,
   the last error in the reason): it is dead-lettered instead of holding its partition's
   committed offset back for ever. An outage (no other batch succeeds) still waits.
+  Calls made with that evidence run inside ``breaker.suspect_input()``: their failures do
+  not count towards opening the circuit, so isolating one input never stalls the other
+  batches. A call refused by an open circuit tested nothing: no split, no count; it waits.
 - ``review`` / ``allow``: every job of the batch gets a ``Degraded`` outcome with that
   action and the reason.
 - ``fallback``: the ``fallback`` backend scores the batch; its ``Scored`` outcomes carry
@@ -41,6 +44,7 @@ fatal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -57,6 +61,7 @@ from worker.backends.base import (
     Scored,
     Unavailable,
 )
+from worker.backends.breaker import CircuitOpenError, suspect_input
 from worker.config import FailPolicy
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -124,10 +129,25 @@ class Scorer:
             batch = [jobs[i] for i in pending]
             partial = False
             try:
-                outcomes = await self._call(kind, batch)
+                # Evidence in hand (the backend answered others since this batch failed):
+                # the call blames the batch, and its failures must not open the circuit.
+                with suspect_input() if since.is_set() else contextlib.nullcontext():
+                    outcomes = await self._call(kind, batch)
             except BackendAuthError as err:
                 self._on_fatal(err)
                 return None
+            except CircuitOpenError as err:
+                reason, not_before = str(err), err.retry_in_s
+                if self._fail_policy == "wait" and not self._failed() and any(job.slot.owned for job in jobs):
+                    # Refused by the circuit (opened by other calls, or by this one's own
+                    # tries before the API answered others): no evidence against this batch,
+                    # so neither split nor counted; it waits for the probe or a success.
+                    log.warning(
+                        Event.BACKEND_WAITING, reason=reason, retry_in_s=not_before, batch=len(jobs), fail_policy="wait"
+                    )
+                    since = self._answered
+                    await self._pause(not_before, since)
+                    continue
             except BackendUnavailable as err:
                 reason = str(err)
                 not_before = err.retry_in_s or 0.0
