@@ -20,6 +20,7 @@ text padded to the call's longest), which shows what token-sized batching saves.
     python worker/offline/bench/local_model.py                                  # starter on CPU
     python worker/offline/bench/local_model.py --device cuda                    # BERT-base fp16 on GPU
     python worker/offline/bench/local_model.py --device cuda --model starter --batch-sizes 32,256
+    python worker/offline/bench/local_model.py --batch-sizes 32,128 --max-tokens default --quantize none,int8
 
 Data: texts.jsonl is derived from public sets (openai/moderation-api-release, MIT;
 t-davidson/hate-speech-and-offensive-language, MIT; paul-rottger/exaggerated-safety,
@@ -41,6 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+# Run as a script, this folder would come first on sys.path and its profile.py would shadow
+# the standard library's (torch imports cProfile, which imports profile).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
 from worker.backends.local import LocalBackend
@@ -97,6 +101,7 @@ async def bench(
     texts: list[str],
     seconds: float,
     max_tokens: int | None,
+    quantize: str = "none",
 ) -> dict:
     """``max_tokens``: None for the backend's default budget, 0 for one forward pass per call."""
     settings = load_settings(
@@ -109,6 +114,7 @@ async def bench(
             "device": device,
             "dtype": dtype,
             "max_tokens_per_batch": 1 << 30 if max_tokens == 0 else max_tokens,
+            "quantize": quantize,
         },
     )
     backend = LocalBackend(settings)
@@ -139,6 +145,7 @@ async def bench(
                 {
                     "batch_size": size,
                     "max_tokens_per_pass": budget_name(max_tokens),
+                    "quantize": quantize,
                     "texts_per_s": round(done / elapsed, 1),
                     "batch_latency_ms_p50": round(1000 * statistics.median(latencies), 1),
                     "batch_latency_ms_p95": round(
@@ -148,7 +155,7 @@ async def bench(
                 }
             )
             print(
-                f"  budget {budget_name(max_tokens):>12}  batch {size:5d}: {rows[-1]['texts_per_s']:9.1f} texts/s   "
+                f"  {quantize:>5}  budget {budget_name(max_tokens):>12}  batch {size:5d}: {rows[-1]['texts_per_s']:9.1f} texts/s   "
                 f"p50 {rows[-1]['batch_latency_ms_p50']:8.1f} ms   p95 {rows[-1]['batch_latency_ms_p95']:8.1f} ms",
                 flush=True,
             )
@@ -198,6 +205,9 @@ def main() -> int:
         default="default,0",
         help="token budgets per pass (default: the backend's; 0: one pass per call)",
     )
+    parser.add_argument(
+        "--quantize", default="none", help="comma-separated MODWORKER_LOCAL__QUANTIZE values to run in turn (none,int8)"
+    )
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
 
@@ -221,8 +231,10 @@ def main() -> int:
                     texts,
                     args.seconds,
                     None if budget == "default" else int(budget),
+                    quantize,
                 )
             )
+            for quantize in args.quantize.split(",")
             for budget in args.max_tokens.split(",")
         ]
     result = {**runs[0], "rows": [row for run in runs for row in run["rows"]]}
