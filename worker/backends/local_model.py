@@ -287,7 +287,7 @@ def default_pass_overhead(device_type: str) -> int:
 
     CPU: the starter encoder (6 layers, 384 wide) costs about 5-10 ms of CPU a pass plus
     ~190 us a token on one core of the dev machine, i.e. a pass is worth ~30-60 tokens;
-    48 cut the padding of calls of 32 shared-data texts from 1.68 to 1.12 padded tokens
+    48 cut the padding of calls of 32 shared-data texts from 1.68 to 1.13 padded tokens
     per real token while keeping ~6 rows a pass. CUDA: kernel launches dominate small
     passes (a pass of thousands of tokens takes about as long as one of a few), so
     passes are packed wide and padding is the cheaper loss.
