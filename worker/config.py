@@ -139,7 +139,7 @@ class LocalSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="CPU threads for inference (torch default when unset).")
     quantize: Literal["none", "int8"] = Field(
         default="none",
-        description="int8: dynamic int8 linear layers on CPU, ~1.7x the texts/s; scores move (docs/local-model.md).",
+        description="int8: dynamic int8 linear layers on CPU, ~1.5-1.8x the texts/s; scores move (docs/local-model.md).",
     )
     allow_download: bool = Field(default=False, description="Let a model name be fetched from the Hugging Face hub.")
 

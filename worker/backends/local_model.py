@@ -436,7 +436,7 @@ def quantized(model: ModuleT, mode: str, device: torch.device) -> ModuleT:
     channel, activations quantised per pass), run by fbgemm's int8 kernels (VNNI where the
     CPU has it). The linear layers are nearly all of a small encoder's compute, so this is
     the CPU fast path; attention, embeddings and layer norms stay float32. Measured on the
-    starter (docs/local-model.md): ~1.7x the texts per CPU-second, scores off by 0.007 on
+    starter (docs/local-model.md): 1.5-1.8x the texts per CPU-second, scores off by 0.007 on
     average. CPU only: raises ``LocalModelError`` on CUDA (use float16 there).
     """
     if mode == "none":
