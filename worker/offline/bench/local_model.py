@@ -20,6 +20,7 @@ text padded to the call's longest), which shows what token-sized batching saves.
     python worker/offline/bench/local_model.py                                  # starter on CPU
     python worker/offline/bench/local_model.py --device cuda                    # BERT-base fp16 on GPU
     python worker/offline/bench/local_model.py --device cuda --model starter --batch-sizes 32,256
+    python worker/offline/bench/local_model.py --batch-sizes 32,128 --max-tokens default --quantize none,int8
 
 Data: texts.jsonl is derived from public sets (openai/moderation-api-release, MIT;
 t-davidson/hate-speech-and-offensive-language, MIT; paul-rottger/exaggerated-safety,
@@ -41,6 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
+# Run as a script, this folder would come first on sys.path and its profile.py would shadow
+# the standard library's (torch imports cProfile, which imports profile).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
 from worker.backends.local import LocalBackend
@@ -74,7 +78,7 @@ def save_bert_base_random(directory: Path) -> Path:
         "selfharm", "health", "financial", "law", "pii",
     ]  # fmt: skip
     torch.manual_seed(0)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=30522,
         hidden_size=768,
         num_hidden_layers=12,
@@ -97,6 +101,8 @@ async def bench(
     texts: list[str],
     seconds: float,
     max_tokens: int | None,
+    quantize: str = "none",
+    threads: int | None = None,
 ) -> dict:
     """``max_tokens``: None for the backend's default budget, 0 for one forward pass per call."""
     settings = load_settings(
@@ -109,6 +115,8 @@ async def bench(
             "device": device,
             "dtype": dtype,
             "max_tokens_per_batch": 1 << 30 if max_tokens == 0 else max_tokens,
+            "threads": threads,
+            "quantize": quantize,
         },
     )
     backend = LocalBackend(settings)
@@ -124,6 +132,7 @@ async def bench(
             latencies: list[float] = []
             done = 0
             begin = time.perf_counter()
+            cpu_begin = time.process_time()
             i = 0
             while True:
                 t0 = time.perf_counter()
@@ -134,12 +143,17 @@ async def bench(
                 if time.perf_counter() - begin >= seconds and i >= 3:
                     break
             elapsed = time.perf_counter() - begin
+            cpu = time.process_time() - cpu_begin
             latencies.sort()
             rows.append(
                 {
                     "batch_size": size,
                     "max_tokens_per_pass": budget_name(max_tokens),
+                    "quantize": quantize,
                     "texts_per_s": round(done / elapsed, 1),
+                    # All threads' CPU time: on a shared machine, wall time says how busy the
+                    # others were; CPU time per text says what this code costs.
+                    "texts_per_cpu_s": round(done / cpu, 1),
                     "batch_latency_ms_p50": round(1000 * statistics.median(latencies), 1),
                     "batch_latency_ms_p95": round(
                         1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1
@@ -148,7 +162,8 @@ async def bench(
                 }
             )
             print(
-                f"  budget {budget_name(max_tokens):>12}  batch {size:5d}: {rows[-1]['texts_per_s']:9.1f} texts/s   "
+                f"  {quantize:>5}  budget {budget_name(max_tokens):>12}  batch {size:5d}: {rows[-1]['texts_per_s']:9.1f} texts/s "
+                f"{rows[-1]['texts_per_cpu_s']:7.1f} texts/CPU-s   "
                 f"p50 {rows[-1]['batch_latency_ms_p50']:8.1f} ms   p95 {rows[-1]['batch_latency_ms_p95']:8.1f} ms",
                 flush=True,
             )
@@ -198,7 +213,11 @@ def main() -> int:
         default="default,0",
         help="token budgets per pass (default: the backend's; 0: one pass per call)",
     )
+    parser.add_argument(
+        "--quantize", default="none", help="comma-separated MODWORKER_LOCAL__QUANTIZE values to run in turn (none,int8)"
+    )
     parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--threads", type=int, help="MODWORKER_LOCAL__THREADS (default: torch's, one per core)")
     args = parser.parse_args()
 
     model_name = args.model or ("bert-base-random" if args.device == "cuda" else "starter")
@@ -221,8 +240,11 @@ def main() -> int:
                     texts,
                     args.seconds,
                     None if budget == "default" else int(budget),
+                    quantize,
+                    args.threads,
                 )
             )
+            for quantize in args.quantize.split(",")
             for budget in args.max_tokens.split(",")
         ]
     result = {**runs[0], "rows": [row for run in runs for row in run["rows"]]}
