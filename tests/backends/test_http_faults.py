@@ -6,6 +6,7 @@ Waits are checked from the server's own receive/answer timestamps, as lower boun
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import time
@@ -303,3 +304,23 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+async def test_a_call_sleeping_in_its_own_backoff_retries_as_soon_as_another_call_is_answered(
+    api_key: str, settings_for: SettingsFor
+) -> None:
+    """The API is back (another call got an answer): a backoff we chose ourselves ends early.
+    With a backoff drawn from [0, 10,000 s] the first call would be asleep when the guard fires."""
+    plan = [Fault(status=503)]  # the first request only
+    slow_backoff = {"retry_base_wait_s": 10_000.0, "retry_max_wait_s": 10_000.0, "retry_budget_s": 50_000.0}
+    with server(api_key, fault_plan=plan) as srv:
+        async with started(MistralBackend(settings_for(srv, http=slow_backoff))) as backend:
+            first = asyncio.create_task(backend.score_texts(["a"]))
+            while srv.request_count < 1:  # the first call failed and is in its backoff
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert not first.done()
+            (other,) = await backend.score_texts(["b"])
+            (outcome,) = await asyncio.wait_for(first, timeout=60)  # a hang guard, not a timing claim
+    assert isinstance(other, Scored) and isinstance(outcome, Scored)
+    assert [r.status for r in srv.requests] == [503, 200, 200]

@@ -35,6 +35,8 @@ log events, exception messages or reprs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import email.utils
 import random
 import time
@@ -107,6 +109,13 @@ class _Transient(Exception):
         self.counts_for_breaker = counts_for_breaker
 
 
+_SERVER_SET_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("server_set_wait", default=False)
+"""True while a call's next backoff was set by the server (Retry-After): never cut short."""
+
+_SUSPECT_ATTEMPTS = 2
+"""Tries per call made inside ``breaker.suspect_input()`` (see ``RemoteApi.post``)."""
+
+
 class RemoteApi:
     """One remote API: a pooled ``httpx.AsyncClient`` with retries, limits and a breaker.
 
@@ -130,6 +139,8 @@ class RemoteApi:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._in_flight = asyncio.Semaphore(http.max_connections)
+        self._answered = asyncio.Event()
+        """Set (and replaced) whenever a try gets an answer: wakes calls sleeping in their backoff."""
         self.breaker = CircuitBreaker(
             failure_threshold=http.breaker_failure_threshold,
             reset_timeout_s=http.breaker_reset_s,
@@ -190,10 +201,15 @@ class RemoteApi:
             raise BackendUnavailable(f"{self.dialect.name} backend not started: call start() first")
         http = self._http
         started = time.monotonic()
+        # A call under suspicion (the API answers other batches; this one is being searched
+        # for a poison input) gets two tries: one more covers a passing fault, and the full
+        # retry schedule would only stretch each step of the search by its backoff.
+        attempts = min(http.retry_attempts, _SUSPECT_ATTEMPTS) if input_suspected() else http.retry_attempts
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Transient),
-            stop=stop_after_attempt(http.retry_attempts) | stop_before_delay(http.retry_budget_s),
+            stop=stop_after_attempt(attempts) | stop_before_delay(http.retry_budget_s),
             wait=self._wait,
+            sleep=self._backoff,
             before_sleep=lambda state: self._log_retry(path, state),
             reraise=False,
         )
@@ -251,11 +267,13 @@ class RemoteApi:
             raise
         except BackendError:
             self.breaker.record_success()  # the API answered: it is up, even if it said no
+            self._note_answered()
             raise
         except BaseException:  # cancelled: says nothing about the API's health
             self.breaker.record_neutral()
             raise
         self.breaker.record_success()
+        self._note_answered()
         return result
 
     def _interpret(self, path: str, response: httpx.Response) -> Any:
@@ -298,10 +316,28 @@ class RemoteApi:
         ceiling = min(http.retry_max_wait_s, http.retry_base_wait_s * 2 ** (state.attempt_number - 1))
         backoff = random.uniform(0, ceiling)
         failure = state.outcome.exception() if state.outcome is not None else None
+        server_set = isinstance(failure, _Transient) and failure.retry_after_s is not None
+        _SERVER_SET_WAIT.set(server_set)
         if isinstance(failure, _Transient) and failure.retry_after_s is not None:
             # A little jitter on top so that many workers told the same time do not return in step.
             return failure.retry_after_s + random.uniform(0, min(1.0, 0.1 * failure.retry_after_s))
         return backoff
+
+    async def _backoff(self, seconds: float) -> None:
+        """Sleep between tries; a backoff of our own choosing ends early once any call got an
+        answer meanwhile (the API is back: waiting out a long backoff only delays recovery).
+        A wait the server set (Retry-After) is always slept in full."""
+        if _SERVER_SET_WAIT.get():
+            await asyncio.sleep(seconds)
+            return
+        answered = self._answered
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(answered.wait(), seconds)
+
+    def _note_answered(self) -> None:
+        """Some try got an answer: wake every call sleeping in its own backoff."""
+        self._answered.set()
+        self._answered = asyncio.Event()
 
     def _log_retry(self, path: str, state: RetryCallState) -> None:
         metrics.backend_retries(self.dialect.name).inc()
