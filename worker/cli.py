@@ -132,6 +132,7 @@ def _offline_commands(argv: Sequence[str] | None, *, builtin: set[str]) -> list[
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
     from worker.backends import create_backend, default_policy_file
+    from worker.ops.event_loop import loop_factory
     from worker.ops.logs import Event, configure_logging
     from worker.pipeline.policy import Policy, PolicyError
 
@@ -148,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
     gc.freeze()
     try:
-        asyncio.run(_serve(settings, lambda: ModerationWorker(settings, backend=backend, policy=policy)))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(settings, lambda: ModerationWorker(settings, backend=backend, policy=policy)))
     except WorkerFatal as err:
         raise CommandError(str(err)) from None
     except _KAFKA_START_ERRORS as err:

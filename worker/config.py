@@ -248,6 +248,9 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="On rebalance, how long revoked partitions' in-flight work may finish."
     )
     include_text: bool = Field(default=False, description="Copy the judged text into verdicts.")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", description="auto: uvloop when installed (less CPU per message), else asyncio's own."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug logs a line per verdict."
     )
