@@ -18,8 +18,7 @@ owned is not published (``on_abandoned`` is called instead: the new owner redoes
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import structlog
@@ -30,6 +29,8 @@ from worker.backends.base import Outcome, Rejected, Scored
 from worker.config import Settings
 from worker.ops import metrics
 from worker.ops.logs import Event
+from worker.pipeline.acks import VerdictGroup
+from worker.pipeline.encode import verdict_bytes, violation_bytes
 from worker.pipeline.ordering import KeySequencer
 from worker.pipeline.scoring import Degraded
 from worker.pipeline.sink import dead_letter_record
@@ -67,6 +68,7 @@ class Outputs:
         self._on_finished = on_finished
         self._on_abandoned = on_abandoned
         self._sequencer = KeySequencer()
+        self._group: VerdictGroup | None = None  # set while conclude_all runs
 
     # -- ordering -------------------------------------------------------------------
 
@@ -104,6 +106,19 @@ class Outputs:
         else:
             self._verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
+    def conclude_all(self, jobs: Sequence[Job], outcomes: Sequence[Outcome | Degraded]) -> None:
+        """``conclude`` each job in order (one backend call's results). The verdicts released
+        meanwhile, these jobs' and earlier ones of their keys that waited for them, go to the
+        sink as one group with one acknowledgement callback, in release order."""
+        group = self._group = VerdictGroup(self._on_finished)
+        try:
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                self.conclude(job, outcome)
+        finally:
+            self._group = None
+        if group.records:
+            self._sink.publish(group.records, group.acked)
+
     def dead_letter(self, slot: PartitionOffsets, record: Record, *, stage: str, error_type: str, message: str) -> None:
         """Publish ``record`` unchanged to the dead-letter topic with the reason headers."""
         log.warning(
@@ -126,10 +141,10 @@ class Outputs:
 
     def _verdict(self, job: Job, verdict: Verdict) -> None:
         key = job.key
-        records = [OutRecord(self._verdict_topic, key, verdict.model_dump_json(exclude_none=False).encode())]
+        records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
         violation = self._verdicts.violation(verdict)
         if violation is not None:
-            records.append(OutRecord(self._violation_topic, key, violation.model_dump_json().encode()))
+            records.append(OutRecord(self._violation_topic, key, violation_bytes(violation)))
         record = job.record
         if verdict.flagged:
             log.info(
@@ -151,23 +166,15 @@ class Outputs:
                 event_id=verdict.event_id,
                 action=verdict.action,
             )
-        on_acked = self._verdict_acked(job, verdict)
-        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked))
+        self._sequencer.complete(job, lambda: self._release(records, job, verdict))
 
-    def _verdict_acked(self, job: Job, verdict: Verdict) -> Callable[[], None]:
-        """The sink's callback for a verdict: finish the message, count it, time it end to end."""
-        slot, offset, timestamp_ms = job.slot, job.record.offset, job.record.timestamp
-        counted = metrics.verdicts(job.kind, verdict.action, "true" if verdict.degraded else "false")
-        hits = [metrics.violations(hit.category) for hit in verdict.violations]
-        latency = metrics.end_to_end_latency(job.kind)
-        finished = self._on_finished
-
-        def acked() -> None:
-            finished(slot, offset)
-            counted.inc()
-            for hit in hits:
-                hit.inc()
-            if timestamp_ms is not None and timestamp_ms >= 0:  # -1: a record without a timestamp
-                latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
-
-        return acked
+    def _release(self, records: list[OutRecord], job: Job, verdict: Verdict) -> None:
+        """Publish a verdict whose turn has come: into the group of the ``conclude_all`` under
+        way (one sink group and one ack callback for all of it), else as a group of its own."""
+        group = self._group
+        if group is not None:
+            group.add(records, job, verdict)
+            return
+        group = VerdictGroup(self._on_finished)
+        group.add(records, job, verdict)
+        self._sink.publish(group.records, group.acked)
