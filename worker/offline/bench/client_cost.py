@@ -65,8 +65,10 @@ class BareClient:
             writer.close()
 
 
-async def measure(kind: str, base_url: str, port: int, body: dict[str, Any], concurrency: int, seconds: float) -> float:
-    """CPU seconds per request of this process over ``seconds`` of ``concurrency`` callers."""
+async def measure(
+    kind: str, base_url: str, port: int, body: dict[str, Any], concurrency: int, seconds: float
+) -> tuple[float, float]:
+    """(CPU seconds per request of this process, requests per second) over ``seconds``."""
     call: Callable[[], Awaitable[Any]]
     if kind == "httpx":
         client = httpx.AsyncClient(
@@ -96,13 +98,15 @@ async def measure(kind: str, base_url: str, port: int, body: dict[str, Any], con
             count += 1
 
     started = time.process_time()
+    wall = time.monotonic()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     cpu = time.process_time() - started
+    wall = time.monotonic() - wall
     if kind == "httpx":
         await client.aclose()
     else:
         bare.close()
-    return cpu / max(1, count)
+    return cpu / max(1, count), count / wall
 
 
 def main() -> None:
@@ -125,17 +129,21 @@ def main() -> None:
         loops = [("asyncio", None)]
     with ApiServerProcess(KEY) as api:
         api.latency_s = args.latency_ms / 1000
-        results: dict[str, list[float]] = {}
+        results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(args.rounds):
             for kind in ("httpx", "bare"):
                 for name, factory in loops:
                     with asyncio.Runner(loop_factory=factory) as runner:
-                        cpu = runner.run(measure(kind, api.base_url, api.port, body, args.concurrency, args.seconds))
-                    results.setdefault(f"{kind} on {name}", []).append(cpu)
+                        measured = runner.run(
+                            measure(kind, api.base_url, api.port, body, args.concurrency, args.seconds)
+                        )
+                    results.setdefault(f"{kind} on {name}", []).append(measured)
+    bound = args.concurrency / (args.latency_ms / 1000) if args.latency_ms else None
     for label, values in results.items():
-        best = min(values)
+        cpu, rate = min(v[0] for v in values), max(v[1] for v in values)
+        share = f", {rate:5.0f} requests/s = {rate / bound:4.0%} of the bound" if bound else ""
         print(
-            f"{label:18s} {1000 * best:6.2f} ms CPU per request of {len(texts)} ({1e6 * best / len(texts):5.1f} µs per message)"
+            f"{label:18s} {1000 * cpu:6.2f} ms CPU per request of {len(texts)} ({1e6 * cpu / len(texts):5.1f} µs per message){share}"
         )
     print(json.dumps({label: min(values) for label, values in results.items()}))
 
