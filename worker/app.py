@@ -311,9 +311,7 @@ class ModerationWorker:
             for _ in jobs:
                 self._abandon()
             return
-        conclude = self._outputs.conclude
-        for job, result in zip(jobs, results, strict=True):
-            conclude(job, result)
+        self._outputs.conclude_all(jobs, results)
 
     def _finish(self, slot: PartitionOffsets, offset: int) -> None:
         slot.finish(offset)

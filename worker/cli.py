@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
     from worker.backends import create_backend, create_fallback, default_policy_file
     from worker.backends.base import BackendStartError
+    from worker.ops.event_loop import loop_factory
     from worker.ops.logs import Event, configure_logging
     from worker.pipeline.policy import Policy, PolicyError
     from worker.pipeline.shadow import create_shadow
@@ -156,12 +157,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # out of the collector's scans (measured +6-10% throughput, docs/benchmarks.md).
     gc.freeze()
     try:
-        asyncio.run(
-            _serve(
-                settings,
-                lambda: ModerationWorker(settings, backend=backend, policy=policy, fallback=fallback, shadow=shadow),
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(
+                _serve(
+                    settings,
+                    lambda: ModerationWorker(
+                        settings, backend=backend, policy=policy, fallback=fallback, shadow=shadow
+                    ),
+                )
             )
-        )
     except (WorkerFatal, ShutdownTimeout) as err:
         raise CommandError(str(err)) from None
     except BackendStartError as err:

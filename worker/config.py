@@ -383,6 +383,9 @@ class Settings(BaseSettings):
         description="Largest output record (Kafka's max.message.bytes of the output topics): bigger dead letters are "
         "truncated, bigger verdicts lose metadata and text (trimmed: true).",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", description="auto: uvloop when installed (less CPU per message), else asyncio's own."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="debug logs a line per verdict."
     )

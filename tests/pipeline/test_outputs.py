@@ -11,6 +11,7 @@ from schemas import DeadLetterHeaders
 from tests.pipeline.conftest import make_job, make_record
 from worker.backends.base import Rejected, Scored
 from worker.config import Settings
+from worker.ops import metrics
 from worker.pipeline.outputs import Outputs
 from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Degraded
@@ -243,3 +244,46 @@ def test_a_turns_state_change_is_published_with_its_verdict_or_dead_letter():
     assert h.finished == [], "nothing finishes before its group, state change included, is acknowledged"
     h.publisher.ack_all()
     assert h.finished == [0, 1]
+
+
+def _count(metric, *labels: str) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+def test_one_calls_results_are_published_as_one_group_with_one_ack():
+    h = Harness()
+    jobs = [h.job(0, key=b"a"), h.job(1, key=b"b"), h.job(2, key=b"a")]
+    blocked = _count(metrics.VERDICTS, "content", "block", "false")
+    allowed = _count(metrics.VERDICTS, "content", "allow", "false")
+    sexual = _count(metrics.VIOLATIONS, "sexual")
+    h.outputs.conclude_all(jobs, [Scored({"sexual": 0.99}, "m"), Scored({"sexual": 0.0}, "m"), Scored({}, "m")])
+    [(records, on_acked)] = h.publisher.published
+    assert [(r.topic, r.key) for r in records] == [("v", b"a"), ("x", b"a"), ("v", b"b"), ("v", b"a")]
+    assert [json.loads(r.value)["input"]["offset"] for r in records if r.topic == "v"] == [0, 1, 2]
+    assert h.finished == []
+    on_acked()
+    assert h.finished == [0, 1, 2]
+    assert _count(metrics.VERDICTS, "content", "block", "false") == blocked + 1
+    assert _count(metrics.VERDICTS, "content", "allow", "false") == allowed + 2
+    assert _count(metrics.VIOLATIONS, "sexual") == sexual + 1
+
+
+def test_a_group_carries_earlier_results_of_its_keys_released_by_it_in_key_order():
+    h = Harness()
+    first, second, third = h.job(0), h.job(1), h.job(2)
+    h.outputs.conclude_all([second], [Scored({}, "m")])  # waits for the first: nothing published
+    assert h.publisher.published == []
+    h.outputs.conclude_all([third, first], [Scored({}, "m"), Scored({}, "m")])
+    [(records, on_acked)] = h.publisher.published
+    assert [json.loads(r.value)["input"]["offset"] for r in records] == [0, 1, 2]
+    on_acked()
+    assert sorted(h.finished) == [0, 1, 2]
+
+
+def test_a_dead_letter_in_a_call_is_published_alone_and_the_verdicts_still_group():
+    h = Harness()
+    jobs = [h.job(0, key=b"a"), h.job(1, key=b"b")]
+    h.outputs.conclude_all(jobs, [Rejected("refused"), Scored({}, "m")])
+    assert h.publisher.topics == [["d"], ["v"]]
+    h.publisher.ack_all()
+    assert sorted(h.finished) == [0, 1]

@@ -597,3 +597,22 @@ def test_forum_example_policy_custom_categories_and_its_marketplace_override():
     assert forum.decide({"self_promotion": 0.9}).action == "flag"
     assert forum.decide({"self_promotion": 0.9}, source="marketplace").action == "allow"
     assert forum.decide({"spam": 0.9}, source="marketplace").action == "block"
+
+
+def test_rules_remembered_per_tenant_and_source_decide_as_fresh_ones(monkeypatch):
+    import worker.pipeline.policy as policy_module
+
+    monkeypatch.setattr(policy_module, "_CONTEXTS_REMEMBERED", 2)  # forgets often: both paths run
+    p = policy(overrides=OVERRIDES)
+    contexts = [("kids", None), ("adults", None), ("kids", "chat"), (None, "forum"), ("kids", None), ("t9", None)]
+    for _ in range(3):
+        for tenant, source in contexts:
+            fresh = policy(overrides=OVERRIDES).decide(
+                {"sexual": 0.2, "pii": 0.8, "novel": 0.6}, tenant=tenant, source=source
+            )
+            assert p.decide({"sexual": 0.2, "pii": 0.8, "novel": 0.6}, tenant=tenant, source=source) == fresh
+
+
+def test_integer_scores_count_as_their_float_value():
+    p = policy()
+    assert p.decide({"sexual": 1, "pii": 0}) == p.decide({"sexual": 1.0, "pii": 0.0})

@@ -28,8 +28,7 @@ owned is not published (``on_abandoned`` is called instead: the new owner redoes
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import structlog
@@ -40,6 +39,8 @@ from worker.backends.base import Outcome, Rejected, Scored, Unavailable
 from worker.config import Settings
 from worker.ops import metrics
 from worker.ops.logs import Event
+from worker.pipeline.acks import VerdictGroup
+from worker.pipeline.encode import verdict_bytes, violation_bytes
 from worker.pipeline.ordering import KeySequencer
 from worker.pipeline.scoring import Degraded
 from worker.pipeline.sink import dead_letter_record, record_size
@@ -83,6 +84,7 @@ class Outputs:
         self._on_verdict = on_verdict
         """Sees every verdict once built (the shadow's ``offer``); must not block or raise."""
         self._sequencer = KeySequencer()
+        self._groups: dict[int, tuple[PartitionOffsets, VerdictGroup]] | None = None  # while conclude_all runs
 
     # -- ordering -------------------------------------------------------------------
 
@@ -127,6 +129,22 @@ class Outputs:
         else:
             self._verdict(job, self._verdicts.degraded(job, action=outcome.action, reason=outcome.reason))
 
+    def conclude_all(self, jobs: Sequence[Job], outcomes: Sequence[Outcome | Degraded]) -> None:
+        """``conclude`` each job in order (one backend call's results). The verdicts released
+        meanwhile, these jobs' and earlier ones of their keys that waited for them, go to the
+        sink as one group per input partition with one acknowledgement callback each, in
+        release order (per partition, so that a revoke can still drop a partition's unsent
+        outputs, ``Sink.publish``'s ``origin``)."""
+        groups: dict[int, tuple[PartitionOffsets, VerdictGroup]] = {}
+        self._groups = groups
+        try:
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                self.conclude(job, outcome)
+        finally:
+            self._groups = None
+        for slot, group in groups.values():
+            self._sink.publish(group.records, group.acked, slot)
+
     def dead_letter(
         self,
         slot: PartitionOffsets,
@@ -166,14 +184,14 @@ class Outputs:
 
     def _verdict(self, job: Job, verdict: Verdict) -> None:
         key = job.key
-        records = [OutRecord(self._verdict_topic, key, verdict.model_dump_json(exclude_none=False).encode())]
+        records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
         if record_size(records[0]) > self._max_bytes:  # pass-through fields made it too big: leave them out
             verdict = verdict.model_copy(update={"metadata": None, "text": None, "trimmed": True})
-            records = [OutRecord(self._verdict_topic, key, verdict.model_dump_json(exclude_none=False).encode())]
+            records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
             metrics.outputs_trimmed("verdict").inc()
         violation = self._verdicts.violation(verdict)
         if violation is not None:
-            records.append(OutRecord(self._violation_topic, key, violation.model_dump_json().encode()))
+            records.append(OutRecord(self._violation_topic, key, violation_bytes(violation)))
         if any(record_size(out) > self._max_bytes for out in records):  # e.g. an enormous id: cannot fit
             message = f"its verdict would exceed MODWORKER_MAX_OUTPUT_BYTES={self._max_bytes} even without metadata"
             self._sequencer.complete(
@@ -211,25 +229,20 @@ class Outputs:
                 event_id=verdict.event_id,
                 action=verdict.action,
             )
-        on_acked = self._verdict_acked(job, verdict)
-        self._sequencer.complete(job, lambda: self._sink.publish(records, on_acked, job.slot))
+        self._sequencer.complete(job, lambda: self._release(records, job, verdict))
         if self._on_verdict is not None:
             self._on_verdict(job, verdict)
 
-    def _verdict_acked(self, job: Job, verdict: Verdict) -> Callable[[], None]:
-        """The sink's callback for a verdict: finish the message, count it, time it end to end."""
-        slot, offset, timestamp_ms = job.slot, job.record.offset, job.record.timestamp
-        counted = metrics.verdicts(job.kind, verdict.action, "true" if verdict.degraded else "false")
-        hits = [metrics.violations(hit.category) for hit in verdict.violations]
-        latency = metrics.end_to_end_latency(job.kind)
-        finished = self._on_finished
-
-        def acked() -> None:
-            finished(slot, offset)
-            counted.inc()
-            for hit in hits:
-                hit.inc()
-            if timestamp_ms is not None and timestamp_ms >= 0:  # -1: a record without a timestamp
-                latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
-
-        return acked
+    def _release(self, records: list[OutRecord], job: Job, verdict: Verdict) -> None:
+        """Publish a verdict whose turn has come: into its partition's group of the
+        ``conclude_all`` under way, else as a group of its own."""
+        groups = self._groups
+        if groups is not None:
+            entry = groups.get(id(job.slot))
+            if entry is None:
+                entry = groups[id(job.slot)] = (job.slot, VerdictGroup(self._on_finished))
+            entry[1].add(records, job, verdict)
+            return
+        group = VerdictGroup(self._on_finished)
+        group.add(records, job, verdict)
+        self._sink.publish(group.records, group.acked, job.slot)

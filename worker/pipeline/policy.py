@@ -255,6 +255,9 @@ class _Document(_Strict):
 # --- the policy ------------------------------------------------------------------------
 
 
+_CONTEXTS_REMEMBERED = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class _Rules:
     """The rules in force for one combination of matching overrides."""
@@ -284,6 +287,9 @@ class Policy:
         # Keyed by which overrides matched: bounded by the distinct tenant/source values the
         # document names, however many tenants the stream carries.
         self._resolved: dict[tuple[int, ...], _Rules] = {(): self._base}
+        # The same per (tenant, source): matching every override per message cost more than
+        # the rest of ``decide``; bounded, as tenants and sources come from the input.
+        self._for_context: dict[tuple[str | None, str | None], _Rules] = {}
         # A document without ``cascade`` hashes as it did before that key existed, so adding
         # the key to the format changed no deployed policy's version.
         dumped = document.model_dump(mode="json", exclude={"cascade"} if document.cascade is None else None)
@@ -413,17 +419,24 @@ class Policy:
         scores in [0, 1], and guessing a value for a broken one could let harm through.
         """
         merged: dict[str, float] = {}
-        for raw, score in scores.items():
-            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
-                raise ValueError(f"score for category {raw!r} is not a finite number: {score!r}")
-            name = self._aliases.get(raw, raw)
+        aliases = self._aliases
+        for raw, value in scores.items():
+            # Backends give floats: one type test for them, the full test for anything else.
+            if type(value) is float and math.isfinite(value):
+                score = value
+            elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"score for category {raw!r} is not a finite number: {value!r}")
+            else:
+                score = float(value)
+            name = aliases.get(raw, raw)
             previous = merged.get(name)
-            merged[name] = float(score) if previous is None else max(previous, float(score))
+            merged[name] = score if previous is None else max(previous, score)
 
-        rules = self._rules_for(tenant, source)
+        rules = self._for_context.get((tenant, source)) or self._rules_for(tenant, source)
+        categories, default = rules.categories, rules.default
         violations = []
         for name, score in merged.items():
-            rule = rules.categories.get(name, rules.default)
+            rule = categories.get(name, default)
             if score >= rule.threshold and rule.action != "allow":
                 violations.append(CategoryHit(category=name, score=score, threshold=rule.threshold, action=rule.action))
         violations.sort(key=lambda hit: (-ACTION_SEVERITY[hit.action], -hit.score, hit.category))
@@ -442,6 +455,9 @@ class Policy:
                 for name, patch in override.categories.items():
                     categories[name] = patch.over(categories.get(name, default))
             rules = self._resolved[matched] = _Rules(categories, default)
+        if len(self._for_context) >= _CONTEXTS_REMEMBERED:
+            self._for_context.clear()
+        self._for_context[(tenant, source)] = rules
         return rules
 
 
