@@ -130,10 +130,8 @@ def load_scores(path: Path, examples: Sequence[Example]) -> tuple[list[Any], lis
 def _run(args: argparse.Namespace, *, search: bool) -> int:
     from worker.cli import CommandError
     from worker.config import ConfigError, check_backend_credentials
-    from worker.offline.evaluate import holdout_only
-    from worker.offline.labelled import LabelledDataError, read_labelled
+    from worker.offline.evaluate import load_policy_and_data
     from worker.offline.train import tool_settings
-    from worker.pipeline.policy import Policy, PolicyError
 
     overrides: dict[str, Any] = {"backend": "cascade", "cache": {"enabled": False}}
     if args.first is not None:
@@ -144,18 +142,7 @@ def _run(args: argparse.Namespace, *, search: bool) -> int:
         settings = tool_settings(args.config, **overrides)
     except ConfigError as err:
         raise CommandError(str(err)) from None
-    try:
-        policy = Policy.load(args.policy or settings.policy_file)
-    except PolicyError as err:
-        raise CommandError(str(err)) from None
-    try:
-        data = read_labelled(args.data, limit=args.limit)
-    except LabelledDataError as err:
-        raise CommandError(str(err)) from None
-    if args.holdout:
-        data = holdout_only(data, args.holdout)
-    if not data.examples:
-        raise CommandError("no usable labelled records in the data")
+    policy, data = load_policy_and_data(args, settings)
     cache = getattr(args, "scores", None)
     if cache is not None and cache.is_file():
         first, then = load_scores(cache, data.examples)

@@ -92,10 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from worker.offline.calibrate import eval_cascade
 
         return eval_cascade(args)
-    from worker.cli import CommandError
     from worker.config import check_backend_credentials
     from worker.offline.train import tool_settings
-    from worker.pipeline.policy import Policy, PolicyError
 
     # No dedup cache: eval measures the backend itself, and the local backend's embeddings
     # (for the projection plot) are only reachable on the bare backend.
@@ -104,6 +102,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["llm" if args.backend == "llm" else "local"] = {"model": args.model}
     settings = tool_settings(args.config, **overrides)
     check_backend_credentials(settings)
+    policy, data = load_policy_and_data(args, settings)
+    report = asyncio.run(evaluate(settings, policy, data, args))
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(format_table(report), file=sys.stderr)
+    print(format_summary(report), file=sys.stderr)
+    print(f"eval: report {args.report}", file=sys.stderr)
+    if args.card:
+        update_model_card(args.card / "MODEL_CARD.md", eval_command(args), report)
+        print(f"eval: results written into {args.card / 'MODEL_CARD.md'}", file=sys.stderr)
+    return 0
+
+
+def load_policy_and_data(args: argparse.Namespace, settings: Settings) -> tuple[Policy, LabelledData]:
+    """The policy (``--policy`` or the settings') and the labelled data (``--limit``,
+    ``--holdout``) an offline command measures; ``CommandError`` naming what is wrong."""
+    from worker.cli import CommandError
+    from worker.pipeline.policy import Policy, PolicyError
+
     try:
         policy = Policy.load(args.policy or settings.policy_file)
     except PolicyError as err:
@@ -116,16 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data = holdout_only(data, args.holdout)
     if not data.examples:
         raise CommandError("no usable labelled records in the data; see worker/offline/labelled.py for the formats")
-    report = asyncio.run(evaluate(settings, policy, data, args))
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_table(report), file=sys.stderr)
-    print(format_summary(report), file=sys.stderr)
-    print(f"eval: report {args.report}", file=sys.stderr)
-    if args.card:
-        update_model_card(args.card / "MODEL_CARD.md", eval_command(args), report)
-        print(f"eval: results written into {args.card / 'MODEL_CARD.md'}", file=sys.stderr)
-    return 0
+    return policy, data
 
 
 def holdout_only(data: LabelledData, head_dir: Path) -> LabelledData:
