@@ -19,7 +19,7 @@ from worker.backends.base import (
     Scored,
     Unavailable,
 )
-from worker.backends.breaker import CircuitOpenError, input_suspected
+from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_suspected
 from worker.ops import metrics
 from worker.pipeline.scoring import WAIT_BACKOFF_S, Degraded, Scorer
 from worker.pipeline.types import PartitionOffsets
@@ -236,6 +236,39 @@ async def test_the_number_of_tries_alone_is_configurable():
     assert backend.batches.count(["POISON"]) == 5
 
 
+async def test_a_poison_input_is_found_when_no_other_traffic_answers_by_probing_with_a_scored_input():
+    """The stream stopped: no other batch succeeds. A batch that waited with no success
+    meanwhile probes the backend with an input it scored before; the probe answering is the
+    evidence, so the search runs to the end instead of waiting like an outage."""
+    backend = PoisonBackend(unavailable())
+    harness = Harness(backend)  # every wait ends on its own: nothing else wakes it
+    assert await harness.scorer.score("content", [make_job("earlier", offset=0)]) is not None
+    probes_before = metrics.BACKEND_PROBES.labels(result="answered")._value.get()
+    texts = ["t1", "t2", "a POISON input", "t3"]
+
+    scoring = harness.scorer.score("content", [make_job(t, offset=i + 1) for i, t in enumerate(texts)])
+    results = await asyncio.wait_for(scoring, timeout=10)  # without the probe: waits for ever, like an outage
+
+    assert results is not None and isinstance(results[2], Rejected) and results[2].error_type == "backend_failed"
+    assert [results[i] for i in (0, 1, 3)] == [Scored({"len": len(texts[i]) / 100}, "m") for i in (0, 1, 3)]
+    assert backend.batches.count(["earlier"]) >= 2, "the canary was sent as the probe"
+    assert metrics.BACKEND_PROBES.labels(result="answered")._value.get() > probes_before
+
+
+async def test_a_probe_that_fails_is_an_outage_nothing_is_split_or_dead_lettered():
+    backend = ScriptedBackend()
+    harness = Harness(backend)
+    assert await harness.scorer.score("content", [make_job("earlier", offset=0)]) is not None
+    backend.errors = [unavailable() for _ in range(6)]  # batch, probe, batch, probe, batch, probe
+    jobs = [make_job(f"t{i}", offset=i + 1) for i in range(4)]
+
+    results = await harness.scorer.score("content", jobs)
+
+    assert results == [Scored({"len": 0.02}, "m")] * 4
+    assert backend.calls == 1 + 7, "three failed tries, each followed by a failed probe, then the batch whole"
+    assert harness.slept == [1.0, 2.0, 5.0]
+
+
 async def test_an_outage_is_waited_out_whole_never_split_nor_dead_lettered():
     """Everything fails (no other batch succeeds): the batch waits, as one, until the backend is back."""
     backend = ScriptedBackend(*[unavailable() for _ in range(8)])
@@ -445,3 +478,49 @@ async def test_a_call_refused_by_an_open_circuit_is_neither_split_nor_counted_ag
     assert results == [Scored({"len": 0.02}, "m")] * 4
     assert backend.sizes == [4] + [2] * 6, "split once on the failure; the refused halves were not split"
     assert metrics.POISON_SPLITS._value.get() - splits_before == 1
+
+
+class BreakerGuardedPoison(PoisonBackend):
+    """``PoisonBackend`` behind a real ``CircuitBreaker`` (threshold 1, on a fake clock that
+    the scorer's sleeps move on), two tries a call, counted as the HTTP layer does: a call
+    whose failed first try opened the circuit ends refused, with ``CircuitOpenError``."""
+
+    def __init__(self) -> None:
+        super().__init__(unavailable())
+        self.now = 0.0
+        self.breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=30, first_open_s=1, clock=lambda: self.now)
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        for _ in range(2):
+            self.breaker.before_call()
+            try:
+                outcomes = await super().score_texts(texts)
+            except BackendUnavailable:
+                self.breaker.record_neutral() if input_suspected() else self.breaker.record_failure()
+                continue
+            self.breaker.record_success()
+            return outcomes
+        raise unavailable()
+
+
+async def test_a_circuit_opened_by_a_poison_batch_is_closed_by_the_probe_not_kept_open_by_the_batch():
+    """The poison batch's first call (no evidence yet) opened the circuit, and no other traffic
+    comes. Were the batch the circuit's trial call it would fail it again and again; the
+    canary probe is the trial, closes the circuit, and the search runs to the end."""
+    backend = BreakerGuardedPoison()
+
+    async def sleep(delay: float) -> None:
+        backend.now += delay
+
+    scorer = Scorer(
+        backend, fail_policy="wait", max_concurrency=4, on_fatal=lambda _: None, failed=lambda: False, sleep=sleep
+    )
+    assert await scorer.score("content", [make_job("earlier", offset=0)]) is not None
+    texts = ["t1", "a POISON input", "t2", "t3"]
+
+    scoring = scorer.score("content", [make_job(t, offset=i + 1) for i, t in enumerate(texts)])
+    results = await asyncio.wait_for(scoring, timeout=10)
+
+    assert results is not None and isinstance(results[1], Rejected) and results[1].error_type == "backend_failed"
+    assert [results[i] for i in (0, 2, 3)] == [Scored({"len": len(texts[i]) / 100}, "m") for i in (0, 2, 3)]
+    assert backend.breaker.times_opened == 1, "only the first, unsuspected failure opened the circuit"

@@ -50,6 +50,7 @@ class Event:
     PARTITION_STUCK = "partition.stuck"
     PARTITION_UNSTUCK = "partition.unstuck"
     BACKEND_POISON_INPUT = "backend.poison_input"
+    BACKEND_PROBE = "backend.probe"
     BACKEND_FALLBACK = "backend.fallback_scored"
     FALLBACK_FAILED = "backend.fallback_failed"
     CASCADE_CLOSE_FAILED = "cascade.close_failed"

@@ -225,6 +225,13 @@ POISON_SPLITS = Counter(
     "Batches split in halves because they failed while the backend answered other batches (poison search).",
     registry=REGISTRY,
 )
+BACKEND_PROBES = Counter(
+    f"{PREFIX}_backend_probes",
+    "One-input calls made by a batch that waited with no success meanwhile, to tell an outage "
+    "(failed) from a batch the backend fails alone (answered).",
+    ["result"],
+    registry=REGISTRY,
+)
 POISON_INPUTS = Counter(
     f"{PREFIX}_backend_poison_inputs",
     "Inputs dead-lettered as backend_failed: they failed alone MODWORKER_SCORING__POISON_ATTEMPTS times "

@@ -22,6 +22,16 @@ bug must not kill the stream silently) the fail policy decides:
   Calls made with that evidence run inside ``breaker.suspect_input()``: their failures do
   not count towards opening the circuit, so isolating one input never stalls the other
   batches. A call refused by an open circuit tested nothing: no split, no count; it waits.
+  The evidence does not depend on other traffic: a batch that waited out its backoff with
+  no success meanwhile *probes* the backend with one input of the same kind it answered
+  before (the canary, the first input of the last batch it scored whole). The probe
+  answering is evidence like any other success; the probe failing says outage, and the
+  batch waits on. Concurrent waiters share one probe, so an outage costs at most one
+  one-input call per wait per kind, and an open circuit refuses those cheaply. After an
+  open circuit's wait the probe is the circuit's trial call, so a batch holding a poison
+  input (whose first, unsuspected call may have opened the circuit) cannot keep it open.
+  So a poison input is dead-lettered even when the stream around it stops; only before
+  the first success is there no canary.
 - ``review`` / ``allow``: every job of the batch gets a ``Degraded`` outcome with that
   action and the reason.
 - ``fallback``: the ``fallback`` backend scores the batch; its ``Scored`` outcomes carry
@@ -111,6 +121,10 @@ class Scorer:
         """Set (and replaced by a fresh one) whenever any batch succeeds: a batch that took
         this event at its last failure and finds it set knows the backend answered since,
         and one waiting on it wakes at once."""
+        self._canaries: dict[Kind, Job] = {}
+        """Per kind, an input the backend scored (the first of the last batch scored whole)."""
+        self._probes: dict[Kind, asyncio.Future[None]] = {}
+        """Per kind, the probe in flight, shared by every batch waiting meanwhile."""
 
     async def score(self, kind: Kind, jobs: Sequence[Job]) -> list[Result] | None:
         """One result per job, in order; ``None`` when the batch is given up (see module doc)."""
@@ -147,7 +161,7 @@ class Scorer:
                         Event.BACKEND_WAITING, reason=reason, retry_in_s=not_before, batch=len(jobs), fail_policy="wait"
                     )
                     since = self._answered
-                    await self._pause(not_before, since)
+                    await self._pause(not_before, since, probe=kind)
                     continue
             except BackendUnavailable as err:
                 reason = str(err)
@@ -171,8 +185,8 @@ class Scorer:
                 for i, outcome in zip(pending, outcomes, strict=True):
                     results[i] = outcome
                 if not left:
-                    self._answered.set()
-                    self._answered = asyncio.Event()
+                    self._canaries[kind] = batch[0]
+                    self._signal_answered()
                     return _filled(results)
                 # A composite backend left some inputs Unavailable: the fail policy applies to those only.
                 partial = True
@@ -215,7 +229,7 @@ class Scorer:
             log.warning(
                 Event.BACKEND_WAITING, reason=reason, retry_in_s=delay, batch=len(batch), fail_policy=self._fail_policy
             )
-            await self._pause(delay, since)
+            await self._pause(delay, since, probe=None if partial else kind)
 
     async def _split(self, kind: Kind, jobs: Sequence[Job], reason: str) -> list[Result] | None:
         """Score both halves of a batch that fails while the backend answers others, in order."""
@@ -248,8 +262,40 @@ class Scorer:
             error_type="backend_failed",
         )
 
-    async def _pause(self, delay: float, answered: asyncio.Event) -> None:
-        """Sleep ``delay``, or less: until ``answered`` is set (some batch succeeded)."""
+    def _signal_answered(self) -> None:
+        self._answered.set()
+        self._answered = asyncio.Event()
+
+    async def _probe(self, kind: Kind) -> None:
+        """Score the canary of ``kind`` once (or join the probe in flight); its answer counts
+        as the backend answering. Nothing to probe with before the first success."""
+        canary = self._canaries.get(kind)
+        if canary is None:
+            return
+        probe = self._probes.get(kind)
+        if probe is None or probe.done():
+            probe = self._probes[kind] = asyncio.ensure_future(self._probe_once(kind, canary))
+        await asyncio.shield(probe)
+
+    async def _probe_once(self, kind: Kind, canary: Job) -> None:
+        try:
+            outcomes = await self._call(kind, [canary])
+        except Exception as err:  # noqa: BLE001 - a failed probe is the answer: the backend is down
+            metrics.BACKEND_PROBES.labels(result="failed").inc()
+            log.debug(Event.BACKEND_PROBE, answered=False, error=f"{type(err).__name__}: {err}")
+            return
+        answered = len(outcomes) == 1 and not isinstance(outcomes[0], Unavailable)
+        metrics.BACKEND_PROBES.labels(result="answered" if answered else "failed").inc()
+        log.debug(Event.BACKEND_PROBE, answered=answered)
+        if answered:
+            self._signal_answered()
+
+    async def _pause(self, delay: float, answered: asyncio.Event, *, probe: Kind | None) -> None:
+        """Sleep ``delay``, or less: until ``answered`` is set (some batch succeeded). When
+        the sleep ran out with no success meanwhile, probe the backend with ``probe``'s
+        canary before the batch tries again: its answer is evidence, and after an open
+        circuit's wait the probe (not a batch that may hold a poison input) is the
+        circuit's trial call."""
         if answered.is_set():
             return
         sleeping = asyncio.ensure_future(self._sleep(delay))
@@ -259,6 +305,8 @@ class Scorer:
         finally:
             sleeping.cancel()
             woken.cancel()
+        if probe is not None and not answered.is_set():
+            await self._probe(probe)
 
     async def _score_with_fallback(
         self, kind: Kind, batch: list[Job], pending: list[int], results: list[Result | None], reason: str
