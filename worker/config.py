@@ -217,10 +217,10 @@ class HttpSettings(BaseModel):
         default=5, ge=1, description="Consecutive failed tries that open the circuit."
     )
     breaker_first_open_s: float = Field(
-        default=1.0, gt=0, description="Open circuit: seconds before the first probe; each failed probe doubles it."
+        default=0.5, gt=0, description="Open circuit: seconds before the first probe; each failed probe doubles it."
     )
     breaker_reset_s: float = Field(
-        default=30.0, gt=0, description="Open circuit: the longest wait between probes (the doubling stops here)."
+        default=10.0, gt=0, description="Open circuit: the longest wait between probes (the doubling stops here)."
     )
     chunk_overlap_tokens: int = Field(default=200, ge=0, description="Overlap between chunks of an over-long text.")
     fail_policy: FailPolicy | None = Field(

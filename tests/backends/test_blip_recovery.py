@@ -4,7 +4,7 @@ A real Mistral backend against a loopback server, scored through the pipeline's 
 under ``wait``. The breaker's clock and the Scorer's sleeps are one fake clock, so what
 is checked is how long the worker *decides* to stay away, not wall-clock timing. It used
 to be two full reset periods (30 s open, the probe meets the sixth 503, 30 s again);
-now the circuit is open 1 s, then 2 s, and the batch is scored at the second probe.
+now the circuit is open 0.5 s, then 1 s, and the batch is scored at the second probe.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class FakeClock:
         return self.now
 
 
-async def test_six_503s_then_healthy_cost_three_seconds_of_waiting_not_sixty(
+async def test_six_503s_then_healthy_cost_a_second_and_a_half_of_waiting_not_sixty(
     api_key: str, settings_for: Callable[..., Settings]
 ) -> None:
     clock = FakeClock()
@@ -40,7 +40,7 @@ async def test_six_503s_then_healthy_cost_three_seconds_of_waiting_not_sixty(
 
     with MistralServer(api_key=api_key, fault_plan=first(6, Fault(status=503))) as server:
         backend = MistralBackend(
-            settings_for(server, http={"retry_attempts": 6, "breaker_failure_threshold": 5, "breaker_reset_s": 30})
+            settings_for(server, http={"retry_attempts": 6, "breaker_failure_threshold": 5})  # the defaults
         )
         backend.api.breaker._clock = clock
         scorer = Scorer(
@@ -52,4 +52,4 @@ async def test_six_503s_then_healthy_cost_three_seconds_of_waiting_not_sixty(
 
     assert results is not None and isinstance(results[0], Scored)
     assert statuses == [503] * 6 + [200]
-    assert slept == [1.0, 2.0], "open 1 s; the probe meets the sixth 503; open 2 s; the next probe succeeds"
+    assert slept == [0.5, 1.0], "open 0.5 s; the probe meets the sixth 503; open 1 s; the next probe succeeds"
