@@ -7,7 +7,7 @@ from collections.abc import Callable
 from schemas import Turn
 from tests.backends.conftest import started
 from worker.backends.base import Conversation, Rejected, Scored
-from worker.backends.cache import CachingBackend
+from worker.backends.cache import CachingBackend, watch_cache
 from worker.backends.mistral import MistralBackend
 from worker.config import Settings
 from worker.testing import Fault, MistralServer, fake_scores, when_input_contains
@@ -116,3 +116,22 @@ async def test_conversations_are_keyed_on_every_message(mistral: MistralServer, 
         await backend.score_conversations([conv("question two"), conv("ｑuestion one")])
     assert mistral.request_count == 2
     assert [len(body["input"]) for body in mistral.bodies] == [1, 2], "context differing in one letter's form: a miss"
+
+
+async def test_watch_cache_says_whether_the_backend_was_asked_and_bypass_asks_it(
+    mistral: MistralServer, settings_for: SettingsFor
+) -> None:
+    backend = cached(settings_for(mistral))
+    async with started(backend):
+        with watch_cache() as use:
+            await backend.score_texts(["a", "b"])
+        assert (use.forwarded, use.answered_alone, use.backend_asked) == (1, 0, True)
+        with watch_cache() as use:
+            await backend.score_texts(["b", "a"])
+        assert (use.forwarded, use.answered_alone, use.backend_asked) == (0, 1, False)
+        with watch_cache(bypass=True) as use:
+            again = await backend.score_texts(["a"])
+        assert (use.forwarded, use.backend_asked) == (1, True)
+
+    assert sent_inputs(mistral) == ["a", "b", "a"], "the bypassing call went to the API although cached"
+    assert isinstance(again[0], Scored) and again[0].scores == fake_scores("a")

@@ -20,6 +20,7 @@ from worker.backends.base import (
     Unavailable,
 )
 from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_suspected
+from worker.backends.cache import CachingBackend
 from worker.ops import metrics
 from worker.pipeline.scoring import WAIT_BACKOFF_S, Degraded, Scorer
 from worker.pipeline.types import PartitionOffsets
@@ -524,3 +525,49 @@ async def test_a_circuit_opened_by_a_poison_batch_is_closed_by_the_probe_not_kep
     assert results is not None and isinstance(results[1], Rejected) and results[1].error_type == "backend_failed"
     assert [results[i] for i in (0, 2, 3)] == [Scored({"len": len(texts[i]) / 100}, "m") for i in (0, 2, 3)]
     assert backend.breaker.times_opened == 1, "only the first, unsuspected failure opened the circuit"
+
+
+class Switchable(ScriptedBackend):
+    """Scores every text while up; raises ``BackendUnavailable`` for every call while down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.sent: list[list[str]] = []
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        self.sent.append(list(texts))
+        if self.down:
+            raise unavailable()
+        return await super().score_texts(texts)
+
+
+async def test_answers_from_the_dedup_cache_are_no_evidence_and_the_probe_bypasses_the_cache():
+    """An outage while repeated texts keep being answered from the cache: those answers say
+    nothing of the backend, and the probe must ask the backend, not the cache. Otherwise the
+    waiting batch would be split and its inputs dead-lettered as poison during an outage."""
+    backend = Switchable()
+    cached = CachingBackend(backend, max_entries=100, ttl_s=600)
+    waits = 0
+
+    async def sleep(delay: float) -> None:  # each wait: a repeated text, answered from the cache
+        nonlocal waits
+        waits += 1
+        assert await scorer.score("content", [make_job("earlier", offset=99)]) is not None
+        if waits == 6:
+            backend.down = False  # the API is back
+
+    scorer = Scorer(
+        cached, fail_policy="wait", max_concurrency=4, on_fatal=lambda _: None, failed=lambda: False, sleep=sleep
+    )
+    assert await scorer.score("content", [make_job("earlier", offset=0)]) is not None  # cached, and the canary
+    backend.down = True
+    splits_before = metrics.POISON_SPLITS._value.get()
+    jobs = [make_job(f"t{i}", offset=i + 1) for i in range(4)]
+
+    results = await asyncio.wait_for(scorer.score("content", jobs), timeout=10)
+
+    assert results == [Scored({"len": 0.02}, "m")] * 4, "nothing dead-lettered: it was an outage"
+    assert metrics.POISON_SPLITS._value.get() == splits_before, "never split"
+    probes = [texts for texts in backend.sent if texts == ["earlier"]]
+    assert len(probes) >= 5, "each wait's probe reached the backend instead of the cache"

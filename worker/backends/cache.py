@@ -19,13 +19,23 @@ message (role and exact content), context included.
 Bounded: at most ``max_entries`` (least recently used evicted first), each living
 ``ttl_s`` (``cachetools.TTLCache``). ``cache_stats()`` gives hits, misses, hit ratio and
 size for metrics; the hit ratio is also logged every ``log_every`` lookups.
+
+*Was the backend asked?* A batch answered wholly from the cache says nothing about the
+backend's health, and the scorer's poison search must not take it as "the backend
+answers others". A caller that needs to know makes its call inside ``watch_cache()``: the
+yielded ``CacheUse`` counts the calls this cache forwarded to the backend and those it
+answered alone (a mutable object in a context variable, so it sees calls made in child
+tasks too). ``watch_cache(bypass=True)`` also skips the lookups: every input goes to the
+backend (its answers are still stored), for a probe that must test the backend itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -56,6 +66,36 @@ class CacheStats:
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
+
+
+@dataclass(slots=True)
+class CacheUse:
+    """What the caches did for the calls made inside one ``watch_cache()`` block."""
+
+    bypass: bool = False
+    forwarded: int = 0
+    """Calls that sent at least one input on to the backend behind a cache."""
+    answered_alone: int = 0
+    """Calls a cache answered wholly, the backend not asked."""
+
+    @property
+    def backend_asked(self) -> bool:
+        """False only when a cache answered every call on its own."""
+        return self.forwarded > 0 or self.answered_alone == 0
+
+
+_USE: ContextVar[CacheUse | None] = ContextVar("cache_use", default=None)
+
+
+@contextmanager
+def watch_cache(*, bypass: bool = False) -> Iterator[CacheUse]:
+    """Count (and with ``bypass`` skip) the cache's answers for the calls made inside."""
+    use = CacheUse(bypass=bypass)
+    token = _USE.set(use)
+    try:
+        yield use
+    finally:
+        _USE.reset(token)
 
 
 def _from_cache(scored: Scored) -> Scored:
@@ -114,11 +154,13 @@ class CachingBackend(Backend):
         identity: Callable[[Item], Hashable],
         score: Callable[[list[Item]], Awaitable[list[Outcome]]],
     ) -> list[Outcome]:
+        use = _USE.get()
+        bypass = use is not None and use.bypass
         keys = [self._key(identity(item)) for item in items]
         outcomes: list[Outcome | None] = [None] * len(items)
         pending: dict[bytes, list[int]] = {}
         for index, key in enumerate(keys):
-            cached = self._cache.get(key)
+            cached = None if bypass else self._cache.get(key)
             if cached is not None:
                 outcomes[index] = _from_cache(cached)
             else:
@@ -131,6 +173,11 @@ class CachingBackend(Backend):
                     outcomes[index] = answer
                 if isinstance(answer, Scored):
                     self._cache[keys[indexes[0]]] = answer
+        if use is not None:
+            if pending:
+                use.forwarded += 1
+            else:
+                use.answered_alone += 1
         self._misses += len(pending)
         self._hits += len(items) - len(pending)
         self._maybe_log()

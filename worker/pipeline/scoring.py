@@ -22,7 +22,8 @@ bug must not kill the stream silently) the fail policy decides:
   Calls made with that evidence run inside ``breaker.suspect_input()``: their failures do
   not count towards opening the circuit, so isolating one input never stalls the other
   batches. A call refused by an open circuit tested nothing: no split, no count; it waits.
-  The evidence does not depend on other traffic: a batch that waited out its backoff with
+  A batch the dedup cache answered alone is no evidence (``cache.watch_cache``): the
+  backend was not asked. The evidence does not depend on other traffic: a batch that waited out its backoff with
   no success meanwhile *probes* the backend with one input of the same kind it answered
   before (the canary, the first input of the last batch it scored whole). The probe
   answering is evidence like any other success; the probe failing says outage, and the
@@ -73,6 +74,7 @@ from worker.backends.base import (
     Unavailable,
 )
 from worker.backends.breaker import CircuitOpenError, suspect_input
+from worker.backends.cache import watch_cache
 from worker.config import FailPolicy
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -146,7 +148,7 @@ class Scorer:
             try:
                 # Evidence in hand (the backend answered others since this batch failed):
                 # the call blames the batch, and its failures must not open the circuit.
-                with suspect_input() if since.is_set() else contextlib.nullcontext():
+                with suspect_input() if since.is_set() else contextlib.nullcontext(), watch_cache() as cache:
                     outcomes = await self._call(kind, batch)
             except BackendAuthError as err:
                 self._on_fatal(err)
@@ -185,8 +187,9 @@ class Scorer:
                 for i, outcome in zip(pending, outcomes, strict=True):
                     results[i] = outcome
                 if not left:
-                    self._canaries[kind] = batch[0]
-                    self._signal_answered()
+                    if cache.backend_asked:  # answered from the dedup cache alone: no news of the backend
+                        self._canaries[kind] = batch[0]
+                        self._signal_answered()
                     return _filled(results)
                 # A composite backend left some inputs Unavailable: the fail policy applies to those only.
                 partial = True
@@ -279,7 +282,8 @@ class Scorer:
 
     async def _probe_once(self, kind: Kind, canary: Job) -> None:
         try:
-            outcomes = await self._call(kind, [canary])
+            with watch_cache(bypass=True):  # the backend's own answer, never the cache's
+                outcomes = await self._call(kind, [canary])
         except Exception as err:  # noqa: BLE001 - a failed probe is the answer: the backend is down
             metrics.BACKEND_PROBES.labels(result="failed").inc()
             log.debug(Event.BACKEND_PROBE, answered=False, error=f"{type(err).__name__}: {err}")
