@@ -26,7 +26,7 @@ SCENARIOS: list[tuple[str, str, str, str]] = [
     ("broker SIGKILL, down 5 s", "broker SIGKILLed, restarted on the same port and storage after 5 s", "lost 0; worker rides it out and stops cleanly; tens of log lines besides the per-message ones, all JSON", "test_broker_sigkill_and_restart[5]"),
     ("broker SIGKILL, down 30 s", "as above, 30 s", "as above", "test_broker_sigkill_and_restart[30]"),
     ("backend 503 burst", "every API request answers 503 for 3 s", "lost 0, no duplicates (policy `wait`)", "test_backend_503_burst"),
-    ("backend 6x503 then healthy", "6 requests answer 503, then healthy", "moderation resumes within seconds (asked: ~2 s; checked: ≤ 20 s)", "test_backend_503_burst_recovers_within_seconds"),
+    ("backend 6x503 then healthy", "6 requests answer 503, then healthy", "moderation resumes within seconds (asked: ~2 s; checked: ≤ 20 s end to end, the broker's own latency included)", "test_backend_503_burst_recovers_within_seconds"),
     ("backend flapping 20 s / 20 s", "API down (503) 20 s, up 20 s, twice", "lost 0, no duplicates", "test_backend_flapping"),
     ("backend outage 60 s (wait)", "every request 503 for 60 s", "lost 0; RSS flat (growth over the last 40 s < 15 MB)", "test_backend_outage_60s_under_wait_keeps_memory_flat"),
     ("backend 429 storm", "every other request 429 with Retry-After: 1, for 15 s", "lost 0, no duplicates", "test_backend_429_storm"),
@@ -57,6 +57,8 @@ def measured(result: dict | None) -> str:
     ]
     if result.get("recovery_s") is not None:
         parts.append(f"recovery {result['recovery_s']} s")
+    if result.get("latency_p50_s") is not None:
+        parts.append(f"latency after the fault p50 {result['latency_p50_s']} s")
     for key, label in (
         ("rss_growth_mb", "RSS growth {} MB"),
         ("log_lines_during_outage", "{} log lines"),
