@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import structlog
@@ -61,6 +62,7 @@ from tenacity import (
 
 from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
 from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_suspected
+from worker.backends.engine import aiohttp_transport, failure_name, is_timeout
 from worker.backends.pacing import RateLimitHeaderNames, RequestPacer
 from worker.config import HttpSettings
 from worker.ops import metrics
@@ -119,7 +121,8 @@ _SUSPECT_ATTEMPTS = 2
 
 
 class RemoteApi:
-    """One remote API: a pooled ``httpx.AsyncClient`` with retries, limits and a breaker.
+    """One remote API: a pooled ``httpx.AsyncClient`` (on ``http.engine``: see
+    ``worker.backends.engine``) with retries, limits and a breaker.
 
     ``await start()`` before ``post``; ``await close()`` releases the pool (safe twice).
     ``transport`` is for tests that need a custom httpx transport; normally unset.
@@ -183,9 +186,16 @@ class RemoteApi:
                 max_keepalive_connections=http.max_connections,
                 keepalive_expiry=http.keepalive_expiry_s,
             ),
-            transport=self._transport,
+            transport=self._transport or self._engine_transport(),
             follow_redirects=False,
         )
+
+    def _engine_transport(self) -> httpx.AsyncBaseTransport | None:
+        """The transport of ``http.engine`` (``None``: httpx's own, built from ``limits``)."""
+        http = self._http
+        if http.engine == "httpx":
+            return None
+        return aiohttp_transport(max_connections=http.max_connections, keepalive_expiry_s=http.keepalive_expiry_s)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -245,12 +255,13 @@ class RemoteApi:
                 sent = time.monotonic()
                 try:
                     response = await self._client.post(path, content=encode_json(body), headers=_JSON_BODY)
-                except httpx.TimeoutException as err:
-                    metrics.observe_backend_request(self.dialect.name, path, "timeout", time.monotonic() - sent)
-                    raise _Transient(f"{type(err).__name__} on POST {path}") from None
-                except httpx.TransportError as err:
-                    metrics.observe_backend_request(self.dialect.name, path, "transport_error", time.monotonic() - sent)
-                    raise _Transient(f"{type(err).__name__} on POST {path}: {err}") from None
+                except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as err:
+                    # Under either engine (an aiohttp error the transport left unwrapped included).
+                    timeout = is_timeout(err)
+                    label = "timeout" if timeout else "transport_error"
+                    metrics.observe_backend_request(self.dialect.name, path, label, time.monotonic() - sent)
+                    reason = f"{failure_name(err)} on POST {path}"
+                    raise _Transient(reason if timeout else f"{reason}: {err}") from None
                 metrics.observe_backend_request(
                     self.dialect.name, path, str(response.status_code), time.monotonic() - sent
                 )

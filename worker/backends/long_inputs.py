@@ -30,7 +30,8 @@ MESSAGE_OVERHEAD_TOKENS = 4
 
 def estimate_tokens(text: str) -> int:
     """A conservative token count for ``text`` (see the module docstring)."""
-    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii: no copy to count
+    return math.ceil(size / BYTES_PER_TOKEN)
 
 
 def estimate_conversation_tokens(messages: Sequence[Turn]) -> int:

@@ -108,6 +108,9 @@ class MistralBackend(RemoteBackend):
 
 
 def _numbers(scores: dict[str, Any]) -> dict[str, float]:
+    """The numeric scores of one result (names as strings, values as floats; others dropped)."""
+    if all(type(value) is float for value in scores.values()):  # what the API sends: the decoded dict as is
+        return scores
     return {str(category): float(value) for category, value in scores.items() if isinstance(value, (int, float))}
 
 

@@ -1,0 +1,72 @@
+"""Both HTTP engines under the httpx API (``MODWORKER_HTTP__ENGINE``) behave alike: the same
+answers, and each failed try named and counted the same way (the request metric's
+``timeout`` / ``transport_error`` label, the ``BackendUnavailable`` message), against a
+real loopback Mistral server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.backends.conftest import started
+from worker.backends.base import BackendUnavailable, Scored
+from worker.backends.mistral import MistralBackend
+from worker.config import Settings
+from worker.ops import metrics
+from worker.testing import Fault, MistralServer, fake_scores, first
+
+SettingsFor = Callable[..., Settings]
+ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "httpx"])
+
+
+def requests_labelled(label: str) -> float:
+    return metrics.backend_requests("Mistral", label)._value.get()
+
+
+@ENGINES
+async def test_both_engines_score_alike(engine: str, api_key: str, settings_for: SettingsFor) -> None:
+    with MistralServer(api_key=api_key) as server:
+        async with started(MistralBackend(settings_for(server, http={"engine": engine}))) as backend:
+            outcomes = await backend.score_texts(["a", "b"])
+        (request,) = server.requests
+    assert outcomes == [Scored(fake_scores(t), "mistral-moderation-2411") for t in ("a", "b")]
+    assert request.headers["authorization"] == f"Bearer {api_key}"
+    assert request.headers["content-type"] == "application/json"
+
+
+@ENGINES
+async def test_a_refused_connection_is_a_connect_error_not_a_timeout(
+    engine: str, api_key: str, settings_for: SettingsFor
+) -> None:
+    with MistralServer(api_key=api_key) as server:
+        settings = settings_for(server, http={"engine": engine, "retry_attempts": 1})
+    before = requests_labelled("transport_error"), requests_labelled("timeout")
+    async with started(MistralBackend(settings)) as backend:  # nothing listens on the port now
+        with pytest.raises(BackendUnavailable, match="ConnectError on POST /v1/moderations"):
+            await backend.score_texts(["a"])
+    assert (requests_labelled("transport_error"), requests_labelled("timeout")) == (before[0] + 1, before[1])
+
+
+@ENGINES
+async def test_a_slow_answer_is_a_read_timeout(engine: str, api_key: str, settings_for: SettingsFor) -> None:
+    with MistralServer(api_key=api_key, fault_plan=first(1, Fault(delay_s=1.0))) as server:
+        settings = settings_for(server, http={"engine": engine, "retry_attempts": 1, "read_timeout_s": 0.2})
+        before = requests_labelled("timeout")
+        async with started(MistralBackend(settings)) as backend:
+            with pytest.raises(BackendUnavailable, match="ReadTimeout on POST /v1/moderations"):
+                await backend.score_texts(["a"])
+    assert requests_labelled("timeout") == before + 1
+
+
+@ENGINES
+async def test_a_reset_connection_is_a_transport_error_and_retried(
+    engine: str, api_key: str, settings_for: SettingsFor
+) -> None:
+    with MistralServer(api_key=api_key, fault_plan=first(1, Fault(reset=True))) as server:
+        settings = settings_for(server, http={"engine": engine, "retry_attempts": 2})
+        before = requests_labelled("transport_error")
+        async with started(MistralBackend(settings)) as backend:
+            (outcome,) = await backend.score_texts(["a"])
+    assert outcome == Scored(fake_scores("a"), "mistral-moderation-2411")
+    assert requests_labelled("transport_error") == before + 1
