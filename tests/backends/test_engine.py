@@ -11,6 +11,7 @@ import pytest
 
 from tests.backends.conftest import started
 from worker.backends.base import BackendUnavailable, Scored
+from worker.backends.engine import environment_proxy
 from worker.backends.mistral import MistralBackend
 from worker.config import Settings
 from worker.ops import metrics
@@ -70,3 +71,23 @@ async def test_a_reset_connection_is_a_transport_error_and_retried(
             (outcome,) = await backend.score_texts(["a"])
     assert outcome == Scored(fake_scores("a"), "mistral-moderation-2411")
     assert requests_labelled("transport_error") == before + 1
+
+
+def test_the_proxy_comes_from_the_environment_once_as_httpx_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert environment_proxy("https://api.mistral.ai") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert environment_proxy("https://api.mistral.ai") == "http://proxy.internal:3128"
+    assert environment_proxy("http://vllm.internal:8000") is None, "HTTPS_PROXY is for https URLs only"
+    monkeypatch.setenv("NO_PROXY", "api.mistral.ai")
+    assert environment_proxy("https://api.mistral.ai") is None

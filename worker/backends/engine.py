@@ -9,8 +9,10 @@ matters most for small batches. ``httpx`` keeps httpcore.
 
 ``aiohttp_transport(http)`` builds the transport: the pool holds ``max_connections``
 connections kept alive ``keepalive_expiry_s``; TLS verifies with httpx's default context
-(certifi, or ``SSL_CERT_FILE``); proxies and ``.netrc`` come from the environment as
-httpx's own engine takes them (``trust_env``). The connect timeout bounds the TCP/TLS
+(certifi, or ``SSL_CERT_FILE``); the proxy comes from the environment
+(``HTTPS_PROXY`` ..., ``NO_PROXY``) as httpx's own engine takes it, looked up once when
+the client starts (aiohttp's ``trust_env`` would redo it, and read ``~/.netrc``, on every
+request: 0.7 ms of CPU each). ``.netrc`` credentials are not used: the API key is. The connect timeout bounds the TCP/TLS
 connect, the pool timeout the wait for a free connection, the read timeout each read; the
 write timeout has no aiohttp counterpart (a body is written within the read timeout's
 first wait).
@@ -25,6 +27,8 @@ metric's ``timeout`` / ``transport_error`` label.
 
 from __future__ import annotations
 
+import urllib.parse
+import urllib.request
 from typing import Literal
 
 import aiohttp
@@ -48,15 +52,29 @@ _NAMES: tuple[tuple[type[BaseException], str], ...] = (
 _TIMEOUTS = frozenset({"ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException"})
 
 
-def aiohttp_transport(*, max_connections: int, keepalive_expiry_s: float) -> httpx.AsyncBaseTransport:
-    """An httpx transport sending through one aiohttp session (made on first use, in the loop)."""
+def aiohttp_transport(base_url: str, *, max_connections: int, keepalive_expiry_s: float) -> httpx.AsyncBaseTransport:
+    """An httpx transport sending to ``base_url`` through one aiohttp session (made on first
+    use, in the running loop), through the environment's proxy for it, if any."""
     ssl_context = httpx.create_ssl_context()
 
     def session() -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=keepalive_expiry_s, ssl=ssl_context)
-        return aiohttp.ClientSession(connector=connector, trust_env=True)
+        # trust_env=False: aiohttp would read the proxy variables and ~/.netrc again for every
+        # request (~0.7 ms of CPU each, measured); the proxy is looked up once, below.
+        return aiohttp.ClientSession(connector=connector, trust_env=False)
 
-    return AiohttpTransport(client=session)
+    proxy = environment_proxy(base_url)
+    return AiohttpTransport(client=session, proxy=None if proxy is None else httpx.Proxy(proxy))
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``,
+    lower or upper case, minus ``NO_PROXY``), as httpx's own engine would take it; else None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def failure_name(err: BaseException) -> str:

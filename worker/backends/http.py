@@ -195,7 +195,9 @@ class RemoteApi:
         http = self._http
         if http.engine == "httpx":
             return None
-        return aiohttp_transport(max_connections=http.max_connections, keepalive_expiry_s=http.keepalive_expiry_s)
+        return aiohttp_transport(
+            self.base_url, max_connections=http.max_connections, keepalive_expiry_s=http.keepalive_expiry_s
+        )
 
     async def close(self) -> None:
         client, self._client = self._client, None
