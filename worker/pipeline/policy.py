@@ -418,6 +418,30 @@ class Policy:
         Raises ``ValueError`` when a score is not a finite number: backends promise
         scores in [0, 1], and guessing a value for a broken one could let harm through.
         """
+        aliases = self._aliases
+        values = scores.values()
+        if (
+            all(type(value) is float for value in values)
+            and math.isfinite(sum(values))  # any NaN or infinity makes the sum one (an overflow: the slow path)
+            and aliases.keys().isdisjoint(scores)
+        ):
+            merged: Mapping[str, float] = scores  # the common case: finite floats under canonical names
+        else:
+            merged = self._merged(scores)
+        rules = self._for_context.get((tenant, source)) or self._rules_for(tenant, source)
+        categories, default = rules.categories, rules.default
+        violations = []
+        for name, score in merged.items():
+            rule = categories.get(name, default)
+            if score >= rule.threshold and rule.action != "allow":
+                violations.append(CategoryHit(category=name, score=score, threshold=rule.threshold, action=rule.action))
+        if len(violations) > 1:
+            violations.sort(key=lambda hit: (-ACTION_SEVERITY[hit.action], -hit.score, hit.category))
+        return Decision(action=violations[0].action if violations else "allow", violations=violations)
+
+    def _merged(self, scores: Mapping[str, float]) -> dict[str, float]:
+        """Scores checked one by one and resolved through the aliases (each canonical
+        category the highest of its raw scores); raises ``ValueError`` as ``decide`` says."""
         merged: dict[str, float] = {}
         aliases = self._aliases
         for raw, value in scores.items():
@@ -431,16 +455,7 @@ class Policy:
             name = aliases.get(raw, raw)
             previous = merged.get(name)
             merged[name] = score if previous is None else max(previous, score)
-
-        rules = self._for_context.get((tenant, source)) or self._rules_for(tenant, source)
-        categories, default = rules.categories, rules.default
-        violations = []
-        for name, score in merged.items():
-            rule = categories.get(name, default)
-            if score >= rule.threshold and rule.action != "allow":
-                violations.append(CategoryHit(category=name, score=score, threshold=rule.threshold, action=rule.action))
-        violations.sort(key=lambda hit: (-ACTION_SEVERITY[hit.action], -hit.score, hit.category))
-        return Decision(action=violations[0].action if violations else "allow", violations=violations)
+        return merged
 
     def _rules_for(self, tenant: str | None, source: str | None) -> _Rules:
         matched = tuple(i for i, override in enumerate(self._overrides) if override.match.matches(tenant, source))
