@@ -32,9 +32,31 @@ def _pyplot() -> Any:
     return plt
 
 
-def _grid(n: int) -> tuple[int, int]:
+def _panels(plt: Any, n: int, height: float) -> tuple[Any, list[Any]]:
+    """A figure with ``n`` panels (3 a row, each 4.2 wide and ``height`` high), the unused ones off."""
     cols = min(3, max(1, n))
-    return math.ceil(n / cols), cols
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
+    panels = list(axes.flat)
+    for ax in panels[n:]:
+        ax.axis("off")
+    return fig, panels[:n]
+
+
+def _unit_square(ax: Any, xlabel: str, ylabel: str, legend_loc: str) -> None:
+    """Axes for a plot of two fractions: [0, 1] x [0, 1] with a little head room."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc=legend_loc)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_pr_curves(
@@ -48,9 +70,8 @@ def plot_pr_curves(
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     plt = _pyplot()
-    rows, cols = _grid(len(categories))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
-    for ax, category in zip(axes.flat, categories, strict=False):
+    fig, panels = _panels(plt, len(categories), 3.6)
+    for ax, category in zip(panels, categories, strict=True):
         y, s = positives[category], scores[category]
         if y.any():
             precision, recall, _ = precision_recall_curve(y, s)
@@ -59,17 +80,8 @@ def plot_pr_curves(
             r, p = operating_points[category]
             ax.plot([r], [p], "o", color="crimson", label="policy threshold")
             ax.set_title(f"{category}\nAUPRC {average_precision_score(y, s):.3f}, n+={int(y.sum())}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.legend(fontsize=7, loc="lower left")
-    for ax in list(axes.flat)[len(categories) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _unit_square(ax, "recall", "precision", "lower left")
+    return _save(plt, fig, path)
 
 
 def plot_score_histograms(
@@ -83,10 +95,9 @@ def plot_score_histograms(
     import numpy as np
 
     plt = _pyplot()
-    rows, cols = _grid(len(categories))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, panels = _panels(plt, len(categories), 3.2)
     bins = np.linspace(0, 1, 41)
-    for ax, category in zip(axes.flat, categories, strict=False):
+    for ax, category in zip(panels, categories, strict=True):
         y, s = positives[category], scores[category]
         ax.hist(s[~y], bins=bins, alpha=0.6, label=f"others ({int((~y).sum())})", color="tab:blue")
         ax.hist(s[y], bins=bins, alpha=0.6, label=f"{category} ({int(y.sum())})", color="tab:red")
@@ -96,12 +107,7 @@ def plot_score_histograms(
         ax.set_title(category, fontsize=9)
         ax.set_xlabel("score")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(categories) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_embeddings(
@@ -132,10 +138,7 @@ def plot_embeddings(
     ax.legend(fontsize=7, markerscale=2, loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_reliability(path: Path, calibrations: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -147,9 +150,8 @@ def plot_reliability(path: Path, calibrations: Mapping[str, Mapping[str, Any]]) 
     """
     plt = _pyplot()
     names = list(calibrations)
-    rows, cols = _grid(len(names))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
+    fig, panels = _panels(plt, len(names), 3.8)
+    for ax, name in zip(panels, names, strict=True):
         entry = calibrations[name]
         bins = entry["bins"]
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfectly calibrated")
@@ -165,14 +167,5 @@ def plot_reliability(path: Path, calibrations: Mapping[str, Mapping[str, Any]]) 
                 label="bins (area ~ count)",
             )
         ax.set_title(f"{name}\nECE {entry['ece']:.3f}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("mean score in bin")
-        ax.set_ylabel("fraction labelled")
-        ax.legend(fontsize=7, loc="upper left")
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _unit_square(ax, "mean score in bin", "fraction labelled", "upper left")
+    return _save(plt, fig, path)
