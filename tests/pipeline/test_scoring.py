@@ -571,3 +571,27 @@ async def test_answers_from_the_dedup_cache_are_no_evidence_and_the_probe_bypass
     assert metrics.POISON_SPLITS._value.get() == splits_before, "never split"
     probes = [texts for texts in backend.sent if texts == ["earlier"]]
     assert len(probes) >= 5, "each wait's probe reached the backend instead of the cache"
+
+
+async def test_the_probe_sends_the_shortest_input_of_the_last_batch_scored_whole():
+    backend = Switchable()
+    waits = 0
+
+    async def sleep(delay: float) -> None:
+        nonlocal waits
+        waits += 1
+        if waits == 2:
+            backend.down = False
+
+    scorer = Scorer(
+        backend, fail_policy="wait", max_concurrency=4, on_fatal=lambda _: None, failed=lambda: False, sleep=sleep
+    )
+    long_text = "a long text the probe should not resend " * 20
+    assert await scorer.score("content", [make_job(long_text, offset=0), make_job("short", offset=1)]) is not None
+    backend.down = True
+    sent_before = len(backend.sent)
+
+    assert await asyncio.wait_for(scorer.score("content", [make_job("t0", offset=2)]), timeout=10) is not None
+
+    probes = [texts for texts in backend.sent[sent_before:] if texts != ["t0"]]
+    assert probes and all(texts == ["short"] for texts in probes), backend.sent[sent_before:]

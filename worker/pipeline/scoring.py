@@ -25,7 +25,8 @@ bug must not kill the stream silently) the fail policy decides:
   A batch the dedup cache answered alone is no evidence (``cache.watch_cache``): the
   backend was not asked. The evidence does not depend on other traffic: a batch that waited out its backoff with
   no success meanwhile *probes* the backend with one input of the same kind it answered
-  before (the canary, the first input of the last batch it scored whole). The probe
+  before (the canary: the shortest input of the last batch it scored whole, so a probe
+  costs few tokens). The probe
   answering is evidence like any other success; the probe failing says outage, and the
   batch waits on. Concurrent waiters share one probe, so an outage costs at most one
   one-input call per wait per kind, and an open circuit refuses those cheaply. After an
@@ -124,7 +125,7 @@ class Scorer:
         this event at its last failure and finds it set knows the backend answered since,
         and one waiting on it wakes at once."""
         self._canaries: dict[Kind, Job] = {}
-        """Per kind, an input the backend scored (the first of the last batch scored whole)."""
+        """Per kind, an input the backend scored (the shortest of the last batch scored whole)."""
         self._probes: dict[Kind, asyncio.Future[None]] = {}
         """Per kind, the probe in flight, shared by every batch waiting meanwhile."""
 
@@ -188,7 +189,7 @@ class Scorer:
                     results[i] = outcome
                 if not left:
                     if cache.backend_asked:  # answered from the dedup cache alone: no news of the backend
-                        self._canaries[kind] = batch[0]
+                        self._canaries[kind] = min(batch, key=_probe_size)
                         self._signal_answered()
                     return _filled(results)
                 # A composite backend left some inputs Unavailable: the fail policy applies to those only.
@@ -344,6 +345,11 @@ class Scorer:
         if kind == "content":
             return await backend.score_texts([job.text for job in jobs])
         return await backend.score_conversations([conversation_of(job.event, job.context) for job in jobs])
+
+
+def _probe_size(job: Job) -> int:
+    """What a probe with ``job`` would send, roughly: the shortest input makes the cheapest probe."""
+    return len(job.text) + sum(len(turn.content) for turn in job.judged_context)
 
 
 def _filled(results: list[Result | None]) -> list[Result]:
