@@ -184,15 +184,19 @@ class Outputs:
 
     def _verdict(self, job: Job, verdict: Verdict) -> None:
         key = job.key
+        limit = self._max_bytes
         records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
-        if record_size(records[0]) > self._max_bytes:  # pass-through fields made it too big: leave them out
+        fits = record_size(records[0]) <= limit
+        if not fits:  # pass-through fields made it too big: leave them out
             verdict = verdict.model_copy(update={"metadata": None, "text": None, "trimmed": True})
             records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
             metrics.outputs_trimmed("verdict").inc()
+            fits = record_size(records[0]) <= limit
         violation = self._verdicts.violation(verdict)
         if violation is not None:
             records.append(OutRecord(self._violation_topic, key, violation_bytes(violation)))
-        if any(record_size(out) > self._max_bytes for out in records):  # e.g. an enormous id: cannot fit
+            fits = fits and record_size(records[1]) <= limit
+        if not fits:  # e.g. an enormous id: cannot fit even trimmed
             message = f"its verdict would exceed MODWORKER_MAX_OUTPUT_BYTES={self._max_bytes} even without metadata"
             self._sequencer.complete(
                 job,

@@ -43,8 +43,10 @@ _HEADER_OVERHEAD_BYTES = 10
 def record_size(record: OutRecord) -> int:
     """Bytes ``record`` takes alone in a record batch: what the broker's ``max.message.bytes``
     limits. An upper bound, a few bytes generous."""
-    headers = sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in record.headers or ())
-    return _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value or b"") + headers
+    size = _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value or b"")
+    if record.headers:  # verdicts have none: no generator to build on the per-message path
+        size += sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in record.headers)
+    return size
 
 
 def dead_letter_record(
