@@ -73,6 +73,10 @@ async def publish(bootstrap: str, topics, events: list[dict], conversations: lis
         )
 
 
+CASCADE = {"MODWORKER_BACKEND": "cascade", "MODWORKER_CASCADE__FIRST": "openai", "MODWORKER_CASCADE__THEN": "mistral"}
+"""The cascade these tests run: the OpenAI loopback server first, the Mistral one second."""
+
+
 def routing_env(broker, topics, mistral: MistralServer, openai: OpenAIServer, api_key: str, **extra: str):
     return worker_env(
         broker,
@@ -142,9 +146,7 @@ async def test_a_cascade_sends_only_the_uncertain_inputs_to_the_second_stage(
             mistral,
             openai,
             api_key,
-            MODWORKER_BACKEND="cascade",
-            MODWORKER_CASCADE__FIRST="openai",
-            MODWORKER_CASCADE__THEN="mistral",
+            **CASCADE,
         )
         await publish(bootstrap, topics, events, conversations)
         async with Running(monkeypatch, env):
@@ -183,9 +185,7 @@ async def test_when_the_second_stage_is_down_the_fail_policy_takes_only_the_esca
             mistral,
             openai,
             api_key,
-            MODWORKER_BACKEND="cascade",
-            MODWORKER_CASCADE__FIRST="openai",
-            MODWORKER_CASCADE__THEN="mistral",
+            **CASCADE,
             MODWORKER_SCORING__FAIL_POLICY="review",
         )
         await publish(bootstrap, topics, events)

@@ -21,8 +21,8 @@ first wait).
 exception class (``ConnectError``, ``ReadTimeout``, ``RemoteProtocolError`` ...), found
 through the aiohttp exception the transport wrapped when there is one (the transport maps
 every connection-level aiohttp error to ``ConnectTimeout``, which would call a refused
-connection a timeout). ``is_timeout(err)`` says whether it was a timeout, for the request
-metric's ``timeout`` / ``transport_error`` label.
+connection a timeout). A name in ``TIMEOUTS`` was a timeout, for the request metric's
+``timeout`` / ``transport_error`` label.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _NAMES: tuple[tuple[type[BaseException], str], ...] = (
     (aiohttp.ClientOSError, "ReadError"),
     (aiohttp.ClientError, "TransportError"),
 )
-_TIMEOUTS = frozenset({"ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException"})
+TIMEOUTS = frozenset({"ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException"})
 
 
 def aiohttp_transport(base_url: str, *, max_connections: int, keepalive_expiry_s: float) -> httpx.AsyncBaseTransport:
@@ -85,7 +85,3 @@ def failure_name(err: BaseException) -> str:
             if isinstance(cause, kind):
                 return name
     return type(err).__name__
-
-
-def is_timeout(err: BaseException) -> bool:
-    return failure_name(err) in _TIMEOUTS

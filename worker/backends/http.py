@@ -60,9 +60,9 @@ from tenacity import (
     stop_before_delay,
 )
 
-from worker.backends.base import BackendAuthError, BackendError, BackendUnavailable
+from worker.backends.base import Backend, BackendAuthError, BackendError, BackendUnavailable
 from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_suspected
-from worker.backends.engine import aiohttp_transport, failure_name, is_timeout
+from worker.backends.engine import TIMEOUTS, aiohttp_transport, failure_name
 from worker.backends.pacing import RateLimitHeaderNames, RequestPacer
 from worker.config import HttpSettings
 from worker.ops import metrics
@@ -259,10 +259,11 @@ class RemoteApi:
                     response = await self._client.post(path, content=encode_json(body), headers=_JSON_BODY)
                 except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as err:
                     # Under either engine (an aiohttp error the transport left unwrapped included).
-                    timeout = is_timeout(err)
+                    name = failure_name(err)
+                    timeout = name in TIMEOUTS
                     label = "timeout" if timeout else "transport_error"
                     metrics.observe_backend_request(self.dialect.name, path, label, time.monotonic() - sent)
-                    reason = f"{failure_name(err)} on POST {path}"
+                    reason = f"{name} on POST {path}"
                     raise _Transient(reason if timeout else f"{reason}: {err}") from None
                 metrics.observe_backend_request(
                     self.dialect.name, path, str(response.status_code), time.monotonic() - sent
@@ -446,3 +447,19 @@ def _error_message(response: httpx.Response) -> str:
                 if isinstance(item, dict)
             )
     return str(body)[:500]
+
+
+class ApiBackend(Backend):
+    """A backend whose every call goes through one ``RemoteApi`` (``self.api``, set by the
+    subclass): started and closed with it, ready while its circuit is not open."""
+
+    api: RemoteApi
+
+    async def start(self) -> None:
+        await self.api.start()
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def ready(self) -> bool:
+        return self.api.breaker.state != "open"

@@ -42,8 +42,8 @@ import httpx
 import structlog
 
 from schemas import BackendDetails, Turn
-from worker.backends.base import Backend, BackendUnavailable, Conversation, Outcome, Rejected, Scored
-from worker.backends.http import ApiDialect, ApiRejected, RemoteApi
+from worker.backends.base import BackendUnavailable, Conversation, Outcome, Rejected, Scored
+from worker.backends.http import ApiBackend, ApiDialect, ApiRejected, RemoteApi
 from worker.backends.llm_dialects import (
     Dialect,
     JsonDialect,
@@ -90,7 +90,7 @@ def make_dialect(settings: Settings, policy: Policy | None) -> Dialect:
     return JsonDialect(policy.category_descriptions(), json_mode=llm.json_mode)
 
 
-class LlmBackend(Backend):
+class LlmBackend(ApiBackend):
     """See the module docstring. ``policy``: the one the worker applies (json dialect; default:
     the configured policy file). ``transport`` replaces httpx's network transport (tests)."""
 
@@ -125,15 +125,6 @@ class LlmBackend(Backend):
         prompt = getattr(self.dialect, "system_prompt", "")
         digest = hashlib.blake2b(prompt.encode(), digest_size=6).hexdigest()
         return f"{self.name}:{self.dialect.name}:{self.model}:{digest}"
-
-    async def start(self) -> None:
-        await self.api.start()
-
-    async def close(self) -> None:
-        await self.api.close()
-
-    async def ready(self) -> bool:
-        return self.api.breaker.state != "open"
 
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
         pieces: list[list[Turn]] = []

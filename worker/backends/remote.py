@@ -22,14 +22,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from schemas import Turn
-from worker.backends.base import Backend, BackendUnavailable, Conversation, Outcome, Rejected, Scored
-from worker.backends.http import ApiRejected, RemoteApi
+from worker.backends.base import BackendUnavailable, Conversation, Outcome, Rejected, Scored
+from worker.backends.http import ApiBackend, ApiRejected, RemoteApi
 from worker.backends.long_inputs import split_text, trim_conversation
 
 Piece = TypeVar("Piece")
 
 
-class RemoteBackend(Backend):
+class RemoteBackend(ApiBackend):
     """Base class of the HTTP backends; subclasses speak one API's wire format."""
 
     def __init__(
@@ -46,15 +46,6 @@ class RemoteBackend(Backend):
     def cache_namespace(self) -> str:
         """Scores are reusable only within the same backend, endpoint and configured model."""
         return f"{self.name}:{self.endpoint}:{self.model}"
-
-    async def start(self) -> None:
-        await self.api.start()
-
-    async def close(self) -> None:
-        await self.api.close()
-
-    async def ready(self) -> bool:
-        return self.api.breaker.state != "open"
 
     @abc.abstractmethod
     async def _post_texts(self, texts: list[str]) -> list[Scored]:

@@ -23,12 +23,11 @@ bug must not kill the stream silently) the fail policy decides:
   not count towards opening the circuit, so isolating one input never stalls the other
   batches. A call refused by an open circuit tested nothing: no split, no count; it waits.
   A batch the dedup cache answered alone is no evidence (``cache.watch_cache``): the
-  backend was not asked. The evidence does not depend on other traffic: a batch that waited out its backoff with
-  no success meanwhile *probes* the backend with one input of the same kind it answered
-  before (the canary: the shortest input of the last batch it scored whole, so a probe
-  costs few tokens). The probe
-  answering is evidence like any other success; the probe failing says outage, and the
-  batch waits on. Concurrent waiters share one probe, so an outage costs at most one
+  backend was not asked. The evidence does not depend on other traffic: a batch that
+  waited out its backoff with no success meanwhile *probes* the backend with one input of
+  the same kind it answered before (the canary: the shortest input of the last batch it
+  scored whole, so a probe costs few tokens). The probe answering is evidence like any
+  other success; the probe failing says outage, and the batch waits on. Concurrent waiters share one probe, so an outage costs at most one
   one-input call per wait per kind, and an open circuit refuses those cheaply. After an
   open circuit's wait the probe is the circuit's trial call, so a batch holding a poison
   input (whose first, unsuspected call may have opened the circuit) cannot keep it open.
@@ -124,8 +123,9 @@ class Scorer:
         """Set (and replaced by a fresh one) whenever any batch succeeds: a batch that took
         this event at its last failure and finds it set knows the backend answered since,
         and one waiting on it wakes at once."""
-        self._canaries: dict[Kind, Job] = {}
-        """Per kind, an input the backend scored (the shortest of the last batch scored whole)."""
+        self._scored_last: dict[Kind, Sequence[Job]] = {}
+        """Per kind, the last batch the backend scored whole: the probe's canary comes from it
+        (chosen when a probe needs it, not on every batch)."""
         self._probes: dict[Kind, asyncio.Future[None]] = {}
         """Per kind, the probe in flight, shared by every batch waiting meanwhile."""
 
@@ -189,7 +189,7 @@ class Scorer:
                     results[i] = outcome
                 if not left:
                     if cache.backend_asked:  # answered from the dedup cache alone: no news of the backend
-                        self._canaries[kind] = min(batch, key=_probe_size)
+                        self._scored_last[kind] = batch
                         self._signal_answered()
                     return _filled(results)
                 # A composite backend left some inputs Unavailable: the fail policy applies to those only.
@@ -273,11 +273,12 @@ class Scorer:
     async def _probe(self, kind: Kind) -> None:
         """Score the canary of ``kind`` once (or join the probe in flight); its answer counts
         as the backend answering. Nothing to probe with before the first success."""
-        canary = self._canaries.get(kind)
-        if canary is None:
+        scored = self._scored_last.get(kind)
+        if scored is None:
             return
         probe = self._probes.get(kind)
         if probe is None or probe.done():
+            canary = min(scored, key=_probe_size)
             probe = self._probes[kind] = asyncio.ensure_future(self._probe_once(kind, canary))
         await asyncio.shield(probe)
 
