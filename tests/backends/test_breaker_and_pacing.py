@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.backends.breaker import CircuitBreaker, CircuitOpenError
-from worker.backends.http import parse_retry_after
-from worker.backends.pacing import RateLimitHeaders, RequestPacer, parse_duration
+from worker.backends.http import decode_json, parse_retry_after
+from worker.backends.pacing import RateLimitHeaderNames, RateLimitHeaders, RequestPacer, parse_duration, parse_int
 
 
 class FakeClock:
@@ -132,3 +132,24 @@ def test_a_blip_of_six_failures_costs_the_first_open_time_not_the_reset_time() -
             continue
         breaker.record_success() if next(answers) else breaker.record_failure()
     assert clock.now - start == 3  # was 60 (two reset periods of 30 s)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan", "-inf"])
+def test_a_retry_after_that_is_not_a_finite_number_is_unreadable(value: str) -> None:
+    # "inf" would hold every request for ever.
+    assert parse_retry_after(value) is None
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan", "1.2.3s", "..s", ".s", "5m1.1.1s"])
+def test_rate_limit_headers_that_are_not_finite_numbers_are_unreadable_not_raised(value: str) -> None:
+    assert parse_int(value) is None
+    assert parse_duration(value) is None
+    names = RateLimitHeaderNames(remaining_requests="x-remaining", reset_requests="x-reset")
+    read = names.read({"x-remaining": value, "x-reset": value})
+    assert read.remaining_requests is None and read.reset_requests_s is None
+
+
+def test_an_answer_body_nested_too_deeply_is_not_json_not_a_recursion_error() -> None:
+    # The HTTP layer turns ValueError into "a body that is not JSON" (retried); RecursionError escaped it.
+    with pytest.raises(ValueError, match="nested too deeply"):
+        decode_json(b"[" * 100_000 + b"]" * 100_000)

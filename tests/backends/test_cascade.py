@@ -216,3 +216,34 @@ def test_the_cascade_needs_the_policy_and_two_different_stages():
         load_settings(
             kafka={"bootstrap_servers": "x:1"}, backend="cascade", cascade={"first": "local", "then": "local"}
         )
+
+
+def test_a_threshold_that_exists_only_when_overrides_stack_is_a_band():
+    """A tenant override makes the category block, a source override lowers its threshold:
+    for that tenant from that source it blocks from 0.1. Near 0.1 is near a boundary."""
+    document = {
+        "categories": {"sexual": {"threshold": 0.5, "action": "allow"}},
+        "overrides": [
+            {"match": {"tenant": "kids"}, "categories": {"sexual": {"action": "block"}}},
+            {"match": {"source": "chat"}, "categories": {"sexual": {"threshold": 0.1}}},
+        ],
+    }
+    policy = Policy.from_mapping(document)
+    assert policy.decide({"sexual": 0.11}, tenant="kids", source="chat").action == "block"
+    assert policy.thresholds("sexual") == (0.1, 0.5)
+    assert bands(document).uncertain({"sexual": 0.11}) is True
+
+
+def test_a_default_override_stacked_under_a_category_override_is_a_band():
+    """An override's default reaches a category the base does not name; a later one patches it."""
+    document = {
+        "default": {"threshold": 0.5, "action": "allow"},
+        "overrides": [
+            {"match": {"tenant": "kids"}, "default": {"action": "block", "threshold": 0.7}},
+            {"match": {"source": "chat"}, "categories": {"hate": {"threshold": 0.2}}},
+        ],
+    }
+    policy = Policy.from_mapping(document)
+    assert policy.decide({"hate": 0.25}, tenant="kids", source="chat").action == "block"
+    assert policy.decide({"hate": 0.75}, tenant="kids").action == "block"
+    assert policy.thresholds("hate") == (0.2, 0.7)

@@ -221,3 +221,8 @@ def test_label_probabilities_need_logprobs_that_mention_a_label() -> None:
     assert label_probabilities(split, r"(safe|unsafe)", ("safe", "unsafe")) == pytest.approx(
         {"unsafe": 0.7, "safe": 0.3}
     )
+
+
+def test_a_json_answer_nested_too_deeply_is_unparseable_not_a_recursion_error() -> None:
+    with pytest.raises(Unparseable, match="not JSON"):
+        JsonDialect(CATEGORIES).parse(Reply('{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}"))

@@ -100,3 +100,18 @@ async def test_a_long_conversation_is_trimmed_so_the_api_accepts_it(api_key: str
     assert kept == [t.content for t in context[-len(kept) :]], "the newest context is kept, the oldest dropped"
     assert 0 < len(kept) < len(context)
     assert isinstance(outcome, Scored) and outcome.scores["violence_and_threats"] == 0.77
+
+
+def test_a_broken_score_of_one_piece_stays_broken_in_the_merged_scores() -> None:
+    """A NaN (a score the API sent broken) must survive the max across pieces, in any order."""
+    import math
+
+    from worker.backends.base import Scored
+    from worker.backends.remote import _merge
+
+    for pieces in (
+        [Scored({"sexual": math.nan}, "m"), Scored({"sexual": 0.3}, "m")],
+        [Scored({"sexual": 0.3}, "m"), Scored({"sexual": math.nan}, "m")],
+    ):
+        (merged,) = _merge(list(pieces), [0, 0], 1)
+        assert isinstance(merged, Scored) and math.isnan(merged.scores["sexual"])

@@ -158,3 +158,25 @@ async def test_classifier_endpoint_turns_target_and_label_into_categories(
     assert text == Scored(scores=fake_scores("you are an idiot <<moderation/insult:0.88>>", labels), model=model)
     assert isinstance(chat, Scored) and chat.scores["intent/sales"] == 0.7 and chat.model == model
     assert text.scores["moderation/insult"] == 0.88  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("broken", [None, "0.9", True], ids=["null", "string", "bool"])
+async def test_a_broken_score_is_kept_as_unusable_never_dropped_as_absent(
+    api_key: str, settings_for: SettingsFor, broken: object
+) -> None:
+    """An absent category can read as allow; a broken one must make the scores unusable, so
+    that the input is dead-lettered as ``invalid_scores`` instead of judged without it."""
+    import math
+
+    from worker.pipeline.policy import Policy
+
+    scores = {"sexual": broken, "hate_and_discrimination": 0.01}
+    answer = {"id": "a", "model": "mistral-moderation-2411", "results": [{"categories": {}, "category_scores": scores}]}
+    with MistralServer(api_key=api_key, fault_plan=lambda request: Fault(status=200, body=answer)) as server:
+        async with started(MistralBackend(settings_for(server))) as backend:
+            (outcome,) = await backend.score_texts(["hello"])
+
+    assert isinstance(outcome, Scored)
+    assert "sexual" in outcome.scores and math.isnan(outcome.scores["sexual"])
+    with pytest.raises(ValueError, match="not a finite number"):
+        Policy.load(None).decide(outcome.scores)

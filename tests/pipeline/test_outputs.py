@@ -28,7 +28,11 @@ class RecordingPublisher:
         self.origins: list[PartitionOffsets | None] = []
 
     def publish(
-        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+        self,
+        records: list[OutRecord],
+        on_acked: Callable[[], None],
+        origin: PartitionOffsets | None = None,
+        messages: int = 1,
     ) -> None:
         self.published.append((records, on_acked))
         self.origins.append(origin)

@@ -616,3 +616,10 @@ def test_rules_remembered_per_tenant_and_source_decide_as_fresh_ones(monkeypatch
 def test_integer_scores_count_as_their_float_value():
     p = policy()
     assert p.decide({"sexual": 1, "pii": 0}) == p.decide({"sexual": 1.0, "pii": 0.0})
+
+
+def test_a_policy_file_nested_too_deeply_is_a_policy_error_not_a_recursion_error(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("categories:\n  spam: " + "[" * 5_000 + "]" * 5_000 + "\n", encoding="utf-8")
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        Policy.load(path)

@@ -23,7 +23,7 @@ from worker.backends.breaker import CircuitBreaker, CircuitOpenError, input_susp
 from worker.backends.cache import CachingBackend
 from worker.ops import metrics
 from worker.pipeline.scoring import WAIT_BACKOFF_S, Degraded, Scorer
-from worker.pipeline.types import PartitionOffsets
+from worker.pipeline.types import Job, PartitionOffsets
 
 
 class ScriptedBackend(Backend):
@@ -274,11 +274,15 @@ async def test_an_outage_is_waited_out_whole_never_split_nor_dead_lettered():
     """Everything fails (no other batch succeeds): the batch waits, as one, until the backend is back."""
     backend = ScriptedBackend(*[unavailable() for _ in range(8)])
     harness = Harness(backend)
+    splits_before = metrics.POISON_SPLITS._value.get()
     jobs = [make_job(f"t{i}", offset=i) for i in range(4)]
     results = await harness.scorer.score("content", jobs)
     assert results == [Scored({"len": 0.02}, "m")] * 4
-    assert backend.calls == 9, "every try was the whole batch"
-    assert harness.slept == [1.0, 2.0, 5.0, 10.0, 30.0, 30.0, 30.0, 30.0]
+    assert metrics.POISON_SPLITS._value.get() == splits_before, "never split"
+    # Nothing answered before, so no canary: each wait's probe is one of the batch's own
+    # inputs, and it fails too (4 tries of the whole batch, 4 probes, then the batch whole).
+    assert backend.calls == 9
+    assert harness.slept == [1.0, 2.0, 5.0, 10.0]
 
 
 async def test_a_waiting_batch_is_woken_as_soon_as_another_batch_succeeds():
@@ -595,3 +599,133 @@ async def test_the_probe_sends_the_shortest_input_of_the_last_batch_scored_whole
 
     probes = [texts for texts in backend.sent[sent_before:] if texts != ["t0"]]
     assert probes and all(texts == ["short"] for texts in probes), backend.sent[sent_before:]
+
+
+# -- evidence through the cascade, and per kind -----------------------------------------
+
+
+class FirstStage(ScriptedBackend):
+    """Scores a text containing '?' 0.5 on ``sexual`` (inside the band: escalated), others 0.01."""
+
+    name = "first"
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        await asyncio.sleep(0)
+        return [Scored({"sexual": 0.5 if "?" in t else 0.01}, "first-model") for t in texts]
+
+
+class PoisonSecondStage(PoisonBackend):
+    name = "then"
+
+
+async def test_a_poison_input_for_the_cascades_second_stage_is_bisected_out_and_dead_lettered():
+    from worker.backends.cascade import CascadeBackend, UncertaintyBands
+    from worker.pipeline.policy import Policy
+
+    policy = Policy.from_mapping({"categories": {"sexual": {"threshold": 0.5, "action": "block"}}})
+    second = PoisonSecondStage(unavailable())
+    cascade = CascadeBackend(FirstStage(), second, UncertaintyBands(policy, default_band=0.1))
+    harness = Harness(cascade, sleeps_end=False)
+    texts = ["sure", "t1?", "a POISON?", "t3?"]
+    task = asyncio.create_task(harness.scorer.score("content", [make_job(t, offset=i) for i, t in enumerate(texts)]))
+    for n in range(60):  # others' escalated inputs keep being answered by the second stage
+        if task.done():
+            break
+        assert await harness.scorer.score("content", [make_job(f"other {n}?", offset=1000 + n)]) is not None
+    assert task.done(), "the second stage's poison input never settled although it answered others"
+
+    results = task.result()
+    assert results is not None
+    assert isinstance(results[2], Rejected) and results[2].error_type == "backend_failed"
+    assert [r.decided_by for r in results if isinstance(r, Scored)] == ["first", "then", "then"]
+    assert second.batches.count(["a POISON?"]) == 3, "tried alone the configured number of times"
+
+
+class EndpointDown(ScriptedBackend):
+    """Texts are scored; conversations fail (their endpoint answers 503) while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.conversation_calls = 0
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        await asyncio.sleep(0)
+        return await super().score_texts(texts)
+
+    async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
+        self.conversation_calls += 1
+        await asyncio.sleep(0)
+        if self.down:
+            raise unavailable()
+        return [Scored({"turn": 0.1}, "m") for _ in conversations]
+
+
+def make_turn(content: str, offset: int) -> Job:
+    import json
+
+    from tests.pipeline.conftest import CONVERSATION_TOPIC, DECODER, make_record
+
+    slot = PartitionOffsets(TopicPartition(CONVERSATION_TOPIC, 0))
+    slot.track(offset)
+    value = json.dumps({"id": f"t{offset}", "conversation_id": f"c{offset}", "role": "user", "content": content})
+    job = DECODER.decode(make_record(value.encode(), topic=CONVERSATION_TOPIC, offset=offset), slot)
+    assert isinstance(job, Job)
+    return job
+
+
+async def test_an_outage_of_one_kinds_endpoint_is_not_evidence_from_the_other_kinds_successes():
+    """``/v1/chat/moderations`` down while ``/v1/moderations`` answers: the content successes
+    say nothing of the conversation endpoint, so the healthy turns wait; none is dead-lettered."""
+    backend = EndpointDown()
+    harness = Harness(backend)  # every wait ends at once: the batch retries between the content batches
+    poison_before = metrics.POISON_INPUTS._value.get()
+    turns = [make_turn(f"healthy turn {i}", i) for i in range(4)]
+    waiting = asyncio.create_task(harness.scorer.score("conversation", turns))
+    for n in range(40):  # the content endpoint answers all along
+        assert await harness.scorer.score("content", [make_job(f"text {n}", offset=n)]) is not None
+    assert backend.conversation_calls > 5, "the turns were retried meanwhile"
+    assert not waiting.done(), f"the healthy turns were settled while their endpoint was down: {waiting.result()}"
+    assert metrics.POISON_INPUTS._value.get() == poison_before
+
+    backend.down = False
+    results = await asyncio.wait_for(waiting, timeout=5)
+    assert results == [Scored({"turn": 0.1}, "m")] * 4, "nothing dead-lettered: it was an outage"
+
+
+async def test_a_split_half_of_revoked_jobs_only_does_not_give_up_the_owned_half():
+    """The poison search splits a batch of two partitions; the half holding only the revoked
+    partition's jobs is given up, the owned half is still scored (not abandoned with it)."""
+    backend = PoisonBackend(unavailable())
+    harness = Harness(backend, sleeps_end=False)
+    revoked = PartitionOffsets(TopicPartition("in.c", 1))
+    jobs = [make_job("t0", offset=0), make_job("a POISON input", slot=revoked, offset=1)]
+    revoked.owned = False
+
+    results = await score_under_traffic(harness, jobs)
+
+    assert results is not None, "the owned half was abandoned with the revoked one"
+    assert results[0] == Scored({"len": 0.02}, "m")
+
+
+async def test_a_poison_input_before_the_first_success_is_found_by_probing_with_the_batchs_own_inputs():
+    """Nothing was scored yet, so there is no canary, and no other traffic comes (every
+    batch in flight holds a poison input; the in-flight cap stops reading). The probe takes
+    the waiting batch's own inputs in turn: one that answers is the evidence."""
+    backend = PoisonBackend(unavailable())
+    harness = Harness(backend)  # every wait ends on its own: nothing else wakes it
+    texts = ["a POISON input", "t1", "t2", "t3"]
+
+    scoring = harness.scorer.score("content", [make_job(t, offset=i) for i, t in enumerate(texts)])
+    results = await asyncio.wait_for(scoring, timeout=10)
+
+    assert results is not None and isinstance(results[0], Rejected) and results[0].error_type == "backend_failed"
+    assert results[1:] == [Scored({"len": 0.02}, "m")] * 3
+
+
+async def test_an_outage_before_the_first_success_is_still_waited_out_whole():
+    backend = ScriptedBackend(*[unavailable() for _ in range(12)])
+    harness = Harness(backend)
+    jobs = [make_job(f"t{i}", offset=i) for i in range(4)]
+    results = await harness.scorer.score("content", jobs)
+    assert results == [Scored({"len": 0.02}, "m")] * 4, "nothing dead-lettered: it was an outage"

@@ -164,3 +164,45 @@ def test_no_shadow_unless_a_sample_and_a_candidate_are_set():
     plain = load_settings(kafka={"bootstrap_servers": "x:1"}, require_backend=False)
     assert create_shadow(plain, LIVE) is None
     assert create_shadow(settings(), LIVE) is None  # a sample but no candidate
+
+
+class RecordingCandidate(Backend):
+    name = "candidate"
+
+    def __init__(self) -> None:
+        self.conversations: list[Conversation] = []
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        raise AssertionError("not used")
+
+    async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
+        self.conversations += conversations
+        return [Scored({"sexual": 0.1}, "candidate-model") for _ in conversations]
+
+
+async def test_a_candidate_judges_a_turn_with_the_context_the_conversation_state_gave_the_live_backend():
+    from dataclasses import replace
+
+    from schemas import Turn
+    from tests.pipeline.conftest import CONVERSATION_TOPIC, DECODER, make_record
+    from worker.pipeline.scoring import conversation_of
+    from worker.pipeline.types import Job
+
+    value = json.dumps({"id": "t2", "conversation_id": "c", "role": "user", "content": "and now?"}).encode()
+    decoded = DECODER.decode(make_record(value, topic=CONVERSATION_TOPIC), make_job().slot)
+    assert isinstance(decoded, Job)
+    state = (Turn(role="user", content="earlier turn"), Turn(role="assistant", content="earlier answer"))
+    job = replace(decoded, context=state)  # the turn carried no context; the state supplied it
+    candidate = RecordingCandidate()
+    shadow = Shadow(settings(backend="mistral"), policy=LIVE, backend=candidate, publish=Recorder())
+    await shadow.start()
+    try:
+        shadow.offer(job, live_verdict(job, 0.2))
+        for _ in range(200):
+            if candidate.conversations:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await shadow.close()
+    assert candidate.conversations == [conversation_of(job.event, job.context)], "what the live backend judged"
+    assert candidate.conversations[0].context == state

@@ -156,3 +156,12 @@ def test_sequencer_drop_forgets_revoked_partitions():
     released = []
     sequencer.complete(second, lambda: released.append(1))  # not waiting for the dropped line
     assert released == [1]
+
+
+def test_deeply_nested_json_is_dead_lettered_not_raised():
+    # 6 kB of brackets: json.loads raises RecursionError, which must not leave the decoder.
+    for value in (b"[" * 6_000 + b"]" * 6_000, b'{"id": "1", "text": ' + b"[" * 6_000 + b"]" * 6_000 + b"}"):
+        result = decode(record(value))
+        assert isinstance(result, DecodeFailure)
+        assert result.error_type == "not_json"
+        assert "deep" in result.message

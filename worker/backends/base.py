@@ -68,10 +68,17 @@ class Scored:
 @dataclass(frozen=True, slots=True)
 class Unavailable:
     """This input could not be scored now (the rest of its batch was); the fail policy
-    applies to it. Only composite backends return it (see the module docstring)."""
+    applies to it. Only composite backends return it (see the module docstring).
+
+    ``source``: the stage that could not answer (its backend name); the pipeline takes
+    only that stage's answers to other inputs as evidence that this input is the trouble.
+    ``refused``: that stage's open circuit refused the call, so nothing was tested.
+    """
 
     reason: str
     retry_in_s: float | None = None
+    source: str | None = None
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,9 @@ backend name) and ``stages`` (the first stage's scores, and the second's where i
 ``Rejected`` when the deciding stage rejected the input; ``Unavailable`` for the escalated
 inputs when the second stage raised ``BackendUnavailable``: the pipeline's fail policy then
 applies to those inputs only, while the confident ones of the same batch are published.
+Each such ``Unavailable`` names the second stage (``source``), and says whether its open
+circuit refused the call (``refused``): the scorer's poison search then works on the
+escalated inputs, with the second stage's answers to other inputs as its evidence.
 Why per-input ``Unavailable`` rather than raising for the batch: raising would make the
 fail policy degrade (or hold back) the confident inputs too, and a sub-batch exception
 would need the same per-input bookkeeping in the scorer anyway.
@@ -26,7 +29,8 @@ Bands are per canonical category: ``(below, above)`` from the policy's ``cascade
 section (``modworker calibrate`` writes it), else ``MODWORKER_CASCADE__DEFAULT_BAND`` on
 both sides. A category whose action is ``allow`` everywhere never escalates (it can never
 be a violation). The bands see no tenant or source (backends do not), so every threshold
-of the category in the base rules and in the overrides counts.
+the category can have counts: under the base rules, and under every combination of
+overrides that can match one input together, stacked as the policy applies them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from worker.backends.base import (
     StageScores,
     Unavailable,
 )
+from worker.backends.breaker import CircuitOpenError
 from worker.ops import metrics
 from worker.ops.logs import Event
 from worker.pipeline.policy import Policy
@@ -155,8 +160,9 @@ class CascadeBackend(Backend):
             thens = await then([items[i] for i in escalate])
         except BackendUnavailable as err:
             reason = f"cascade second stage {self.then.name}: {err}"
+            refused = isinstance(err, CircuitOpenError)
             for i in escalate:
-                results[i] = Unavailable(reason, err.retry_in_s)
+                results[i] = Unavailable(reason, err.retry_in_s, source=self.then.name, refused=refused)
             metrics.cascade_inputs("unavailable").inc(len(escalate))
             return results
         metrics.cascade_inputs("then").inc(len(escalate))

@@ -39,6 +39,7 @@ import contextlib
 import contextvars
 import email.utils
 import json
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -385,11 +386,15 @@ def encode_json(body: Mapping[str, Any]) -> bytes:
 def decode_json(content: bytes) -> Any:
     """An answer's JSON (orjson: ~1/3 of ``json``'s CPU on 64 results). What orjson refuses
     and ``json`` accepts (NaN literals, ints beyond 64 bits) falls back to ``json``, so
-    every answer decodes to what ``response.json()`` gave; raises ``ValueError`` if neither can."""
+    every answer decodes to what ``response.json()`` gave; raises ``ValueError`` if neither can
+    (also for a body nested deeper than the parsers follow)."""
     try:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
-        return json.loads(content)
+        try:
+            return json.loads(content)
+        except RecursionError:
+            raise ValueError("the body is nested too deeply to parse as JSON") from None
 
 
 def _error_label(err: BackendError) -> str:
@@ -406,15 +411,18 @@ def _error_label(err: BackendError) -> str:
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date).
 
-    ``None`` when absent or unreadable; never negative.
+    ``None`` when absent or unreadable (``inf`` and ``nan`` too: an endless hold would stop
+    every request for good); never negative.
     """
     if value is None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

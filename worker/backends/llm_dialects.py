@@ -153,7 +153,7 @@ class JsonDialect(Dialect):
         text = _strip_code_fence(reply.content.strip())
         try:
             answer = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser follows
             raise Unparseable("the answer is not JSON") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("scores"), dict):
             raise Unparseable('the answer has no "scores" object')

@@ -29,7 +29,7 @@ from worker.backends.base import BackendUnavailable, Scored
 from worker.backends.http import ApiDialect, RemoteApi
 from worker.backends.long_inputs import estimate_conversation_tokens, estimate_tokens
 from worker.backends.pacing import RateLimitHeaderNames
-from worker.backends.remote import RemoteBackend
+from worker.backends.remote import RemoteBackend, score_value
 from worker.config import Settings
 
 MISTRAL = ApiDialect(
@@ -108,10 +108,11 @@ class MistralBackend(RemoteBackend):
 
 
 def _numbers(scores: dict[str, Any]) -> dict[str, float]:
-    """The numeric scores of one result (names as strings, values as floats; others dropped)."""
+    """The scores of one result (names as strings, values as floats; a value that is not a
+    number becomes NaN, never absent: ``remote.score_value``)."""
     if all(type(value) is float for value in scores.values()):  # what the API sends: the decoded dict as is
         return scores
-    return {str(category): float(value) for category, value in scores.items() if isinstance(value, (int, float))}
+    return {str(category): score_value(value) for category, value in scores.items()}
 
 
 def _classifier_scores(result: dict[str, Any]) -> dict[str, float]:

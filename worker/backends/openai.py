@@ -26,7 +26,7 @@ from worker.backends.base import BackendUnavailable, Scored
 from worker.backends.http import ApiDialect, RemoteApi
 from worker.backends.long_inputs import estimate_tokens
 from worker.backends.pacing import RateLimitHeaderNames
-from worker.backends.remote import RemoteBackend
+from worker.backends.remote import RemoteBackend, score_value
 from worker.config import Settings
 
 PATH = "/v1/moderations"
@@ -81,7 +81,7 @@ def _parse(answer: Any) -> list[Scored]:
         model = str(answer["model"])
         return [
             Scored(
-                scores={str(c): float(v) for c, v in result["category_scores"].items() if isinstance(v, (int, float))},
+                scores={str(c): score_value(v) for c, v in result["category_scores"].items()},
                 model=model,
             )
             for result in answer["results"]

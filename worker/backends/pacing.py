@@ -22,6 +22,7 @@ Single event loop by contract.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -161,24 +162,28 @@ def _limiter(rate: float, period: float) -> AsyncLimiter:
 
 
 def parse_int(value: str | None) -> int | None:
-    """An integer header value, or ``None`` when absent or unreadable."""
+    """An integer header value, or ``None`` when absent or unreadable (``inf``, ``nan`` too)."""
     if value is None:
         return None
     try:
         return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
 def parse_duration(value: str | None) -> float | None:
-    """Seconds from a reset header: ``"20"``, ``"1s"``, ``"6m0s"``, ``"150ms"``, ``"1h2m3.5s"``."""
+    """Seconds from a reset header: ``"20"``, ``"1s"``, ``"6m0s"``, ``"150ms"``, ``"1h2m3.5s"``.
+
+    ``None`` when absent or unreadable, or not finite."""
     if value is None:
         return None
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return seconds if math.isfinite(seconds) else None
     total, number = 0.0, ""
     units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
     i = 0
@@ -189,7 +194,7 @@ def parse_duration(value: str | None) -> float | None:
             i += 1
             continue
         unit = "ms" if text.startswith("ms", i) else char
-        if unit not in units or not number:
+        if unit not in units or not number or number.count(".") > 1 or number == ".":
             return None
         total += float(number) * units[unit]
         number = ""

@@ -18,8 +18,9 @@ per input, in order). Around them it:
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from schemas import Turn
 from worker.backends.base import BackendUnavailable, Conversation, Outcome, Rejected, Scored
@@ -108,8 +109,22 @@ def _merge(outcomes: list[Outcome], owners: list[int], count: int) -> list[Outco
         elif isinstance(current, Scored) and isinstance(outcome, Scored):
             scores = dict(current.scores)
             for category, value in outcome.scores.items():
-                scores[category] = max(value, scores.get(category, value))
+                scores[category] = _highest(value, scores.get(category, value))
             merged[owner] = Scored(scores=scores, model=current.model)
     if any(outcome is None for outcome in merged):
         raise AssertionError("every input yields at least one piece")
     return [outcome for outcome in merged if outcome is not None]
+
+
+def _highest(a: float, b: float) -> float:
+    """The larger score; NaN (a broken score) when either is, whatever the order."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def score_value(value: Any) -> float:
+    """An API's score as a float, NaN when it is not a number (``null``, a string, a boolean):
+    never dropped, since an absent category can read as allow, while NaN makes the policy
+    refuse the scores (dead-lettered as ``invalid_scores``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)

@@ -43,6 +43,11 @@ class VerdictGroup:
             (job.slot, record.offset, record.timestamp, job.kind, verdict.action, verdict.degraded, verdict.violations)
         )
 
+    @property
+    def messages(self) -> int:
+        """Input messages the group concludes (what a dropped group stops counting in flight)."""
+        return len(self._entries)
+
     def acked(self) -> None:
         """Finish every message of the group; count and time its verdicts."""
         finished = self._finished

@@ -5,7 +5,8 @@ when validation fails is the failure classified, so the common path stays cheap.
 
 Contract: ``Decoder.decode`` never raises for bad input; every record yields either a
 ``Job`` or a ``DecodeFailure`` whose ``error_type`` is one of ``not_utf8``, ``not_json``,
-``schema``, ``empty_text``, ``too_long`` or ``unknown_topic``.
+``schema``, ``empty_text``, ``too_long`` or ``unknown_topic``. A value nested deeper than
+a parser can follow is ``not_json``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Decoder:
             json.loads(text)
         except json.JSONDecodeError as json_err:
             return DecodeFailure(record, "not_json", f"value is not JSON: {json_err}")
+        except RecursionError:
+            # Pydantic refused it already (its parser bounds the depth); the standard parser
+            # would recurse past the interpreter's limit: bad input, not a worker failure.
+            return DecodeFailure(record, "not_json", "value is nested too deeply to parse as JSON")
         errors = err.errors(include_url=False)
         if all(_is_blank_text_error(e) for e in errors):
             return DecodeFailure(record, "empty_text", "text is empty or whitespace only")

@@ -290,6 +290,7 @@ class Policy:
         # The same per (tenant, source): matching every override per message cost more than
         # the rest of ``decide``; bounded, as tenants and sources come from the input.
         self._for_context: dict[tuple[str | None, str | None], _Rules] = {}
+        self._contexts: list[_Rules] | None = None  # every combination that can match (``thresholds``)
         # A document without ``cascade`` hashes as it did before that key existed, so adding
         # the key to the format changed no deployed policy's version.
         dumped = document.model_dump(mode="json", exclude={"cascade"} if document.cascade is None else None)
@@ -336,6 +337,8 @@ class Policy:
             document = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise PolicyError(f"{origin}: not valid YAML: {_yaml_problem(err)}; fix it there") from None
+        except RecursionError:
+            raise PolicyError(f"{origin}: not valid YAML: nested too deeply to parse; fix it there") from None
         if document is None:
             raise PolicyError(f"{origin}: the document is empty; give at least 'categories' or 'default'")
         return cls._validate(document, origin)
@@ -380,17 +383,29 @@ class Policy:
 
     def thresholds(self, category: str) -> tuple[float, ...]:
         """Every threshold at which ``category`` (canonical) can become a violation, under the
-        base rules or any override (sorted, distinct). Empty when its action is ``allow``
-        everywhere. For decisions that cannot see the input's tenant and source (the
-        cascade's bands): near any of these, the input is near a decision boundary."""
-        rules = [self._base.categories.get(category, self._base.default)]
-        for override in self._overrides:
-            rule = self._base.categories.get(category)
-            if rule is None:
-                rule = override.default.over(self._base.default) if override.default else self._base.default
-            patch = override.categories.get(category)
-            rules.append(patch.over(rule) if patch is not None else rule)
+        base rules or any combination of overrides that can match together (sorted,
+        distinct). Empty when its action is ``allow`` everywhere. For decisions that cannot
+        see the input's tenant and source (the cascade's bands): near any of these, the
+        input is near a decision boundary."""
+        rules = (resolved.categories.get(category, resolved.default) for resolved in self._every_context())
         return tuple(sorted({rule.threshold for rule in rules if rule.action != "allow"}))
+
+    def _every_context(self) -> list[_Rules]:
+        """The rules of every (tenant, source) an input can have: overrides match by equality,
+        so each named tenant and source, and one not named (``None``), stand for all. Matched
+        overrides stack in order, as ``decide`` applies them."""
+        if self._contexts is not None:
+            return self._contexts
+        tenants = [None, *dict.fromkeys(o.match.tenant for o in self._overrides if o.match.tenant is not None)]
+        sources = [None, *dict.fromkeys(o.match.source for o in self._overrides if o.match.source is not None)]
+        seen: dict[tuple[int, ...], _Rules] = {}
+        for tenant in tenants:
+            for source in sources:
+                matched = tuple(i for i, o in enumerate(self._overrides) if o.match.matches(tenant, source))
+                if matched not in seen:
+                    seen[matched] = self._resolve(matched)
+        self._contexts = list(seen.values())
+        return self._contexts
 
     def with_cascade_bands(
         self, default: tuple[float, float] | None, bands: Mapping[str, tuple[float, float]]
@@ -459,6 +474,14 @@ class Policy:
 
     def _rules_for(self, tenant: str | None, source: str | None) -> _Rules:
         matched = tuple(i for i, override in enumerate(self._overrides) if override.match.matches(tenant, source))
+        rules = self._resolve(matched)
+        if len(self._for_context) >= _CONTEXTS_REMEMBERED:
+            self._for_context.clear()
+        self._for_context[(tenant, source)] = rules
+        return rules
+
+    def _resolve(self, matched: tuple[int, ...]) -> _Rules:
+        """The base rules with the overrides at ``matched`` applied in order (cached)."""
         rules = self._resolved.get(matched)
         if rules is None:
             categories = dict(self._base.categories)
@@ -470,9 +493,6 @@ class Policy:
                 for name, patch in override.categories.items():
                     categories[name] = patch.over(categories.get(name, default))
             rules = self._resolved[matched] = _Rules(categories, default)
-        if len(self._for_context) >= _CONTEXTS_REMEMBERED:
-            self._for_context.clear()
-        self._for_context[(tenant, source)] = rules
         return rules
 
 

@@ -24,15 +24,16 @@ bug must not kill the stream silently) the fail policy decides:
   batches. A call refused by an open circuit tested nothing: no split, no count; it waits.
   A batch the dedup cache answered alone is no evidence (``cache.watch_cache``): the
   backend was not asked. The evidence does not depend on other traffic: a batch that
-  waited out its backoff with no success meanwhile *probes* the backend with one input of
-  the same kind it answered before (the canary: the shortest input of the last batch it
-  scored whole, so a probe costs few tokens). The probe answering is evidence like any
-  other success; the probe failing says outage, and the batch waits on. Concurrent waiters share one probe, so an outage costs at most one
-  one-input call per wait per kind, and an open circuit refuses those cheaply. After an
+  waited out its backoff with no success meanwhile *probes* its source with one input (the
+  canary: the shortest input the source answered in its last call, so a probe costs few
+  tokens; before the source's first answer, the waiting batch's own inputs in turn). The
+  probe answering is evidence like any other success; the probe failing says outage, and
+  the batch waits on. Concurrent waiters share one probe, so an outage costs at most one
+  one-input call per wait per source, and an open circuit refuses those cheaply. After an
   open circuit's wait the probe is the circuit's trial call, so a batch holding a poison
   input (whose first, unsuspected call may have opened the circuit) cannot keep it open.
-  So a poison input is dead-lettered even when the stream around it stops; only before
-  the first success is there no canary.
+  So a poison input is dead-lettered even when the stream around it stops, also when every
+  batch in flight holds one before anything was ever scored.
 - ``review`` / ``allow``: every job of the batch gets a ``Degraded`` outcome with that
   action and the reason.
 - ``fallback``: the ``fallback`` backend scores the batch; its ``Scored`` outcomes carry
@@ -40,10 +41,19 @@ bug must not kill the stream silently) the fail policy decides:
   as under ``wait``. The primary is tried first for every batch (its circuit breaker makes
   that cheap while it is open), so it takes over again as soon as it answers.
 
+*Evidence is per source.* A source is the kind (each kind has its own endpoint) and, for a
+composite backend, the stage that failed. Only that source answering other inputs is
+evidence against a failed batch, and only its answers wake the batch or answer its probe:
+with the conversation endpoint down, content successes say nothing of the turns, which
+wait as in an outage.
+
 When a composite backend (the cascade) returns ``Unavailable`` for some inputs only, the
 others keep their outcomes and the fail policy applies to those inputs alone: the retries
-of ``wait`` re-send only them. Such a partial answer is an outage of the stage behind it,
-never evidence of a poison input, and does not count as the backend answering.
+of ``wait`` re-send only them. The ``Unavailable`` names its stage (``source``): that
+stage deciding other inputs meanwhile is the evidence, and the poison search above runs on
+the left inputs (a poison input for the cascade's second stage is dead-lettered). Its
+probe's canary is an input that stage decided last. ``refused`` (the stage's circuit is
+open) is no evidence, as above. An ``Unavailable`` naming no stage is never blamed: it waits.
 
 Contract: ``score`` returns one outcome per job, in order, or ``None`` when the batch was
 given up (a fatal error reported through ``on_fatal``, the worker failed, or every job's
@@ -95,6 +105,10 @@ class Degraded:
 
 Result = Outcome | Degraded
 
+Source = tuple[Kind, str | None]
+"""Whose answers are evidence about a failure: the kind (each has its own endpoint) and the
+stage of a composite backend that failed (``None``: the backend as called)."""
+
 
 class Scorer:
     """Scores batches on one backend, bounded in concurrency, under one fail policy."""
@@ -119,53 +133,52 @@ class Scorer:
         self._failed = failed
         self._poison_attempts = poison_attempts
         self._sleep = sleep
-        self._answered = asyncio.Event()
-        """Set (and replaced by a fresh one) whenever any batch succeeds: a batch that took
-        this event at its last failure and finds it set knows the backend answered since,
-        and one waiting on it wakes at once."""
-        self._scored_last: dict[Kind, Sequence[Job]] = {}
-        """Per kind, the last batch the backend scored whole: the probe's canary comes from it
-        (chosen when a probe needs it, not on every batch)."""
-        self._probes: dict[Kind, asyncio.Future[None]] = {}
-        """Per kind, the probe in flight, shared by every batch waiting meanwhile."""
+        self._answers: dict[Source, int] = {}
+        """Per source, how many calls it answered: a batch that noted the count at its last
+        failure and finds it grown knows that source answered others since."""
+        self._woken: dict[Source, asyncio.Event] = {}
+        """Per source, set (and replaced by a fresh one) whenever it answers: a batch waiting
+        on the source it failed on wakes at once."""
+        self._scored_last: dict[Source, Sequence[Job]] = {}
+        """Per source, the inputs it answered in its last call: the probe's canary comes from
+        them (chosen when a probe needs it, not on every batch)."""
+        self._probes: dict[Source, asyncio.Future[None]] = {}
+        """Per source, the probe in flight, shared by every batch waiting meanwhile."""
 
     async def score(self, kind: Kind, jobs: Sequence[Job]) -> list[Result] | None:
         """One result per job, in order; ``None`` when the batch is given up (see module doc)."""
         async with self._concurrency:
             return await self._score(kind, jobs)
 
-    async def _score(self, kind: Kind, jobs: Sequence[Job], since: asyncio.Event | None = None) -> list[Result] | None:
+    async def _score(self, kind: Kind, jobs: Sequence[Job], inherited: Source | None = None) -> list[Result] | None:
         waits = 0
         failed_alone = 0
-        # Set once any batch succeeds after this one's last failure (a split half inherits
-        # its parent's evidence: it starts set).
-        top_level = since is None
-        since = since if since is not None else self._answered
+        pauses = 0
+        # A split half inherits its parent's evidence: its first failure on the same source
+        # counts as one after which that source answered others.
+        top_level = inherited is None
+        counted = dict(self._answers)  # per source, its answers when this batch last failed on it
+        last: Source | None = inherited  # the source of the last failure
+        evidence = inherited is not None
         results: list[Result | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))  # the jobs still without a result
         while True:
             batch = [jobs[i] for i in pending]
-            partial = False
+            source: Source = (kind, None)
+            refused = False
+            # Evidence in hand (the source the batch last failed on answered others since):
+            # the call blames the batch, and its failures must not open the circuit.
+            suspected = evidence or (last is not None and self._answered_since(last, counted))
             try:
-                # Evidence in hand (the backend answered others since this batch failed):
-                # the call blames the batch, and its failures must not open the circuit.
-                with suspect_input() if since.is_set() else contextlib.nullcontext(), watch_cache() as cache:
+                with suspect_input() if suspected else contextlib.nullcontext(), watch_cache() as cache:
                     outcomes = await self._call(kind, batch)
             except BackendAuthError as err:
                 self._on_fatal(err)
                 return None
             except CircuitOpenError as err:
-                reason, not_before = str(err), err.retry_in_s
-                if self._fail_policy == "wait" and not self._failed() and any(job.slot.owned for job in jobs):
-                    # Refused by the circuit (opened by other calls, or by this one's own
-                    # tries before the API answered others): no evidence against this batch,
-                    # so neither split nor counted; it waits for the probe or a success.
-                    log.warning(
-                        Event.BACKEND_WAITING, reason=reason, retry_in_s=not_before, batch=len(jobs), fail_policy="wait"
-                    )
-                    since = self._answered
-                    await self._pause(not_before, since, probe=kind)
-                    continue
+                # Refused by the circuit (opened by other calls, or by this one's own tries
+                # before the API answered others): no evidence against this batch.
+                reason, not_before, refused = str(err), err.retry_in_s, True
             except BackendUnavailable as err:
                 reason = str(err)
                 not_before = err.retry_in_s or 0.0
@@ -184,20 +197,22 @@ class Scorer:
                         )
                     )
                     return None
+                if cache.backend_asked:  # answered from the dedup cache alone: no news of the backend
+                    self._note_answers(kind, batch, outcomes)
                 left = [(i, o) for i, o in zip(pending, outcomes, strict=True) if isinstance(o, Unavailable)]
                 for i, outcome in zip(pending, outcomes, strict=True):
                     results[i] = outcome
                 if not left:
-                    if cache.backend_asked:  # answered from the dedup cache alone: no news of the backend
-                        self._scored_last[kind] = batch
-                        self._signal_answered()
                     return _filled(results)
-                # A composite backend left some inputs Unavailable: the fail policy applies to those only.
-                partial = True
+                # A composite backend left some inputs Unavailable: the fail policy applies to
+                # those only, and the poison search with the evidence of the stage that failed.
                 pending = [i for i, _ in left]
                 batch = [jobs[i] for i in pending]
                 reason = left[0][1].reason
                 not_before = max(o.retry_in_s or 0.0 for _, o in left)
+                # A stage that does not name itself: no answer is evidence about it (it waits, as an outage).
+                source = (kind, left[0][1].source or "")
+                refused = all(o.refused for _, o in left)
             if self._fallback is not None and await self._score_with_fallback(kind, batch, pending, results, reason):
                 return _filled(results)
             if self._fail_policy in ("review", "allow"):
@@ -215,10 +230,24 @@ class Scorer:
                 for i in pending:
                     results[i] = Degraded("review", reason)
                 return _filled(results)
-            answered_others, since = since.is_set(), self._answered
-            if answered_others and not partial:  # the backend answered another batch since this one last failed
+            # Only the source that failed answering others is evidence: one kind's endpoint (or
+            # a cascade's first stage) answering says nothing of another that is down.
+            answered_others = (evidence and source == last) or self._answered_since(source, counted)
+            evidence, last = False, source
+            counted[source] = self._answers.get(source, 0)
+            woken = self._woken_event(source)
+            if refused:
+                # A refused call tested nothing: neither split nor counted; it waits for the
+                # probe (the circuit's trial call) or a success.
+                log.warning(
+                    Event.BACKEND_WAITING, reason=reason, retry_in_s=not_before, batch=len(batch), fail_policy="wait"
+                )
+                await self._pause(not_before, woken, probe=source, own=batch, turn=pauses)
+                pauses += 1
+                continue
+            if answered_others:  # the source answered another batch since this one last failed
                 if len(batch) > 1:
-                    split = await self._split(kind, batch, reason)
+                    split = await self._split(kind, batch, reason, source)
                     if split is None:
                         return None
                     for i, result in zip(pending, split, strict=True):
@@ -233,20 +262,23 @@ class Scorer:
             log.warning(
                 Event.BACKEND_WAITING, reason=reason, retry_in_s=delay, batch=len(batch), fail_policy=self._fail_policy
             )
-            await self._pause(delay, since, probe=None if partial else kind)
+            await self._pause(delay, woken, probe=source, own=batch, turn=pauses)
+            pauses += 1
 
-    async def _split(self, kind: Kind, jobs: Sequence[Job], reason: str) -> list[Result] | None:
-        """Score both halves of a batch that fails while the backend answers others, in order."""
+    async def _split(self, kind: Kind, jobs: Sequence[Job], reason: str, source: Source) -> list[Result] | None:
+        """Score both halves of a batch that fails while ``source`` answers others, in order."""
         metrics.POISON_SPLITS.inc()
         log.warning(Event.BACKEND_BATCH_SPLIT, reason=reason, batch=len(jobs))
         half = len(jobs) // 2
-        evidence = asyncio.Event()
-        evidence.set()
         results: list[Result] = []
         for part in (jobs[:half], jobs[half:]):  # in turn: the concurrency bound holds
-            scored = await self._score(kind, part, evidence)
+            scored = await self._score(kind, part, source)
             if scored is None:
-                return None
+                if self._failed() or any(job.slot.owned for job in part):
+                    return None
+                # Only revoked jobs in this half: the outputs stage abandons them (it publishes
+                # nothing for a partition no longer owned); the other half is still owned.
+                scored = [Degraded("review", reason)] * len(part)
             results.extend(scored)
         return results
 
@@ -266,23 +298,54 @@ class Scorer:
             error_type="backend_failed",
         )
 
-    def _signal_answered(self) -> None:
-        self._answered.set()
-        self._answered = asyncio.Event()
+    def _answered_since(self, source: Source, counted: dict[Source, int]) -> bool:
+        return self._answers.get(source, 0) > counted.get(source, 0)
 
-    async def _probe(self, kind: Kind) -> None:
-        """Score the canary of ``kind`` once (or join the probe in flight); its answer counts
-        as the backend answering. Nothing to probe with before the first success."""
-        scored = self._scored_last.get(kind)
-        if scored is None:
-            return
-        probe = self._probes.get(kind)
+    def _woken_event(self, source: Source) -> asyncio.Event:
+        event = self._woken.get(source)
+        if event is None:
+            event = self._woken[source] = asyncio.Event()
+        return event
+
+    def _note_answers(self, kind: Kind, batch: Sequence[Job], outcomes: Sequence[Outcome]) -> set[Source]:
+        """Count the sources that answered this call and wake their waiters; returns them.
+
+        The backend as called answered every input not left ``Unavailable``; a stage of a
+        composite answered those it decided (``Scored.decided_by``)."""
+        answered: dict[Source, list[Job]] = {}
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Unavailable):
+                continue
+            answered.setdefault((kind, None), []).append(job)
+            if isinstance(outcome, Scored) and outcome.decided_by is not None:
+                answered.setdefault((kind, outcome.decided_by), []).append(job)
+        for source, jobs in answered.items():
+            self._scored_last[source] = jobs
+            self._answers[source] = self._answers.get(source, 0) + 1
+            event = self._woken.pop(source, None)
+            if event is not None:
+                event.set()
+        return set(answered)
+
+    async def _probe(self, source: Source, own: Sequence[Job], turn: int) -> None:
+        """Score the canary of ``source`` once (or join the probe in flight); its answer counts
+        as that source answering. Before the source's first answer there is no canary: the
+        waiting batch's own inputs take turns (``turn``), shortest first, so a batch holding
+        a poison input finds one that answers, while in an outage every probe fails."""
+        probe = self._probes.get(source)
         if probe is None or probe.done():
-            canary = min(scored, key=_probe_size)
-            probe = self._probes[kind] = asyncio.ensure_future(self._probe_once(kind, canary))
+            scored = self._scored_last.get(source)
+            if scored is not None:
+                canary = min(scored, key=_probe_size)
+            elif len(own) > 1:  # (a batch of one probing itself would only repeat its own try)
+                canary = sorted(own, key=_probe_size)[turn % len(own)]
+            else:
+                return
+            probe = self._probes[source] = asyncio.ensure_future(self._probe_once(source, canary))
         await asyncio.shield(probe)
 
-    async def _probe_once(self, kind: Kind, canary: Job) -> None:
+    async def _probe_once(self, source: Source, canary: Job) -> None:
+        kind = source[0]
         try:
             with watch_cache(bypass=True):  # the backend's own answer, never the cache's
                 outcomes = await self._call(kind, [canary])
@@ -290,16 +353,16 @@ class Scorer:
             metrics.BACKEND_PROBES.labels(result="failed").inc()
             log.debug(Event.BACKEND_PROBE, answered=False, error=f"{type(err).__name__}: {err}")
             return
-        answered = len(outcomes) == 1 and not isinstance(outcomes[0], Unavailable)
+        answered = len(outcomes) == 1 and source in self._note_answers(kind, [canary], outcomes)
         metrics.BACKEND_PROBES.labels(result="answered" if answered else "failed").inc()
         log.debug(Event.BACKEND_PROBE, answered=answered)
-        if answered:
-            self._signal_answered()
 
-    async def _pause(self, delay: float, answered: asyncio.Event, *, probe: Kind | None) -> None:
-        """Sleep ``delay``, or less: until ``answered`` is set (some batch succeeded). When
-        the sleep ran out with no success meanwhile, probe the backend with ``probe``'s
-        canary before the batch tries again: its answer is evidence, and after an open
+    async def _pause(
+        self, delay: float, answered: asyncio.Event, *, probe: Source, own: Sequence[Job], turn: int
+    ) -> None:
+        """Sleep ``delay``, or less: until ``answered`` is set (``probe`` answered some batch).
+        When the sleep ran out with no answer meanwhile, probe ``probe`` with its canary
+        before the batch tries again: its answer is evidence, and after an open
         circuit's wait the probe (not a batch that may hold a poison input) is the
         circuit's trial call."""
         if answered.is_set():
@@ -311,8 +374,8 @@ class Scorer:
         finally:
             sleeping.cancel()
             woken.cancel()
-        if probe is not None and not answered.is_set():
-            await self._probe(probe)
+        if not answered.is_set():
+            await self._probe(probe, own, turn)
 
     async def _score_with_fallback(
         self, kind: Kind, batch: list[Job], pending: list[int], results: list[Result | None], reason: str

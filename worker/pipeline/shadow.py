@@ -3,7 +3,9 @@
 ``MODWORKER_SHADOW__SAMPLE`` (a fraction) with ``MODWORKER_SHADOW__BACKEND`` (a candidate
 backend; ``MODWORKER_SHADOW__MODEL`` picks its model) and/or
 ``MODWORKER_SHADOW__POLICY_FILE`` (a candidate policy). After a live verdict is built,
-``Shadow.offer`` takes a sampled copy of the input; a task of its own scores it with the
+``Shadow.offer`` takes a sampled copy of the input (a conversation turn with the context
+the live backend judged it with, the conversation state's when it supplied one); a task of
+its own scores it with the
 candidate backend (or reuses the live scores when only the policy is shadowed), applies the
 candidate policy (or the live one), publishes a ``ShadowVerdict`` with the live action
 beside it to ``MODWORKER_SHADOW__TOPIC`` and counts agreement in Prometheus:
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from schemas import ContentEvent, Kind, ShadowVerdict, Verdict
+from schemas import OUTPUT_HEADERS, ContentEvent, Kind, ShadowVerdict, Verdict
 from worker.backends.base import Backend, Conversation, Outcome, Scored
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -117,7 +119,7 @@ class Shadow:
                 kind=job.kind,
                 key=job.key,
                 text=job.text,
-                conversation=None if isinstance(event, ContentEvent) else conversation_of(event),
+                conversation=None if isinstance(event, ContentEvent) else conversation_of(event, job.context),
                 tenant=event.tenant,
                 source=event.source,
                 live=verdict,
@@ -184,7 +186,7 @@ class Shadow:
         self._producer = producer
 
         async def publish(topic: str, key: bytes, value: bytes) -> None:
-            await producer.send_and_wait(topic, value, key=key)
+            await producer.send_and_wait(topic, value, key=key, headers=OUTPUT_HEADERS)
 
         return publish
 

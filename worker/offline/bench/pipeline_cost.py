@@ -75,7 +75,7 @@ async def _measure(port: int, batch: int, rounds: int) -> float:
         groups: list[tuple[list[Any], Any]] = []
 
         class Publisher:
-            def publish(self, out: list[Any], on_acked: Any, origin: Any = None) -> None:
+            def publish(self, out: list[Any], on_acked: Any, origin: Any = None, messages: int = 1) -> None:
                 groups.append((out, on_acked))
 
         outputs = Outputs(

@@ -1,0 +1,1 @@
+"""Deterministic simulation of the whole worker: see ``world`` for the seams and invariants."""
