@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import kafka_support
 from tests.kafka_support import TopicSet, create_topics
 from worker.testing.broker import BrokerHandle, test_broker
 from worker.testing.mistral_server import MistralServer
@@ -36,11 +37,27 @@ _SESSION_STACK = pytest.StashKey[contextlib.ExitStack]()
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Start the session's broker before the header is printed, so the header can name it."""
     stack = contextlib.ExitStack()
-    workdir = Path(__file__).parents[1] / "build" / "kafka" / "session"
-    shutil.rmtree(workdir, ignore_errors=True)
+    sessions = Path(__file__).parents[1] / "build" / "kafka" / "sessions"
+    for stale in sessions.glob("*"):  # sessions of pytest processes that are gone
+        if not (stale.name.isdigit() and _pid_alive(int(stale.name))):
+            shutil.rmtree(stale, ignore_errors=True)
+    workdir = sessions / str(os.getpid())
+    # The log dir goes at the end of the session; server.log stays until the next session.
+    stack.callback(shutil.rmtree, workdir / "data", ignore_errors=True)
     handle = stack.enter_context(test_broker(os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), workdir=workdir))
     session.config.stash[_SESSION_STACK] = stack
     session.config.stash[_SESSION_BROKER] = handle
+    kafka_support.IDEMPOTENT = not handle.embedded
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -1,7 +1,7 @@
 """Test-side Kafka tools: topics, producing, reading everything back, committed offsets.
 
-Works against any Kafka-protocol broker; written around the embedded broker's gaps
-(no reliable end offsets: reads stop on a count or an idle period instead).
+Works against any Kafka-protocol broker, Apache Kafka first; written around the Tansu
+fallback's gaps too (no reliable end offsets: reads stop on a count or an idle period).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
+
+IDEMPOTENT = True
+"""Whether the tests' own producers are idempotent, as the worker's are by default. The
+session turns it off only on the Tansu fallback, which rejects idempotent producers."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,32 @@ async def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 
         await admin.close()
 
 
+async def set_topic_configs(bootstrap: str, names: Iterable[str], configs: dict[str, str]) -> None:
+    """Set topic-level configs (AlterConfigs: the topics' other overrides are reset)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    names = list(names)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, configs=configs) for n in names])
+        # The change reaches the brokers through the metadata log: wait until they report it.
+        wanted = [ConfigResource(ConfigResourceType.TOPIC, n, configs=dict.fromkeys(configs)) for n in names]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            answers = await admin.describe_configs(wanted)
+            seen = {(r[3], e[0]): e[1] for a in answers for r in a.resources for e in r[4]}
+            if all(seen.get((n, k)) == v for n in names for k, v in configs.items()):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the brokers never reported {configs} for {names}")
+    finally:
+        await admin.close()
+
+
 async def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
     """Publish (key, value) pairs in order, acks=all; the default partitioner keys them."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=False, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=IDEMPOTENT, linger_ms=5)
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key) for key, value in records]
@@ -89,12 +116,24 @@ def event_record(event: dict, key_field: str = "id") -> tuple[bytes, bytes]:
 
 
 async def read_all(
-    bootstrap: str, topic: str, *, expected: int | None = None, idle_s: float = 3.0, timeout_s: float = 60.0
+    bootstrap: str,
+    topic: str,
+    *,
+    expected: int | None = None,
+    idle_s: float = 3.0,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the start. Stops at ``expected`` records (then waits
-    ``idle_s`` more to catch extras), or after ``idle_s`` without news, or at ``timeout_s``."""
+    ``idle_s`` more to catch extras), or after ``idle_s`` without news, or at ``timeout_s``.
+    ``isolation_level="read_committed"`` reads as exactly-once consumers must."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     records: list[ConsumerRecord] = []

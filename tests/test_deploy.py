@@ -108,11 +108,11 @@ def test_manifests_render_and_validate(kustomization):
     assert kinds == [
         "ConfigMap",
         "ConfigMap",
-        "Deployment",
         "PodDisruptionBudget",
         "ScaledObject",
         "Service",
         "ServiceMonitor",
+        "StatefulSet",
     ]
     for doc in docs:
         try:
@@ -126,13 +126,13 @@ def test_manifests_render_and_validate(kustomization):
 
 def test_validation_rejects_what_a_cluster_would():
     """The validators bite: each broken copy of a valid object fails."""
-    deployment = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
+    workload = yaml.safe_load((K8S / "base" / "statefulset.yaml").read_text())
     scaled = yaml.safe_load((K8S / "base" / "scaledobject.yaml").read_text())
     monitor = yaml.safe_load((K8S / "base" / "servicemonitor.yaml").read_text())
-    for doc in (deployment, scaled, monitor):
+    for doc in (workload, scaled, monitor):
         validate(doc)
 
-    typo = json.loads(json.dumps(deployment))
+    typo = json.loads(json.dumps(workload))
     typo["spec"]["template"]["spec"]["terminationGracePeriod"] = 45
     unquoted = json.loads(json.dumps(scaled))
     unquoted["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 1000  # the CRD wants strings
@@ -169,13 +169,13 @@ def settings_of(rendered: dict[str, dict], monkeypatch) -> Settings:
 
 
 def container(rendered: dict[str, dict]) -> dict:
-    (worker,) = rendered["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (worker,) = rendered["StatefulSet"]["spec"]["template"]["spec"]["containers"]
     return worker
 
 
-def test_deployment_runs_the_worker_as_configured(rendered, monkeypatch):
+def test_statefulset_runs_the_worker_as_configured(rendered, monkeypatch):
     settings = settings_of(rendered, monkeypatch)
-    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    pod = rendered["StatefulSet"]["spec"]["template"]["spec"]
     worker = container(rendered)
     ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
     assert ports == {"metrics": settings.http_port}
@@ -191,6 +191,22 @@ def test_deployment_runs_the_worker_as_configured(rendered, monkeypatch):
     assert worker["args"] == ["run"]
 
 
+def test_each_pod_is_a_static_group_member_named_after_its_stable_pod_name(rendered, monkeypatch):
+    """Static membership needs an instance id that survives a pod's replacement: a
+    StatefulSet's pod name (a Deployment's pods get new names on every rollout)."""
+    settings = settings_of(rendered, monkeypatch)
+    workload = rendered["StatefulSet"]
+    (instance,) = [e for e in container(rendered)["env"] if e["name"] == "MODWORKER_KAFKA__GROUP_INSTANCE_ID"]
+    assert instance["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert workload["spec"]["serviceName"] == rendered["Service"]["metadata"]["name"]
+    assert workload["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    target = rendered["ScaledObject"]["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "StatefulSet")
+    # The broker holds a replaced pod's partitions for the session timeout: it must cover
+    # the drain's end, the new pod's scheduling and the worker's start (seconds each).
+    assert settings.kafka.session_timeout_ms >= 30_000
+
+
 def test_api_key_comes_from_a_secret_and_the_policy_from_a_configmap(rendered, monkeypatch, tmp_path):
     settings = settings_of(rendered, monkeypatch)
     worker = container(rendered)
@@ -199,7 +215,7 @@ def test_api_key_comes_from_a_secret_and_the_policy_from_a_configmap(rendered, m
     assert "MISTRAL_API_KEY" not in rendered["ConfigMap/moderation-worker-settings"]["data"]
 
     policy_map = rendered["ConfigMap/moderation-worker-policy"]
-    volumes = {v["name"]: v for v in rendered["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in rendered["StatefulSet"]["spec"]["template"]["spec"]["volumes"]}
     (mount,) = [m for m in worker["volumeMounts"] if m["mountPath"] == str(settings.policy_file.parent)]
     assert volumes[mount["name"]]["configMap"]["name"] == policy_map["metadata"]["name"]
     mounted = tmp_path / settings.policy_file.name
@@ -218,7 +234,7 @@ def test_keda_never_scales_past_the_partitions(rendered, monkeypatch):
     partitions = int(rendered["ScaledObject"]["metadata"]["annotations"]["moderation-worker/input-topic-partitions"])
     assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= partitions
     assert scaled["fallback"]["replicas"] <= scaled["maxReplicaCount"]
-    assert scaled["scaleTargetRef"]["name"] == rendered["Deployment"]["metadata"]["name"]
+    assert scaled["scaleTargetRef"]["name"] == rendered["StatefulSet"]["metadata"]["name"]
     triggers = scaled["triggers"]
     assert {t["metadata"]["topic"] for t in triggers} == {settings.content_topic, settings.conversation_topic}
     for trigger in triggers:
@@ -228,11 +244,11 @@ def test_keda_never_scales_past_the_partitions(rendered, monkeypatch):
         assert meta["bootstrapServers"] == settings.kafka.bootstrap_servers
         assert meta["allowIdleConsumers"] == "false"
         assert meta["offsetResetPolicy"] == settings.kafka.auto_offset_reset
-    assert "replicas" not in rendered["Deployment"]["spec"], "KEDA owns the replica count"
+    assert "replicas" not in rendered["StatefulSet"]["spec"], "KEDA owns the replica count"
 
 
 def test_service_monitor_and_disruption_budget_select_the_worker_pods(rendered):
-    pod_labels = rendered["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    pod_labels = rendered["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
     service = rendered["Service"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     (port,) = service["spec"]["ports"]
@@ -353,3 +369,39 @@ def test_operations_guide_lists_every_metric_and_alerts_on_real_ones():
     for rule in rules:
         used = set(re.findall(r"\bmoderation_worker_[a-z_]+", rule["expr"]))
         assert used and used <= set(exported), (rule["alert"], used - set(exported))
+
+
+# -- kustomize fields ---------------------------------------------------------------------------
+
+
+def selectors(docs: list[dict]) -> dict[str, dict]:
+    """Every label selector kustomize manages (Service, workload, PodDisruptionBudget), by kind."""
+    found = {}
+    for doc in docs:
+        spec = doc.get("spec") or {}
+        if doc["kind"] == "Service":
+            found["Service"] = spec["selector"]
+        elif doc["kind"] in ("Deployment", "StatefulSet", "PodDisruptionBudget"):
+            found[doc["kind"]] = spec["selector"]["matchLabels"]
+    return found
+
+
+@needs_kubectl
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_kustomizations_use_no_deprecated_field_and_overlays_never_change_a_selector(kustomization):
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / kustomization)], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", f"kubectl kustomize {kustomization} warns:\n{result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    found = selectors(docs)
+    assert set(found) >= {"Service", "PodDisruptionBudget"} and len(found) == 3
+    # Selectors are immutable: an overlay adds labels to objects and pods, never to a selector.
+    assert found == selectors(render("base"))
+    (workload,) = [doc for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")]
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+    if kustomization != "base":
+        instance = "moderation-worker-" + kustomization.rsplit("/", 1)[1]
+        assert pod_labels["app.kubernetes.io/instance"] == instance
+        assert workload["metadata"]["labels"]["app.kubernetes.io/instance"] == instance

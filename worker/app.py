@@ -16,6 +16,13 @@ keeps each:
   once it and every message before it in its partition is *finished*: its verdict (and
   violation, if flagged) or its dead letter acknowledged by the broker with acks=all. A
   crash replays from the last commit.
+- Exactly-once (``transactions``, with ``MODWORKER_DELIVERY=exactly_once``). Each input
+  partition's outputs (verdicts, violations, dead letters, conversation state changes) and
+  its next offset commit in one transaction of that partition's own producer, at the commit
+  interval or count; no consumer commit is made. For readers with
+  ``isolation_level=read_committed``, each input has its outputs once, whatever crashes,
+  rebalances or zombies do: a new owner's producer fences the old one's. The shadow topic
+  stays outside. A finished message stays in flight until its transaction commits.
 - Per-key order (``ordering``). Verdicts for one key (one input partition) are published
   in input order, even though backend calls run concurrently.
 - Bounded memory (``backpressure``, ``span_guard``). At most ``max_in_flight`` messages are
@@ -44,6 +51,7 @@ import time
 from typing import Any
 
 import structlog
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from schemas import Kind
@@ -62,8 +70,10 @@ from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Scorer
 from worker.pipeline.shadow import Shadow
 from worker.pipeline.sink import Sink
-from worker.pipeline.source import Source, make_producer
+from worker.pipeline.source import Source, access_denied, authentication_failure, make_producer
 from worker.pipeline.span_guard import SpanGuard
+from worker.pipeline.topic_limits import output_limit
+from worker.pipeline.transactions import TransactionalSink, TransactionsUnavailable
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
 from worker.pipeline.verdicts import VerdictBuilder
 
@@ -76,6 +86,9 @@ per broker, holding at most one batch per partition: at its default of 16 KB (~2
 verdicts) publishing fell behind the pipeline, and verdicts waited in the sink for up to
 ~0.6 s (docs/benchmarks.md). 512 KB stays under Kafka's default 1 MB max.message.bytes."""
 
+
+_TRANSACTIONS_HOLD = "transactions-start"
+_FENCED_HOLD = "transactions-fenced"
 
 _SETTLE_MIN_S = 1.0
 """On revoke, at least this long for outputs already sent to be acknowledged, even when
@@ -120,11 +133,29 @@ class ModerationWorker:
         self._in_flight = InFlight(settings.max_in_flight)
         self._tracker = OffsetTracker()
         self._span_guard = SpanGuard(settings.max_uncommitted_span)
-        self._sink = Sink(
-            make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES),
-            on_error=self._on_sink_error,
-            on_dropped=self._abandon,
-        )
+        self._txns: TransactionalSink | None = None
+        """Exactly-once only: the per-partition transactional publisher, in the sink's place."""
+        self._sink: Sink | TransactionalSink
+        if settings.delivery == "exactly_once":
+            eos = settings.exactly_once
+            self._sink = self._txns = TransactionalSink(
+                settings.kafka,
+                group_id=settings.group_id,
+                prefix=eos.transactional_id_prefix,
+                transaction_timeout_ms=eos.transaction_timeout_ms,
+                call_timeout_s=eos.call_timeout_s,
+                conversation_topic=settings.conversation_topic,
+                committed=self._committed_offset,
+                on_settled=self._settled,
+                on_fenced=self._fenced,
+                on_dropped=self._abandon,
+            )
+        else:
+            self._sink = Sink(
+                make_producer(settings.kafka, max_batch_size=_PRODUCER_BATCH_BYTES),
+                on_error=self._on_sink_error,
+                on_dropped=self._abandon,
+            )
         self._outputs = Outputs(
             settings,
             sink=self._sink,
@@ -152,12 +183,17 @@ class ModerationWorker:
         self._conversations = ConversationStage(
             settings, publish=self._sink.publish, source=self.source, on_fatal=self._fail
         )
-        self._committer = Committer(
-            CommitPolicy(every=settings.commit_every, interval_s=settings.commit_interval_ms / 1000),
-            self._tracker,
-            self.source.commit,
-        )
+        timing = CommitPolicy(every=settings.commit_every, interval_s=settings.commit_interval_ms / 1000)
+        if self._txns is not None:  # it starts each partition's transaction and returns
+            self._committer = Committer(timing, self._tracker, self._txns.commit)
+        else:
+            self._committer = Committer(timing, self._tracker, self.source.commit)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rewound: set[TopicPartition] = set()
+        self._rewinds: dict[TopicPartition, tuple[PartitionOffsets, int]] = {}
+        """Per partition, the slot and offset it was last sent back to (``_offset_reset``)."""
+        """Partitions sent back to an earlier offset during this poll: its other records of
+        them are read again from there (``_offset_reset``)."""
         self._stopping = asyncio.Event()
         self._fatal: BaseException | None = None
         self._loop_error: Exception | None = None
@@ -208,8 +244,7 @@ class ModerationWorker:
                 await self.fallback.start()
             if self.shadow is not None:
                 await self.shadow.start()
-            await self._sink.start()
-            await self.source.start()
+            await self._start_kafka_clients()
             self.started = True
             log.info(Event.WORKER_READY)
             try:
@@ -224,8 +259,33 @@ class ModerationWorker:
             raise WorkerFatal(str(self._fatal))
         if self._loop_error is not None:
             error = self._loop_error
-            raise WorkerFatal(f"consuming from Kafka failed: {type(error).__name__}: {error}")
+            reason = access_denied(error, self.settings) or f"{type(error).__name__}: {error}"
+            raise WorkerFatal(f"consuming from Kafka failed: {reason}")
         log.info(Event.WORKER_STOPPED)
+
+    async def _start_kafka_clients(self) -> None:
+        """Start the producer and the consumer; refused credentials or ACLs become one
+        ``WorkerFatal`` line naming what to fix."""
+        try:
+            await self._sink.start()
+            await self.source.start()
+            await self._fit_outputs_to_the_topics()
+        except KafkaError as err:
+            denied = access_denied(err, self.settings)
+            if denied is None and isinstance(err, KafkaConnectionError):
+                denied = await authentication_failure(self.settings.kafka)
+            if denied is None:
+                raise
+            raise WorkerFatal(str(denied)) from None
+
+    async def _fit_outputs_to_the_topics(self) -> None:
+        """Lower the output limit to the output topics' ``max.message.bytes`` where smaller."""
+        s = self.settings
+        limit = await output_limit(
+            s.kafka, [s.verdict_topic, s.violation_topic, s.dead_letter_topic], s.max_output_bytes
+        )
+        self._outputs.limit_bytes(limit.max_bytes)
+        log.info(Event.OUTPUT_LIMIT, max_bytes=limit.max_bytes, source=limit.source, unread=limit.note)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -237,6 +297,7 @@ class ModerationWorker:
             while not self._stopping.is_set():
                 self.last_loop_at = time.monotonic()
                 records = await self._poll_unless_stopped(stopping, min(in_flight.room, max_poll))
+                self._rewound.clear()
                 for record in records:
                     self._accept(record)
                 in_flight.apply(self.source)
@@ -259,11 +320,16 @@ class ModerationWorker:
 
     def _accept(self, record: Record) -> None:
         tp = TopicPartition(record.topic, record.partition)
+        if tp in self._rewound:  # sent back to an earlier offset: this record comes again
+            return
         slot = self._tracker.slot(tp)
         try:
             slot.track(record.offset)
         except ValueError:  # the consumer's position went backwards (an offset reset)
-            slot = self._offset_reset(tp, slot, record.offset)
+            reset = self._offset_reset(tp, slot, record.offset)
+            if reset is None:
+                return
+            slot = reset
             slot.track(record.offset)
         self._in_flight.count += 1
         decoded = self._decoder.decode(record, slot)
@@ -277,14 +343,31 @@ class ModerationWorker:
         self._outputs.expect(decoded)
         self._batcher.add(decoded)
 
-    def _offset_reset(self, tp: TopicPartition, old: PartitionOffsets, offset: int) -> PartitionOffsets:
-        """The partition's position moved back (log truncated, offsets reset to earliest):
-        detach the slot so nothing read before the reset is committed over the new
-        positions, and track afresh from ``offset``. Work already in flight still publishes."""
+    def _offset_reset(self, tp: TopicPartition, old: PartitionOffsets, offset: int) -> PartitionOffsets | None:
+        """The partition's position moved back (log truncated, offsets reset): detach the
+        slot so nothing read before the reset is committed over the new positions, and track
+        afresh from ``offset``. Work in flight for the old slot is abandoned (it is read
+        again), and its key lines are dropped: the records read again carry the same keys
+        and must not wait behind jobs that are never released.
+
+        A position moved back to above an offset the old slot has not finished (a reset to
+        ``latest`` after a truncation) would skip that input for good: the position is sent
+        back to it instead, and None returned (the rest of this poll of ``tp`` is read again).
+        Only once: if the position lands above it again, that offset is gone from the log."""
+        lowest = old.lowest_unfinished
+        if lowest is not None and lowest < offset and self._rewinds.get(tp) != (old, lowest):
+            log.warning(Event.OFFSET_RESET, partition=f"{tp.topic}-{tp.partition}", offset=offset, rewound_to=lowest)
+            self._rewinds[tp] = (old, lowest)
+            self._rewound.add(tp)
+            self.source.seek(tp, lowest)
+            return None
+        self._rewinds.pop(tp, None)
         log.warning(
             Event.OFFSET_RESET, partition=f"{tp.topic}-{tp.partition}", offset=offset, pending_before=old.pending
         )
-        return self._tracker.reset(tp)
+        slot = self._tracker.reset(tp)
+        self._abandon(self._outputs.forget([tp]))
+        return slot
 
     def _dispatch(self, kind: Kind, jobs: list[Job]) -> None:
         metrics.batch_size(kind).observe(len(jobs))
@@ -315,13 +398,28 @@ class ModerationWorker:
 
     def _finish(self, slot: PartitionOffsets, offset: int) -> None:
         slot.finish(offset)
-        self._in_flight.count -= 1
+        if self._txns is None:  # exactly-once: in flight until its transaction settles (``_settled``)
+            self._in_flight.count -= 1
         self._committer.finished()
 
-    def _abandon(self) -> None:
-        """Stop counting a message as in flight without finishing it: its offset stays
-        uncommitted here, so it is processed again (by the new owner, or after restart)."""
-        self._in_flight.count -= 1
+    async def _committed_offset(self, tp: TopicPartition) -> int | None:
+        return await self.source.committed(tp)
+
+    def _settled(self, count: int) -> None:
+        """Exactly-once: ``count`` finished messages were committed or dropped uncommitted."""
+        self._in_flight.count -= count
+
+    def _fenced(self, tp: TopicPartition) -> None:
+        """Exactly-once: a newer owner fenced ``tp``'s producer. Read no more of it and let
+        the group settle who owns it (a rebalance; if it comes back, a fresh producer)."""
+        if tp in self.source.assignment():  # else the group already took it away
+            self.source.hold([tp], _FENCED_HOLD)
+        self.source.request_rejoin()
+
+    def _abandon(self, messages: int = 1) -> None:
+        """Stop counting ``messages`` as in flight without finishing them: their offsets stay
+        uncommitted here, so they are processed again (by the new owner, or after restart)."""
+        self._in_flight.count -= messages
 
     # -- rebalance ------------------------------------------------------------------
 
@@ -336,7 +434,10 @@ class ModerationWorker:
         deadline = time.monotonic() + self.settings.revoke_timeout_s
         while self._tracker.pending(revoked) and time.monotonic() < deadline and self._fatal is None:
             await asyncio.sleep(0.01)
-        await self._committer.commit(revoked)
+        if self._txns is not None:  # within the rebalance timeout (revoke timeout + 5 s)
+            await self._txns.flush(revoked, max(_SETTLE_MIN_S, deadline - time.monotonic() + 4.0))
+        else:
+            await self._committer.commit(revoked)
         abandoned = self._tracker.pending(revoked)
         if abandoned:
             log.warning(Event.REVOKE_ABANDONED, abandoned=abandoned, partitions=_names(revoked))
@@ -346,6 +447,9 @@ class ModerationWorker:
         # Their queued outputs are now dropped unsent; wait for those already sent, so
         # that nothing is published for them after this listener returns.
         await self._sink.settle(max(_SETTLE_MIN_S, deadline - time.monotonic()))
+        if self._txns is not None:  # what was not committed above is dropped: the new owner redoes it
+            await self._txns.revoked(revoked)
+            self.source.release(revoked, _FENCED_HOLD)
         await self._conversations.revoked(revoked)
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 
@@ -354,8 +458,27 @@ class ModerationWorker:
         self._tracker.assign(assigned)
         if self.source.paused and assigned:
             self.source.pause(assigned)
+        if self._txns is not None and assigned and not await self._start_transactions(assigned):
+            return
         self._conversations.assigned(assigned)  # held until their state is restored
         log.info(Event.PARTITIONS_ASSIGNED, partitions=_names(assigned))
+
+    async def _start_transactions(self, assigned: list[TopicPartition]) -> bool:
+        """Exactly-once: start the assigned partitions' producers (fencing their previous
+        owners), then read from the committed offsets as they stand once those owners'
+        transactions ended. Held meanwhile. False (and the worker failed) when impossible."""
+        assert self._txns is not None
+        self.source.hold(assigned, _TRANSACTIONS_HOLD)
+        try:
+            await self._txns.assigned(assigned)
+            await asyncio.wait_for(self.source.seek_to_committed(assigned), self.settings.exactly_once.call_timeout_s)
+        except (TransactionsUnavailable, KafkaError, TimeoutError) as err:
+            if not isinstance(err, TransactionsUnavailable):
+                err = WorkerFatal(f"exactly-once: cannot read the committed offsets: {type(err).__name__}: {err}")
+            self._fail(err)
+            return False
+        self.source.release(assigned, _TRANSACTIONS_HOLD)
+        return True
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -364,11 +487,19 @@ class ModerationWorker:
         log.info(Event.WORKER_STOPPING, in_flight=self.in_flight, fatal=self._fatal is not None)
         self._batcher.flush()
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while self.in_flight > 0 and time.monotonic() < deadline and self._fatal is None:
+        while self._unfinished() > 0 and time.monotonic() < deadline and self._fatal is None:
             await asyncio.sleep(0.01)
-        if self.in_flight > 0:
+        if self._unfinished() > 0:
             log.warning(Event.DRAIN_TIMEOUT, abandoned=self.in_flight, drain_timeout_s=self.settings.drain_timeout_s)
-        await self._committer.commit()
+        if self._txns is not None:
+            await self._txns.flush(None, self.settings.exactly_once.call_timeout_s)
+        else:
+            await self._committer.commit()
+
+    def _unfinished(self) -> int:
+        """Messages in flight that are not yet finished (exactly-once: finished ones wait
+        in their partition's transaction for the commit that follows the drain)."""
+        return self.in_flight - (self._txns.uncommitted if self._txns is not None else 0)
 
     async def _close_quietly(self) -> None:
         self.draining = True
@@ -401,7 +532,8 @@ class ModerationWorker:
         self._stopping.set()
 
     def _on_sink_error(self, err: BaseException) -> None:
-        self._fail(WorkerFatal(f"could not publish to Kafka: {type(err).__name__}: {err}"))
+        reason = access_denied(err, self.settings) or f"{type(err).__name__}: {err}"
+        self._fail(WorkerFatal(f"could not publish to Kafka: {reason}"))
 
 
 def _names(tps: list[TopicPartition]) -> list[str]:

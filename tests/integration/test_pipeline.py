@@ -213,9 +213,9 @@ async def test_sigkill_mid_stream_then_restart_leaves_no_input_without_verdict(
     bootstrap = broker.bootstrap_servers
     total = 600
     await produce(bootstrap, topics.content, _content_records(total))
-    # One slow call at a time (75 calls x 50 ms): the stream lasts seconds, so the kill
+    # One slow call at a time (75 calls x 200 ms): the stream lasts 15 s, so the kill
     # lands mid-stream however fast the worker publishes and however late the test sees 80.
-    mistral.latency_s = 0.05
+    mistral.latency_s = 0.2
     env = worker_env(
         broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_SCORING__MAX_CONCURRENCY="1"
     )

@@ -7,6 +7,7 @@ import asyncio
 
 from aiokafka.structs import TopicPartition
 
+from tests import kafka_support
 from tests.kafka_support import read_all
 from worker.config import KafkaSettings
 from worker.pipeline.sink import Sink
@@ -15,8 +16,8 @@ from worker.pipeline.types import OutRecord, PartitionOffsets
 
 
 def sink_on(bootstrap: str, dropped: list[int], errors: list[BaseException]) -> Sink:
-    kafka = KafkaSettings(bootstrap_servers=bootstrap, enable_idempotence=False)
-    return Sink(make_producer(kafka), on_error=errors.append, on_dropped=lambda: dropped.append(1))
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, enable_idempotence=kafka_support.IDEMPOTENT)
+    return Sink(make_producer(kafka), on_error=errors.append, on_dropped=dropped.append)
 
 
 async def test_outputs_queued_for_a_revoked_partition_are_dropped_unsent(broker, topics) -> None:

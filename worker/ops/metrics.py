@@ -113,6 +113,14 @@ COMMIT_FAILURES = Counter(
     "Offset commits the coordinator refused (retried by the next commit).",
     registry=REGISTRY,
 )
+TRANSACTIONS = Counter(
+    f"{PREFIX}_transactions",
+    "Per-partition transactions in MODWORKER_DELIVERY=exactly_once, by outcome: committed, aborted (retried with "
+    "a fresh producer), fenced (a newer owner took the partition's transactional id: this member's producer of it "
+    "is a zombie and publishes nothing more for it).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 REBALANCES = Counter(
     f"{PREFIX}_rebalances",
     "Rebalances this member took part in (event=assigned, one per completed rebalance) and those that took "
@@ -305,6 +313,7 @@ batch_size = LabelCache(BATCH_SIZE)
 batch_wait = LabelCache(BATCH_WAIT)
 end_to_end_latency = LabelCache(END_TO_END_LATENCY)
 rebalances = LabelCache(REBALANCES)
+transactions = LabelCache(TRANSACTIONS)
 backend_request_latency = LabelCache(BACKEND_REQUEST_LATENCY)
 backend_requests = LabelCache(BACKEND_REQUESTS)
 backend_errors = LabelCache(BACKEND_ERRORS)

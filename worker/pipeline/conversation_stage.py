@@ -80,7 +80,12 @@ class ConversationStage:
             max_bytes=config.max_bytes,
             clock=clock,
         )
-        self.changelog = StateChangelog(settings.kafka, topic=config.changelog_topic, source_topic=self.topic)
+        self.changelog = StateChangelog(
+            settings.kafka,
+            topic=config.changelog_topic,
+            source_topic=self.topic,
+            read_committed=settings.delivery == "exactly_once",
+        )
         self._publish = publish
         self._source = source
         self._on_fatal = on_fatal

@@ -12,6 +12,9 @@ input order), so one key's outputs are published in input order. Each publicatio
 nothing and costs little: it finishes the offset (``on_finished``) and updates the
 verdict metrics. Log lines and metrics of outputs are declared here and nowhere else.
 
+Headers: verdicts and violations carry ``OUTPUT_HEADERS`` (``content-type`` and the
+``modworker-contract`` version), one shared list, so they cost no allocation per record.
+
 Size: no output is bigger than ``max_output_bytes`` (the output topics'
 ``max.message.bytes``), since the broker would refuse it and the worker would stop on it
 at every restart. A verdict over it is published without its pass-through fields
@@ -34,7 +37,7 @@ from typing import Protocol
 import structlog
 from aiokafka.structs import TopicPartition
 
-from schemas import DeadLetterHeaders, Verdict
+from schemas import OUTPUT_HEADERS, DeadLetterHeaders, Verdict
 from worker.backends.base import Outcome, Rejected, Scored, Unavailable
 from worker.config import Settings
 from worker.ops import metrics
@@ -56,7 +59,11 @@ class Publisher(Protocol):
     """What outputs need of the sink: publish records in call order, call back on ack."""
 
     def publish(
-        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+        self,
+        records: list[OutRecord],
+        on_acked: Callable[[], None],
+        origin: PartitionOffsets | None = None,
+        messages: int = 1,
     ) -> None: ...
 
 
@@ -85,6 +92,15 @@ class Outputs:
         """Sees every verdict once built (the shadow's ``offer``); must not block or raise."""
         self._sequencer = KeySequencer()
         self._groups: dict[int, tuple[PartitionOffsets, VerdictGroup]] | None = None  # while conclude_all runs
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest output record: ``MODWORKER_MAX_OUTPUT_BYTES``, or lower (``limit_bytes``)."""
+        return self._max_bytes
+
+    def limit_bytes(self, max_bytes: int) -> None:
+        """Lower the output limit to what the output topics accept (``topic_limits``)."""
+        self._max_bytes = min(self._max_bytes, max_bytes)
 
     # -- ordering -------------------------------------------------------------------
 
@@ -143,7 +159,7 @@ class Outputs:
         finally:
             self._groups = None
         for slot, group in groups.values():
-            self._sink.publish(group.records, group.acked, slot)
+            self._sink.publish(group.records, group.acked, slot, group.messages)
 
     def dead_letter(
         self,
@@ -185,19 +201,19 @@ class Outputs:
     def _verdict(self, job: Job, verdict: Verdict) -> None:
         key = job.key
         limit = self._max_bytes
-        records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
+        records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict), OUTPUT_HEADERS)]
         fits = record_size(records[0]) <= limit
         if not fits:  # pass-through fields made it too big: leave them out
             verdict = verdict.model_copy(update={"metadata": None, "text": None, "trimmed": True})
-            records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict))]
+            records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict), OUTPUT_HEADERS)]
             metrics.outputs_trimmed("verdict").inc()
             fits = record_size(records[0]) <= limit
         violation = self._verdicts.violation(verdict)
         if violation is not None:
-            records.append(OutRecord(self._violation_topic, key, violation_bytes(violation)))
+            records.append(OutRecord(self._violation_topic, key, violation_bytes(violation), OUTPUT_HEADERS))
             fits = fits and record_size(records[1]) <= limit
         if not fits:  # e.g. an enormous id: cannot fit even trimmed
-            message = f"its verdict would exceed MODWORKER_MAX_OUTPUT_BYTES={self._max_bytes} even without metadata"
+            message = f"its verdict would exceed the output limit of {self._max_bytes} bytes even without metadata"
             self._sequencer.complete(
                 job,
                 lambda: self.dead_letter(
@@ -249,4 +265,4 @@ class Outputs:
             return
         group = VerdictGroup(self._on_finished)
         group.add(records, job, verdict)
-        self._sink.publish(group.records, group.acked, job.slot)
+        self._sink.publish(group.records, group.acked, job.slot, group.messages)

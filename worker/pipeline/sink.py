@@ -13,7 +13,8 @@ message stays uncommitted and is processed again after restart.
 
 Revoked partitions: a group published with an ``origin`` slot is dropped unsent when the
 slot is no longer owned by the time its round takes it (``on_dropped`` is called instead
-of ``on_acked``: the new owner redoes the message). ``settle`` waits for the rounds
+of ``on_acked``, with the number of input messages the group concluded: the new owner
+redoes them). ``settle`` waits for the rounds
 already sent to be acknowledged; the revoke listener calls it after detaching the
 revoked slots, so once the listener returns nothing more is published for them.
 """
@@ -32,8 +33,9 @@ from worker.pipeline.types import Headers, OutRecord, PartitionOffsets, Record
 
 __all__ = ["OutRecord", "Sink", "dead_letter_record", "record_size"]
 
-_Group = tuple[list[OutRecord], Callable[[], None], PartitionOffsets | None]
-"""Records published together, the callback for their acknowledgement, their input's slot."""
+_Group = tuple[list[OutRecord], Callable[[], None], PartitionOffsets | None, int]
+"""Records published together, the callback for their acknowledgement, their input's
+slot, and how many input messages they conclude."""
 
 _BATCH_OVERHEAD_BYTES = 61 + 21
 """A v2 record batch's header plus one record's own framing, at most (varints at full width)."""
@@ -88,7 +90,7 @@ class Sink:
         producer: AIOKafkaProducer,
         *,
         on_error: Callable[[BaseException], None],
-        on_dropped: Callable[[], None] = lambda: None,
+        on_dropped: Callable[[int], None] = lambda messages: None,
     ) -> None:
         self._producer = producer
         self._on_error = on_error
@@ -104,15 +106,20 @@ class Sink:
         self._task = asyncio.create_task(self._run(), name="sink-publisher")
 
     def publish(
-        self, records: list[OutRecord], on_acked: Callable[[], None], origin: PartitionOffsets | None = None
+        self,
+        records: list[OutRecord],
+        on_acked: Callable[[], None],
+        origin: PartitionOffsets | None = None,
+        messages: int = 1,
     ) -> None:
         """Enqueue records (sent in call order); ``on_acked`` runs when all are acknowledged.
 
         With ``origin`` (the input partition's slot), the group is dropped unsent if the
-        slot is no longer owned when its round takes it (see the module docstring).
+        slot is no longer owned when its round takes it (see the module docstring);
+        ``on_dropped(messages)`` then says how many input messages the group concluded.
         """
         self._unacked += 1
-        self._queue.put_nowait((records, on_acked, origin))
+        self._queue.put_nowait((records, on_acked, origin, messages))
 
     async def settle(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` until every round already taken is sent and acknowledged.
@@ -158,8 +165,8 @@ class Sink:
             if dropped:  # their partition was revoked: the new owner publishes them
                 groups = [group for group in groups if group[2] is None or group[2].owned]
                 self._unacked -= len(dropped)
-                for _ in dropped:
-                    self._on_dropped()
+                for group in dropped:
+                    self._on_dropped(group[3])
             if groups:
                 self._sending = True
                 try:
@@ -168,7 +175,7 @@ class Sink:
                     self._unacked -= len(groups)
                     self._on_error(err)
                 else:
-                    acked = self._acked_callback([on_acked for _, on_acked, _ in groups])
+                    acked = self._acked_callback([group[1] for group in groups])
                     if not futures:  # groups without records: nothing to wait for
                         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
                         done.set_result(None)
@@ -188,7 +195,7 @@ class Sink:
         partitions: dict[str, list[int]] = {}
         batches: dict[tuple[str, int], Any] = {}  # aiokafka BatchBuilder per output partition
         futures: list[asyncio.Future[Any]] = []
-        for records, _, _ in groups:
+        for records, *_ in groups:
             for record in records:
                 topic = record.topic
                 choices = partitions.get(topic)

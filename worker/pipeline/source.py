@@ -8,6 +8,7 @@ backpressure, and ``hold``/``release`` of single partitions (``span_guard``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,68 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
+class KafkaAccessDenied(Exception):
+    """The brokers refused the worker's credentials or its ACLs deny what it needs.
+    ``str(err)`` is one line naming the setting or the ACL to fix (never the password)."""
+
+
+def access_denied(err: BaseException, settings: Settings) -> KafkaAccessDenied | None:
+    """The one-line reason for an authorization error of a Kafka client, or None when
+    ``err`` is something else."""
+    from aiokafka import errors
+
+    principal = f"User:{settings.kafka.sasl_username}" if settings.kafka.sasl_username else "the worker's principal"
+    if isinstance(err, errors.TopicAuthorizationFailedError):
+        topics = ", ".join(str(arg) for arg in err.args) or "a topic"
+        what = "READ" if set(err.args) & {settings.content_topic, settings.conversation_topic} else "WRITE"
+        return KafkaAccessDenied(
+            f"Kafka denied access to topic {topics} (TopicAuthorizationFailed): grant {principal} {what} on it"
+        )
+    if isinstance(err, errors.GroupAuthorizationFailedError):
+        return KafkaAccessDenied(
+            f"Kafka denied access to consumer group {settings.group_id} (GroupAuthorizationFailed): grant "
+            f"{principal} READ on the group (MODWORKER_GROUP_ID)"
+        )
+    if isinstance(err, errors.ClusterAuthorizationFailedError):
+        return KafkaAccessDenied(
+            f"Kafka denied a cluster operation (ClusterAuthorizationFailed): grant {principal} IDEMPOTENT_WRITE on "
+            "the cluster, or WRITE on the output topics"
+        )
+    return None
+
+
+async def authentication_failure(kafka: KafkaSettings) -> KafkaAccessDenied | None:
+    """With SASL, whether the first bootstrap server rejects the credentials: aiokafka
+    reports that only as "Unable to bootstrap"; this names the settings to fix."""
+    from aiokafka import errors
+    from aiokafka.conn import create_conn
+
+    if not kafka.security_protocol.startswith("SASL") or not kafka.bootstrap_servers:
+        return None
+    options = client_options(kafka)
+    host, _, port = kafka.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        conn = await create_conn(
+            host,
+            int(port),
+            request_timeout_ms=5000,
+            ssl_context=options.get("ssl_context"),
+            security_protocol=kafka.security_protocol,
+            sasl_mechanism=kafka.sasl_mechanism,
+            sasl_plain_username=kafka.sasl_username,
+            sasl_plain_password=options["sasl_plain_password"],
+        )
+    except errors.SaslAuthenticationFailed:
+        return KafkaAccessDenied(
+            f"Kafka at {kafka.bootstrap_servers} rejected the SASL credentials of user {kafka.sasl_username!r} "
+            f"({kafka.sasl_mechanism}): check MODWORKER_KAFKA__SASL_USERNAME and MODWORKER_KAFKA__SASL_PASSWORD"
+        )
+    except (errors.KafkaError, OSError, ValueError, TimeoutError):
+        return None
+    conn.close()
+    return None
+
+
 RebalanceCallback = Callable[[list[TopicPartition]], Awaitable[None]]
 """Called with the partitions (sorted) a rebalance revokes or assigns."""
 
@@ -75,11 +138,15 @@ class Source:
         rebalance_timeout_ms: int,
     ) -> None:
         kafka = settings.kafka
+        self._kafka = kafka
         self._topics = [settings.content_topic, settings.conversation_topic]
         self._listener = _Listener(on_assign, on_revoke)
         self._consumer = AIOKafkaConsumer(
             **client_options(kafka),
             group_id=settings.group_id,
+            # Static membership: a restart within the session timeout keeps this member's
+            # partitions (the broker waits for it; aiokafka sends no LeaveGroup on close).
+            group_instance_id=kafka.group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset=kafka.auto_offset_reset,
             session_timeout_ms=kafka.session_timeout_ms,
@@ -87,13 +154,32 @@ class Source:
             rebalance_timeout_ms=rebalance_timeout_ms,
             max_poll_records=kafka.max_poll_records,
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            # Exactly-once: inputs written in transactions upstream are read once committed.
+            isolation_level="read_committed" if settings.delivery == "exactly_once" else "read_uncommitted",
         )
         self.paused = False
         self._held: dict[TopicPartition, set[str]] = {}
 
     async def start(self) -> None:
+        """Start the consumer and join the group. Raises ``KafkaAccessDenied`` when an
+        input topic is not authorized: aiokafka would only log it and read the others."""
         await self._consumer.start()
+        await self._check_topics_authorized()
         self._consumer.subscribe(self._topics, listener=self._listener)
+
+    async def _check_topics_authorized(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.errors import TopicAuthorizationFailedError
+
+        admin = AIOKafkaAdminClient(**client_options(self._kafka))
+        await admin.start()
+        try:
+            described = await admin.describe_topics(self._topics)
+        finally:
+            await admin.close()
+        denied = [t["topic"] for t in described if t.get("error_code") == TopicAuthorizationFailedError.errno]
+        if denied:
+            raise TopicAuthorizationFailedError(*denied)
 
     async def stop(self) -> None:
         await self._consumer.stop()
@@ -141,6 +227,10 @@ class Source:
             assigned = self._consumer.assignment()
             self._consumer.resume(*(tp for tp in freed if tp in assigned))
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` on, from the next poll."""
+        self._consumer.seek(tp, offset)
+
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
 
@@ -159,3 +249,23 @@ class Source:
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         await self._consumer.commit(offsets)
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of ``tp``, asked of the coordinator now (None: none)."""
+        offset: int | None = await self._consumer.committed(tp)
+        return offset
+
+    async def seek_to_committed(self, tps: list[TopicPartition]) -> None:
+        """Read ``tps`` from the group's committed offsets as the coordinator has them now.
+
+        Exactly-once: aiokafka fetches committed offsets as the rebalance completes, which
+        can be before the previous owner's last transaction has written its markers; once
+        this member's ``init_transactions`` returned, that transaction has ended."""
+        offsets = await asyncio.gather(*(self.committed(tp) for tp in tps))
+        for tp, offset in zip(tps, offsets, strict=True):
+            if offset is not None and offset >= 0:
+                self._consumer.seek(tp, offset)
+
+    def request_rejoin(self) -> None:
+        """Ask the group for a rebalance (a fenced partition: let the group settle who owns it)."""
+        self._consumer._coordinator.request_rejoin()  # aiokafka has no public call for it

@@ -43,8 +43,10 @@ class ChangelogUnavailable(Exception):
 class StateChangelog:
     """The changelog ``topic`` of the conversation ``source_topic``'s state."""
 
-    def __init__(self, kafka: KafkaSettings, *, topic: str, source_topic: str) -> None:
+    def __init__(self, kafka: KafkaSettings, *, topic: str, source_topic: str, read_committed: bool = False) -> None:
         self.topic = topic
+        self.read_committed = read_committed
+        """Exactly-once: restore only what committed transactions wrote, up to the last stable offset."""
         self.source_topic = source_topic
         self._kafka = kafka
         self._ensured = False
@@ -116,6 +118,7 @@ class StateChangelog:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=_FETCH_WAIT_MS,
+            isolation_level="read_committed" if self.read_committed else "read_uncommitted",
         )
         latest: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
         read = 0
@@ -135,7 +138,7 @@ class StateChangelog:
                             values[record.key.decode("utf-8", "replace")] = record.value
                     read += len(records)
                 for tp in list(remaining):
-                    highwater = consumer.highwater(tp)
+                    highwater = consumer.last_stable_offset(tp) if self.read_committed else consumer.highwater(tp)
                     if highwater is None:  # no fetch response yet
                         continue
                     target = targets.setdefault(tp, highwater)

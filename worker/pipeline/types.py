@@ -36,7 +36,7 @@ class PartitionOffsets:
     partition is revoked: later results for it must never be committed by this member.
     """
 
-    __slots__ = ("_committed", "_done", "_next", "_order", "owned", "tp")
+    __slots__ = ("_committed", "_done", "_next", "_order", "finished_total", "owned", "tp")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -45,6 +45,8 @@ class PartitionOffsets:
         self._done: set[int] = set()  # finished offsets not yet at the head
         self._next: int | None = None  # one past the highest offset tracked
         self._committed: int | None = None
+        self.finished_total = 0
+        """Messages finished in this slot so far (``worker.pipeline.transactions`` counts by it)."""
 
     def track(self, offset: int) -> None:
         """Record an offset as read. Offsets must increase (raises ``ValueError`` otherwise)."""
@@ -55,6 +57,7 @@ class PartitionOffsets:
 
     def finish(self, offset: int) -> None:
         """Mark a tracked offset finished (its outputs are acknowledged)."""
+        self.finished_total += 1
         order = self._order
         if order and order[0] == offset:
             order.popleft()
@@ -79,6 +82,18 @@ class PartitionOffsets:
     def lowest_unfinished(self) -> int | None:
         """The offset the committed position is waiting for, if any."""
         return self._order[0] if self._order else None
+
+    @property
+    def finished_ahead(self) -> int:
+        """Finished offsets beyond the lowest unfinished one: 0 when everything finished
+        lies below ``position`` (a prefix with nothing finished after it)."""
+        return len(self._done)
+
+    @property
+    def position(self) -> int | None:
+        """The offset a commit now would name (lowest unfinished, else one past the
+        highest tracked); None before anything was tracked."""
+        return self._order[0] if self._order else self._next
 
     def committable(self) -> int | None:
         """The offset to commit now, or None when nothing new is complete."""

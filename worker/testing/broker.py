@@ -101,20 +101,28 @@ def _docker_answers() -> bool:
 
 
 @contextlib.contextmanager
-def test_broker(external: str | None = None, workdir: Path | None = None) -> Iterator[BrokerHandle]:
+def test_broker(
+    external: str | None = None, workdir: Path | None = None, *, prefer: str = "auto"
+) -> Iterator[BrokerHandle]:
     """Yield a broker by the resolution order above. ``external`` is KAFKA_BOOTSTRAP_SERVERS;
-    ``workdir`` holds Apache Kafka's log dir and ``server.log`` (a fresh temporary one if None)."""
+    ``workdir`` holds Apache Kafka's log dir and ``server.log`` (a fresh temporary one if None).
+    ``prefer``: ``auto`` (the order above), ``kafka`` (Apache Kafka or ``BrokerUnavailable``)
+    or ``tansu`` (the embedded broker, skipping Apache Kafka)."""
     if external:
         yield BrokerHandle(external, "external", f"external cluster at {external}")
         return
     from worker.testing import kafka_broker
 
-    reason = kafka_broker.missing_tools()
+    reason = kafka_broker.missing_tools() if prefer != "tansu" else "Tansu asked for"
+    if reason is not None and prefer == "kafka":
+        raise BrokerUnavailable(reason)
     if reason is None:
         root = workdir or Path(tempfile.mkdtemp(prefix="modworker-kafka-"))
         try:
             broker = kafka_broker.KafkaBroker(root).start()
         except BrokerUnavailable as err:
+            if prefer == "kafka":
+                raise
             reason = str(err)
         else:
             try:
@@ -128,7 +136,7 @@ def test_broker(external: str | None = None, workdir: Path | None = None) -> Ite
             finally:
                 broker.close()
             return
-    if _docker_answers():
+    if prefer != "tansu" and _docker_answers():
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer() as container:

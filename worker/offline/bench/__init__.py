@@ -107,6 +107,13 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         help="extra worker setting for every scenario, e.g. MODWORKER_MAX_IN_FLIGHT=2000",
     )
     bench.add_argument(
+        "--broker",
+        choices=["auto", "kafka", "tansu"],
+        default="auto",
+        help="auto: Apache Kafka from the test jars where Java and Maven are installed, else Tansu; "
+        "kafka or tansu: that one (default %(default)s)",
+    )
+    bench.add_argument(
         "--bootstrap-servers",
         help="an existing Kafka (PLAINTEXT); default KAFKA_BOOTSTRAP_SERVERS, else the embedded broker",
     )
@@ -198,7 +205,10 @@ async def _bench(args: argparse.Namespace, workload: Any, scenarios: list[Any], 
     say = _printer(progress)
     machine_info = reports.machine()
     api_key = "bench-" + secrets.token_hex(8)
-    with test_broker(_configured_bootstrap(args.bootstrap_servers)) as broker, ApiServerProcess(api_key) as server:
+    with (
+        test_broker(_configured_bootstrap(args.bootstrap_servers), prefer=args.broker) as broker,
+        ApiServerProcess(api_key) as server,
+    ):
         cluster = Cluster(broker.bootstrap_servers, idempotence=not broker.embedded)
         fetch_wait = _fetch_max_wait_ms(args.fetch_max_wait_ms, embedded=broker.embedded, say=say)
         ctx = BenchContext(
@@ -208,14 +218,14 @@ async def _bench(args: argparse.Namespace, workload: Any, scenarios: list[Any], 
             api_key,
             args.out_dir,
             cache=args.cache,
-            broker_pid=find_broker_pid() if broker.embedded else None,
+            broker_pid=find_broker_pid() if broker.kind in ("tansu", "kafka") else None,
             profile=args.profile,
             fetch_max_wait_ms=fetch_wait,
             worker_env=worker_env,
             progress=progress,
         )
         say(
-            f"broker: {broker.kind} at {broker.bootstrap_servers}; data: {workload.data_dir}; "
+            f"broker: {broker.description or broker.kind}; data: {workload.data_dir}; "
             f"{len(scenarios)} worker scenario(s)"
         )
         started = time.monotonic()

@@ -92,7 +92,7 @@ class Drain:
     calls: int = 0
     inputs_sent: int = 0
     broker_cpu_s_per_1000: float | None = None
-    """The embedded broker's CPU over the whole drain (start-up included) per 1,000 events."""
+    """The broker's CPU over the whole drain (start-up included) per 1,000 events."""
     rss_timeline: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the first output, RSS MB) of the process while it drained."""
     progress_timeline: list[tuple[float, int]] = field(default_factory=list)
@@ -328,12 +328,12 @@ def _progress_timeline(stamps: list[int], first_ms: int, points: int = 120) -> l
 
 
 def find_broker_pid() -> int | None:
-    """The embedded Tansu broker among this process's children, if it runs there."""
+    """The broker this process started (Tansu, or Apache Kafka's JVM), among its children."""
     import psutil
 
     for child in psutil.Process().children(recursive=True):
         try:
-            if "tansu" in child.name():
+            if "tansu" in child.name() or (child.name() == "java" and "kafka.Kafka" in child.cmdline()):
                 return child.pid
         except psutil.Error:
             continue
