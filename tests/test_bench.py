@@ -94,3 +94,34 @@ def test_tiny_bench_writes_a_consistent_report_and_plot(tmp_path: Path, capsys):
 
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lat0ms-b32-c2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_bench_of_both_delivery_modes_on_apache_kafka_ends_with_their_ratios(tmp_path: Path, capsys):
+    """Each scenario in each mode, back to back in one run, on Apache Kafka (exactly-once
+    needs transactions), and the table's closing ratios computed from the two entries."""
+    from worker.testing.kafka_broker import missing_tools
+
+    if missing_tools() is not None:
+        pytest.skip(missing_tools())
+    report_path = tmp_path / "bench.json"
+    code = main(
+        [
+            *("bench", "--events", str(EVENTS), "--latencies-ms", "0", "--batch-sizes", str(BATCH)),
+            *("--concurrency", "2", "--sweep-concurrency", "", "--no-latency", "--data-dir", str(SAMPLE)),
+            *("--out-dir", str(tmp_path), "--json", str(report_path), "--no-plot", "--no-progress"),
+            *("--broker", "kafka", "--delivery", "at_least_once,exactly_once"),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Apache Kafka" in err, "the bench names the broker it ran on"
+    report = json.loads(report_path.read_text())
+    assert report["broker"] == "kafka"
+    alo, eos = report["scenarios"]
+    assert (alo["delivery"], eos["delivery"]) == ("at_least_once", "exactly_once")
+    assert eos["name"] == alo["name"] + "-eos"
+    for scenario in (alo, eos):
+        assert scenario["completed"] and scenario["exit_code"] == 0 and scenario["outputs"] == EVENTS
+    ratio = eos["worker_msgs_per_s"] / alo["worker_msgs_per_s"]
+    assert f"exactly-once / at-least-once, {alo['name']}: msg/s {ratio:.2f}x" in out

@@ -107,6 +107,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         help="extra worker setting for every scenario, e.g. MODWORKER_MAX_IN_FLIGHT=2000",
     )
     bench.add_argument(
+        "--delivery",
+        default="at_least_once",
+        help="MODWORKER_DELIVERY modes, comma-separated; with both, each scenario runs in each mode back to back "
+        "and the table ends with exactly-once over at-least-once ratios (default %(default)s)",
+    )
+    bench.add_argument(
         "--broker",
         choices=["auto", "kafka", "tansu"],
         default="auto",
@@ -185,12 +191,21 @@ def plan(args: argparse.Namespace) -> list[Any]:
 
             raise CommandError(f"--sweep-at wants LATENCY_MS:BATCH, got {args.sweep_at!r}")
         combos += [(at[0], at[1], conc) for conc in _ints(args.sweep_concurrency) if (at[0], at[1], conc) not in combos]
+    modes = [m.strip() for m in args.delivery.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"at_least_once", "exactly_once"})
+    if unknown or not modes:
+        from worker.cli import CommandError
+
+        raise CommandError(f"--delivery takes at_least_once and/or exactly_once, got {args.delivery!r}")
     scenarios = []
     for lat, size, conc in combos:
         events = args.events
         if lat > 0:  # a slow backend: as many events as it clears in about --drain-seconds
             events = min(events, max(1_000, int(conc * size / (lat / 1000) * args.drain_seconds)))
-        scenarios.append(Scenario(lat, size, conc, args.max_wait_ms, events, latency_phase=not args.no_latency))
+        for mode in modes:
+            scenarios.append(
+                Scenario(lat, size, conc, args.max_wait_ms, events, latency_phase=not args.no_latency, delivery=mode)
+            )
     return scenarios
 
 

@@ -97,6 +97,7 @@ def scenario_entry(
     )
     entry: dict[str, Any] = {
         "name": s.name,
+        "delivery": s.delivery,
         "backend_latency_ms": s.backend_latency_ms,
         "batch_size": s.batch_size,
         "concurrency": s.concurrency,
@@ -228,12 +229,32 @@ def table(report: dict[str, Any]) -> str:
             f"{s['peak_rss_mb']:>8.0f}{_num(s['broker_cpu_s_per_1000'], 3):>8}"
             + ("" if s["completed"] else "  (incomplete)")
         )
+    lines += delivery_ratios(report["scenarios"])
     lines.append(
         "latency: ms from the event's timestamp to its verdict readable by a consumer; +p99: minus the backend's "
         "latency and the limit's own p99; cpu/1k, brk/1k: CPU seconds per 1,000 messages of the worker and of "
         "the broker"
     )
     return "\n".join(lines)
+
+
+def delivery_ratios(scenarios: list[dict[str, Any]]) -> list[str]:
+    """Exactly-once over at-least-once for each scenario run in both modes (same run):
+    msg/s, worker CPU per message and p99 added latency, as ratios."""
+    by_name = {s["name"]: s for s in scenarios}
+    lines = []
+    for name, eos in by_name.items():
+        alo = by_name.get(name.removesuffix("-eos")) if name.endswith("-eos") else None
+        if alo is None:
+            continue
+        added = [(s["added_over_limit_ms"] or s["added_latency_ms"] or {}).get("p99") for s in (eos, alo)]
+        p99 = f"{added[0] / added[1]:.2f}x" if None not in added and added[1] else "-"
+        lines.append(
+            f"exactly-once / at-least-once, {alo['name']}: msg/s {eos['worker_msgs_per_s'] / alo['worker_msgs_per_s']:.2f}x, "
+            f"CPU per message {eos['cpu_s_per_1000'] / alo['cpu_s_per_1000']:.2f}x, p99 added latency {p99} "
+            f"({_num(added[0], 0)} vs {_num(added[1], 0)} ms)"
+        )
+    return lines
 
 
 def _num(value: Any, digits: int) -> str:

@@ -64,10 +64,13 @@ class Scenario:
     max_wait_ms: int
     events: int
     latency_phase: bool = True
+    delivery: str = "at_least_once"
+    """``MODWORKER_DELIVERY`` of the worker."""
 
     @property
     def name(self) -> str:
-        return f"lat{self.backend_latency_ms}ms-b{self.batch_size}-c{self.concurrency}"
+        mode = "-eos" if self.delivery == "exactly_once" else ""
+        return f"lat{self.backend_latency_ms}ms-b{self.batch_size}-c{self.concurrency}{mode}"
 
     def ideal_msgs_per_s(self) -> float | None:
         """What the backend allows: concurrency x batch / latency (None at 0 ms: unbounded)."""
@@ -296,6 +299,7 @@ def _worker_settings(ctx: BenchContext, scenario: Scenario, topics: _Topics) -> 
         "MODWORKER_BATCH__MAX_SIZE": str(scenario.batch_size),
         "MODWORKER_BATCH__MAX_WAIT_MS": str(scenario.max_wait_ms),
         "MODWORKER_SCORING__MAX_CONCURRENCY": str(scenario.concurrency),
+        "MODWORKER_DELIVERY": scenario.delivery,
         "MODWORKER_HTTP__MAX_CONNECTIONS": str(max(16, scenario.concurrency)),
         "MODWORKER_CACHE__ENABLED": "true" if ctx.cache else "false",
         "MODWORKER_LOG_FORMAT": "json",
