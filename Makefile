@@ -9,13 +9,14 @@ KAFKA_JARS := build/kafka/lib/.pom-sha256
 
 .PHONY: demo test check bench chaos schemas clean kafka-jars
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned, installed first. PyPI serves only its CUDA build for Linux (about 4 GB with
 	# the nvidia-* wheels, ~1.5 min here); it runs on CPU. No CPU-only index is reachable here.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,local]'
+	$(PY) -m pip install --quiet -c deploy/constraints.txt torch==2.13.0
+	# The run-time dependencies at the versions deploy/constraints.txt locks (what the image installs).
+	$(PY) -m pip install --quiet -c deploy/constraints.txt -e '.[test,local]'
 	# kubectl renders deploy/k8s in the tests: Debian's kubernetes-client when missing (root only).
 	command -v kubectl >/dev/null 2>&1 \
 		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } \

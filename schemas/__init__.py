@@ -1,9 +1,14 @@
-"""The message contracts of moderation-worker (pydantic models + exported JSON Schemas)."""
+"""The message contracts of moderation-worker (pydantic models + exported JSON Schemas).
 
-from schemas.export import export_json_schemas, json_schemas
-from schemas.models import (
+Installed alone from ``contracts/`` this package is ``moderation_contracts`` (pydantic is
+its only dependency), so the imports here are relative.
+"""
+
+from .export import export_json_schemas, json_schemas
+from .models import (
     ACTION_SEVERITY,
     CONTRACT_VERSION,
+    OUTPUT_HEADERS,
     Action,
     BackendDetails,
     CategoryHit,
@@ -12,6 +17,7 @@ from schemas.models import (
     DeadLetterHeaders,
     InputPosition,
     Kind,
+    OutputHeaders,
     ScoreKind,
     ShadowVerdict,
     StageScore,
@@ -23,6 +29,7 @@ from schemas.models import (
 __all__ = [
     "ACTION_SEVERITY",
     "CONTRACT_VERSION",
+    "OUTPUT_HEADERS",
     "Action",
     "BackendDetails",
     "CategoryHit",
@@ -31,6 +38,7 @@ __all__ = [
     "DeadLetterHeaders",
     "InputPosition",
     "Kind",
+    "OutputHeaders",
     "ScoreKind",
     "ShadowVerdict",
     "StageScore",

@@ -1,13 +1,21 @@
 """Message contracts: the product's public API.
 
 Every model here is published as a JSON Schema under ``schemas/json/`` (see
-``modworker schemas export``); a test fails when the checked-in files drift from these
-models. Changing a field is a versioned, reviewed change: bump ``CONTRACT_VERSION``.
+``modworker schemas export``) and in the AsyncAPI document ``schemas/asyncapi.yaml``;
+a test fails when the checked-in files drift from these models.
 
-Inputs (``ContentEvent``, ``ConversationEvent``) accept unknown fields and ignore them, so
-producers can add fields without breaking the worker. Outputs (``Verdict``,
-``Violation``) forbid unknown fields so that a consumer validating against the schema
-notices a contract change.
+Compatibility rule: within one ``CONTRACT_VERSION`` (a major version) changes are
+additive only: a new optional field, a new enum value documented as such, never a removed,
+renamed or retyped field. Readers ignore fields they do not know, so every model here
+does (``extra="ignore"``), inputs and outputs alike, and the published JSON Schemas allow
+additional properties. A breaking change is a new ``CONTRACT_VERSION``, announced in the
+``modworker-contract`` header of every output record (``OUTPUT_HEADERS``).
+
+The worker's own outputs are held to the exact fields declared here by its tests
+(``schemas.export.strict_json_schema``), not by these models.
+
+Importable as ``schemas`` inside the worker and, installed alone (``contracts/``, needs
+only pydantic), as ``moderation_contracts``: the modules import each other relatively.
 """
 
 from __future__ import annotations
@@ -18,7 +26,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CONTRACT_VERSION = "2"
-"""2: ``Verdict.backend_details``, ``decided_by``, ``stages`` and ``trimmed`` (all optional) added; ``ShadowVerdict``."""
+"""The major version of the output contract, in the ``modworker-contract`` header of every
+verdict, violation and shadow verdict. 2: ``Verdict.backend_details``, ``decided_by``,
+``stages`` and ``trimmed`` (all optional), ``ShadowVerdict``."""
+
+
+class OutputHeaders:
+    """Header names on verdict, violation and shadow-verdict records. Values are UTF-8."""
+
+    CONTENT_TYPE = "content-type"
+    """``application/json``: the value is one UTF-8 JSON object."""
+    CONTRACT = "modworker-contract"
+    """``CONTRACT_VERSION``: the major version the value follows. A consumer that knows
+    version N reads every record marked N, ignoring fields it does not know."""
+
+
+OUTPUT_HEADERS: list[tuple[str, bytes]] = [
+    (OutputHeaders.CONTENT_TYPE, b"application/json"),
+    (OutputHeaders.CONTRACT, CONTRACT_VERSION.encode()),
+]
+"""The headers of every verdict, violation and shadow verdict: one shared list, never
+mutated (the producer only reads it), so they cost no allocation per record."""
 
 Action = Literal["allow", "flag", "review", "block"]
 """What downstream should do, in increasing severity: ``allow < flag < review < block``."""
@@ -84,7 +112,7 @@ class ConversationEvent(_Input):
 
 
 class _Output(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
 
 class InputPosition(_Output):

@@ -323,3 +323,178 @@ def test_the_shadow_is_off_unless_sampled_and_a_candidate_is_named(monkeypatch, 
     monkeypatch.setenv("MODWORKER_SHADOW__SAMPLE", "1.5")
     with pytest.raises(ConfigError, match="MODWORKER_SHADOW__SAMPLE"):
         load_settings()
+
+
+# --- misspelled settings and malformed files -------------------------------------------------
+
+
+def test_a_misspelled_variable_is_a_warning_naming_the_closest_setting_not_an_error(monkeypatch, minimal_env):
+    # An older image started with a newer ConfigMap (a rollback) sees variables it does not
+    # know: it must start, and say which ones it ignores.
+    monkeypatch.setenv("MODWORKER_BATCH__MAXSIZE", "64")
+    settings = load_settings()
+    assert settings.batch.max_size != 64
+    assert settings.unknown_variables == [
+        "MODWORKER_BATCH__MAXSIZE is not a setting and is ignored (did you mean MODWORKER_BATCH__MAX_SIZE?); "
+        "rename or unset it"
+    ]
+
+
+def test_a_variable_far_from_every_setting_is_named_without_a_guess(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_QQQQ", "1")
+    assert load_settings().unknown_variables == ["MODWORKER_QQQQ is not a setting and is ignored; rename or unset it"]
+
+
+def test_known_variables_give_no_warning(monkeypatch, minimal_env):
+    monkeypatch.setenv("MODWORKER_BATCH__MAX_SIZE", "64")
+    assert load_settings().unknown_variables == []
+
+
+def test_every_variable_a_setting_reads_is_accepted(monkeypatch, minimal_env):
+    from worker.config import settings_reference, unknown_environment_names
+
+    documented = {env.split(" (or ")[-1].rstrip(")"): "x" for env, _, _ in settings_reference()}
+    assert len(documented) > 50
+    also_read = {
+        "MODWORKER_HTTP__FAIL_POLICY": "x",  # a deprecated alias, still read for one release
+        "MODWORKER_LOCAL__LABELS__toxic": "offensive",  # a key of a mapping setting
+        "MODWORKER_BATCH": '{"max_size": 3}',  # a whole section as JSON
+        "modworker_batch__max_size": "3",  # names are read without regard to case
+        "MODWORKER_KAFKA_JARS": "/jars",  # read by the test broker, not a setting
+        "KAFKA_BOOTSTRAP_SERVERS": "b:1",
+        "OTHER_TOOL_SETTING": "x",
+    }
+    assert unknown_environment_names({**documented, **also_read}) == []
+    monkeypatch.setenv("modworker_batch__max_size", "3")
+    assert load_settings().batch.max_size == 3
+
+
+def test_an_unknown_key_in_the_yaml_file_is_named_with_its_line_and_the_closest_key(tmp_path, minimal_env):
+    path = tmp_path / "worker.yaml"
+    path.write_text("group_id: g\nbatch: {max_sise: 64}\nkafka:\n  client_id: c\n  sesion_timeout_ms: 6000\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=path)
+    lines = str(caught.value).splitlines()
+    assert lines == [
+        f"configuration error: --config {path}: unknown setting batch.max_sise at line 2, column 9 "
+        "(did you mean batch.max_size?); fix or remove the key",
+        f"configuration error: --config {path}: unknown setting kafka.sesion_timeout_ms at line 5, column 3 "
+        "(did you mean kafka.session_timeout_ms?); fix or remove the key",
+    ]
+
+
+def test_a_malformed_yaml_file_is_one_line_with_its_line_and_column(tmp_path, minimal_env):
+    path = tmp_path / "worker.yaml"
+    path.write_text("batch:\n  max_size: 64\n   max_wait_ms: 5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"configuration error: --config {path}: not valid YAML: ")
+    assert "at line 3, column 15" in message and message.endswith("; fix it there")
+
+
+def test_a_yaml_file_whose_top_level_is_no_mapping_is_one_line(tmp_path, minimal_env):
+    path = tmp_path / "worker.yaml"
+    path.write_text("- kafka\n- batch\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_settings(config_file=path)
+
+
+# --- modworker config / config check ---------------------------------------------------------
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from worker import cli
+
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_config_prints_the_effective_settings_with_secrets_masked(monkeypatch, capsys, config_file):
+    monkeypatch.setenv("MODWORKER_BATCH__MAX_SIZE", "9")
+    monkeypatch.setenv("MODWORKER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_USERNAME", "user")
+    monkeypatch.setenv("MODWORKER_KAFKA__SASL_PASSWORD", SECRET + "-password")
+    monkeypatch.setenv("MISTRAL_API_KEY", SECRET)
+    code, out, err = run_cli(capsys, "config", "--config", str(config_file), "-b", "cli-broker:9092")
+    assert code == 0, err
+    shown = dict(line.split("=", 1) for line in out.splitlines())
+    assert SECRET not in out + err
+    assert shown["MODWORKER_MISTRAL__API_KEY"] == "********"  # set, and masked
+    assert shown["MODWORKER_KAFKA__SASL_PASSWORD"] == "********"
+    assert shown["MODWORKER_OPENAI__API_KEY"] == ""  # unset
+    assert shown["MODWORKER_BATCH__MAX_SIZE"] == "9"  # the environment over the file
+    assert shown["MODWORKER_BATCH__MAX_WAIT_MS"] == "70"  # the file
+    assert shown["MODWORKER_KAFKA__BOOTSTRAP_SERVERS"] == "cli-broker:9092"  # -b over everything
+    assert shown["MODWORKER_VERDICT_TOPIC"] == "moderation.verdicts"  # a default
+    from worker.config import settings_reference
+
+    assert len(shown) == len(settings_reference())
+
+    code, changed, _ = run_cli(capsys, "config", "--changed", "--config", str(config_file))
+    assert code == 0
+    names = [line.split("=", 1)[0] for line in changed.splitlines()]
+    assert "MODWORKER_BATCH__MAX_WAIT_MS" in names and "MODWORKER_VERDICT_TOPIC" not in names
+
+
+def test_config_check_passes_a_complete_configuration(minimal_env, capsys):
+    code, out, err = run_cli(capsys, "config", "check")
+    assert (code, err) == (0, "")
+    assert out.startswith("configuration ok: backend mistral, policy built-in default (version ")
+    assert "Kafka broker:9092" in out
+    for args in (("config", "-b", "cli:1", "check"), ("config", "check", "-b", "cli:1")):  # -b before or after
+        code, out, _ = run_cli(capsys, *args)
+        assert code == 0 and "Kafka cli:1" in out, args
+
+
+def test_config_check_names_every_problem_on_its_own_line(monkeypatch, capsys, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("categories:\n  sexual: {threshold: 1.5, action: block}\n")
+    shadow = tmp_path / "shadow.yaml"
+    shadow.write_text("categories: [\n")
+    monkeypatch.setenv("MODWORKER_POLICY_FILE", str(policy))
+    monkeypatch.setenv("MODWORKER_SHADOW__POLICY_FILE", str(shadow))
+    code, out, err = run_cli(capsys, "config", "check")
+    lines = err.splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 4, lines
+    assert all(line.startswith("modworker: configuration error: ") for line in lines)
+    assert "KAFKA_BOOTSTRAP_SERVERS is not set" in lines[0]
+    assert "MISTRAL_API_KEY is not set" in lines[1]
+    assert lines[2].startswith(f"modworker: configuration error: MODWORKER_POLICY_FILE: policy file {policy}: ")
+    assert "categories.sexual.threshold: must be a number from 0 to 1 (got 1.5)" in lines[2]
+    assert lines[3].startswith("modworker: configuration error: MODWORKER_SHADOW__POLICY_FILE: ")
+
+
+def test_config_check_reports_an_invalid_value_and_warns_of_an_unknown_variable(monkeypatch, minimal_env, capsys):
+    monkeypatch.setenv("MODWORKER_BATCH__MAXSIZE", "64")
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 0
+    assert err.splitlines() == [
+        "modworker: warning: MODWORKER_BATCH__MAXSIZE is not a setting and is ignored "
+        "(did you mean MODWORKER_BATCH__MAX_SIZE?); rename or unset it"
+    ]
+    monkeypatch.setenv("MODWORKER_BATCH__MAX_SIZE", "lots")
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "MODWORKER_BATCH__MAX_SIZE" in err
+
+
+def test_exactly_once_is_off_by_default_and_refuses_a_non_idempotent_producer(monkeypatch, minimal_env):
+    assert load_settings().delivery == "at_least_once"
+    monkeypatch.setenv("MODWORKER_DELIVERY", "exactly_once")
+    monkeypatch.setenv("MODWORKER_EXACTLY_ONCE__TRANSACTIONAL_ID_PREFIX", "prod-")
+    settings = load_settings()
+    assert (settings.delivery, settings.exactly_once.transactional_id_prefix) == ("exactly_once", "prod-")
+    monkeypatch.setenv("MODWORKER_KAFKA__ENABLE_IDEMPOTENCE", "false")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "MODWORKER_DELIVERY=exactly_once" in message and "MODWORKER_KAFKA__ENABLE_IDEMPOTENCE" in message
+    monkeypatch.setenv("MODWORKER_DELIVERY", "exactly-once")
+    with pytest.raises(ConfigError, match="MODWORKER_DELIVERY: "):
+        load_settings()

@@ -1,5 +1,5 @@
-"""The message contracts: checked-in JSON Schemas match the models; inputs are lenient,
-outputs strict."""
+"""The message contracts: checked-in JSON Schemas match the models; readers ignore unknown
+fields, and the worker's own outputs hold to the declared ones."""
 
 from __future__ import annotations
 
@@ -13,17 +13,20 @@ from pydantic import ValidationError
 
 from schemas import (
     ACTION_SEVERITY,
+    CONTRACT_VERSION,
+    OUTPUT_HEADERS,
     Action,
     CategoryHit,
     ContentEvent,
     ConversationEvent,
     DeadLetterHeaders,
+    OutputHeaders,
     Verdict,
     Violation,
     export_json_schemas,
     json_schemas,
 )
-from schemas.export import CHECKED_IN_DIR
+from schemas.export import CHECKED_IN_DIR, strict_json_schema
 
 REGENERATE = "run `modworker schemas export schemas/json` and commit the result"
 
@@ -53,12 +56,19 @@ def test_json_schemas_are_deterministic_and_valid_json():
         assert schema["type"] == "object"
 
 
-def test_output_schemas_forbid_extra_properties_and_input_schemas_allow_them():
-    schemas = {name: json.loads(text) for name, text in json_schemas().items()}
-    assert schemas["verdict.schema.json"]["additionalProperties"] is False
-    assert schemas["violation.schema.json"]["additionalProperties"] is False
-    assert schemas["content_event.schema.json"].get("additionalProperties", True) is not False
-    assert schemas["conversation_event.schema.json"].get("additionalProperties", True) is not False
+def test_every_published_schema_allows_unknown_properties_at_every_level():
+    # A consumer validating version 2 with these schemas must keep working when a field is
+    # added within version 2: nothing in them may be closed.
+    for name, text in json_schemas().items():
+        assert '"additionalProperties": false' not in text, name
+
+
+def test_every_published_schema_names_its_dialect_and_contract_version():
+    for name, text in json_schemas().items():
+        schema = json.loads(text)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema", name
+        assert schema["$id"] == f"https://moderation-worker.dev/schemas/v{CONTRACT_VERSION}/{name}", name
+        assert schema["x-contract-version"] == CONTRACT_VERSION
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -154,17 +164,39 @@ def _violation_fields() -> dict[str, Any]:
         (CategoryHit, lambda: {"category": "sexual", "score": 0.9, "threshold": 0.5, "action": "block"}),
     ],
 )
-def test_outputs_forbid_unknown_fields(model, fields):
-    model.model_validate(fields())  # the valid document itself is accepted
-    with pytest.raises(ValidationError, match="extra"):
-        model.model_validate({**fields(), "surprise": 1})
+def test_outputs_ignore_unknown_fields_as_a_consumer_of_a_later_additive_change_must(model, fields):
+    known = model.model_validate(fields())
+    later = model.model_validate({**fields(), "added_in_a_later_release": {"x": 1}})
+    assert later == known
+    assert "added_in_a_later_release" not in later.model_dump()
 
 
-def test_a_verdict_forbids_unknown_fields_in_nested_parts():
+def test_a_verdict_ignores_unknown_fields_in_nested_parts():
     fields = _verdict_fields()
     fields["input"] = {**fields["input"], "timestamp": 1}
-    with pytest.raises(ValidationError, match=r"input\.timestamp"):
-        Verdict.model_validate(fields)
+    fields["violations"][0]["severity"] = "high"
+    verdict = Verdict.model_validate(fields)
+    assert verdict.input.offset == 7 and verdict.violations[0].category == "sexual"
+
+
+def test_the_strict_schema_holds_the_worker_to_the_declared_fields():
+    import jsonschema
+
+    document = json.loads(Verdict.model_validate(_verdict_fields()).model_dump_json())
+    strict = strict_json_schema("verdict")
+    jsonschema.validate(document, strict)  # the declared fields pass
+    jsonschema.validate({**document, "surprise": 1}, json.loads(json_schemas()["verdict.schema.json"]))
+    with pytest.raises(jsonschema.ValidationError, match="surprise"):
+        jsonschema.validate({**document, "surprise": 1}, strict)
+    nested = {**document, "input": {**document["input"], "timestamp": 1}}
+    with pytest.raises(jsonschema.ValidationError, match="timestamp"):
+        jsonschema.validate(nested, strict)
+    jsonschema.validate({**document, "scores": {"new_category": 0.5}}, strict)  # open maps stay open
+
+
+def test_output_headers_carry_the_content_type_and_the_contract_version():
+    assert dict(OUTPUT_HEADERS) == {"content-type": b"application/json", "modworker-contract": b"2"}
+    assert OutputHeaders.CONTRACT == "modworker-contract" and CONTRACT_VERSION == "2"
 
 
 def test_a_verdict_round_trips_through_json():

@@ -13,8 +13,9 @@ message is one line per problem naming the environment variable and the fix.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_origin
 
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -55,6 +56,12 @@ class KafkaSettings(BaseModel):
     sasl_username: str | None = Field(default=None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(default=None, description="SASL password (secret).")
     ssl_cafile: Path | None = Field(default=None, description="CA bundle for TLS (SSL / SASL_SSL).")
+    group_instance_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Static group membership: a name unique and stable per worker (a StatefulSet pod name); "
+        "a worker restarted within the session timeout keeps its partitions, no rebalance.",
+    )
     session_timeout_ms: int = Field(default=10_000, ge=1_000, description="Group session timeout.")
     heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="Group heartbeat interval.")
     max_poll_records: int = Field(default=500, ge=1, description="Records per poll, at most.")
@@ -328,8 +335,30 @@ class ConversationSettings(BaseModel):
     )
 
 
+class ExactlyOnceSettings(BaseModel):
+    """``MODWORKER_DELIVERY=exactly_once``: one transactional producer per owned input partition."""
+
+    transactional_id_prefix: str = Field(
+        default="",
+        description="Prepended to each transactional id ({prefix}{group_id}-{topic}-{partition}); must be the same "
+        "on every member of the group.",
+    )
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=1_000,
+        le=900_000,
+        description="Broker-side timeout: an open transaction of a vanished producer is aborted after this.",
+    )
+    call_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Bound on each transactional step (init, commit, abort); on expiry the partition's producer is "
+        "recreated and the transaction retried.",
+    )
+
+
 class Settings(BaseSettings):
-    """All of the worker's configuration. See the README's configuration table."""
+    """All of the worker's configuration. Every setting is listed in docs/configuration.md."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -363,6 +392,12 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     conversation: ConversationSettings = Field(default_factory=ConversationSettings)
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description="exactly_once: each input partition's outputs and offsets commit in one Kafka transaction "
+        "(consumers must read with isolation_level=read_committed).",
+    )
+    exactly_once: ExactlyOnceSettings = Field(default_factory=ExactlyOnceSettings)
 
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")
@@ -406,6 +441,7 @@ class Settings(BaseSettings):
     )
 
     _deprecations: list[str] = PrivateAttr(default_factory=list)
+    _unknown_variables: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_requirements(self) -> Settings:
@@ -425,6 +461,11 @@ class Settings(BaseSettings):
             )
         if self.shadow.policy_file is not None and not self.shadow.policy_file.is_file():
             raise ValueError(f"MODWORKER_SHADOW__POLICY_FILE: no such file {self.shadow.policy_file}")
+        if self.delivery == "exactly_once" and not self.kafka.enable_idempotence:
+            raise ValueError(
+                "MODWORKER_DELIVERY=exactly_once needs the idempotent producer: unset "
+                "MODWORKER_KAFKA__ENABLE_IDEMPOTENCE (or set it true), or use MODWORKER_DELIVERY=at_least_once"
+            )
         return self
 
     def backends_in_use(self) -> list[str]:
@@ -456,6 +497,12 @@ class Settings(BaseSettings):
     def deprecations(self) -> list[str]:
         """One line per deprecated setting in use, for the start-up log."""
         return list(self._deprecations)
+
+    @property
+    def unknown_variables(self) -> list[str]:
+        """One warning line per ``MODWORKER_*`` variable that no setting reads (filled by
+        ``load_settings``), naming the closest real setting, for the start-up log."""
+        return list(self._unknown_variables)
 
     @classmethod
     def settings_customise_sources(
@@ -556,12 +603,22 @@ def load_settings(
     ``overrides`` are keyword arguments that win over everything (used by tests and the
     demo). With ``require_backend`` the chosen backend's credentials must be present; with
     ``require_kafka`` a bootstrap address (offline tools such as train/eval need none).
-    Raises ``ConfigError`` with one line per problem.
+    Raises ``ConfigError`` with one line per problem; a YAML key that no setting reads or
+    a file that is not valid YAML is such a problem, named with its line and column and the
+    closest real key. A ``MODWORKER_*`` variable that no setting reads is only a warning
+    (``Settings.unknown_variables``, logged at start-up): a newer ConfigMap must not stop
+    an older image from starting.
     """
+    unknown_variables = unknown_environment_names(os.environ)
+    problems: list[str] = []
     settings_cls: type[Settings] = Settings
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError(f"--config: no such file {config_file}")
+        problems += unknown_file_keys(config_file)
+    if problems:
+        raise ConfigError("\n".join(f"configuration error: {line}" for line in problems))
+    if config_file is not None:
         settings_cls = type(
             "Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(config_file)}}
         )
@@ -577,7 +634,106 @@ def load_settings(
         )
     if require_backend:
         check_backend_credentials(settings)
+    settings._unknown_variables = unknown_variables
     return settings
+
+
+TOOL_ENVIRONMENT = frozenset({"MODWORKER_KAFKA_JARS", "MODWORKER_CHAOS_RESULTS"})
+"""``MODWORKER_*`` variables that the test tooling reads (the Kafka jars, the chaos
+report); they are no settings and the worker ignores them."""
+
+
+def unknown_environment_names(environ: Mapping[str, str]) -> list[str]:
+    """One warning line per ``MODWORKER_*`` variable in ``environ`` that no setting reads,
+    naming the closest real one. Names are matched without regard to case, as they are read."""
+    exact, open_prefixes = _environment_names()
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in exact or upper in TOOL_ENVIRONMENT:
+            continue
+        if any(upper.startswith(prefix) for prefix in open_prefixes):
+            continue
+        short = sorted(env.removeprefix(ENV_PREFIX) for env in exact)
+        closest = _closest(upper.removeprefix(ENV_PREFIX), short, prefix=ENV_PREFIX)
+        problems.append(f"{name} is not a setting and is ignored{closest}; rename or unset it")
+    return problems
+
+
+def _environment_names() -> tuple[set[str], tuple[str, ...]]:
+    """Every variable a setting reads, and the prefixes under which any name is a key of
+    a mapping setting (``MODWORKER_LOCAL__LABELS__<label>``)."""
+    exact: set[str] = set()
+    open_prefixes: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            env = f"{prefix}{name.upper()}"
+            exact.add(env)  # a section may also be given whole, as JSON
+            section = _section_model(field.annotation)
+            if section is not None:
+                walk(section, env + "__")
+            elif get_origin(field.annotation) is dict:
+                open_prefixes.append(env + "__")
+
+    walk(Settings, ENV_PREFIX)
+    return exact, tuple(open_prefixes)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def unknown_file_keys(config_file: Path) -> list[str]:
+    """One line per problem of a ``--config`` file that validation would not report: a
+    file that is not valid YAML (its line and column), a top level that is no mapping,
+    or a key that no setting reads (its line and column and the closest real key)."""
+    import yaml
+
+    try:
+        root = yaml.compose(config_file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError) as err:
+        return [f"--config {config_file}: cannot read it ({err}); it must be a readable UTF-8 YAML file"]
+    except yaml.YAMLError as err:
+        return [f"--config {config_file}: not valid YAML: {_yaml_problem(err)}; fix it there"]
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return [f"--config {config_file}: the top level must be a mapping of settings (kafka:, batch: ...)"]
+    problems: list[str] = []
+
+    def walk(node: yaml.MappingNode, model: type[BaseModel], path: str) -> None:
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            field = model.model_fields.get(key)
+            if field is None:
+                mark = key_node.start_mark
+                closest = _closest(key, list(model.model_fields), prefix=path)
+                problems.append(
+                    f"--config {config_file}: unknown setting {path}{key} at line {mark.line + 1}, "
+                    f"column {mark.column + 1}{closest}; fix or remove the key"
+                )
+                continue
+            section = _section_model(field.annotation)
+            if section is not None and isinstance(value_node, yaml.MappingNode):
+                walk(value_node, section, f"{path}{key}.")
+
+    walk(root, Settings, "")
+    return problems
+
+
+def _yaml_problem(err: Any) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(err).replace("\n", " ")
+
+
+def _closest(name: str, candidates: list[str], *, prefix: str = "") -> str:
+    import difflib
+
+    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{found[0]}?)" if found else ""
 
 
 def _describe(error: Any) -> str:
@@ -607,7 +763,7 @@ _UNPREFIXED = {
 def settings_reference() -> list[tuple[str, str, str]]:
     """``(environment variable, default, description)`` for every setting, in model order.
 
-    The README's configuration table is generated from this (``modworker config``), and a
+    docs/configuration.md's table is generated from this (``modworker config reference``), and a
     test keeps the two in step.
     """
     rows: list[tuple[str, str, str]] = []
@@ -631,4 +787,42 @@ def settings_reference() -> list[tuple[str, str, str]]:
             rows.append((env, shown, (field.description or "").replace("|", "\\|")))
 
     walk(Settings, "")
+    return rows
+
+
+MASKED = "********"
+"""What ``effective_settings`` shows for a secret that is set."""
+
+
+def effective_settings(settings: Settings) -> list[tuple[str, str, bool]]:
+    """``(environment variable, value, is default)`` for every setting of ``settings``, in
+    model order, as ``modworker config`` prints them: secrets that are set as ``MASKED``,
+    unset values as ``""``, mappings as JSON."""
+    import json
+
+    rows: list[tuple[str, str, bool]] = []
+
+    def shown(value: Any) -> str:
+        if isinstance(value, SecretStr):
+            return MASKED if value.get_secret_value() else ""
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, dict):
+            return json.dumps(value, sort_keys=True)
+        return str(value)
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            if field.exclude:
+                continue
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{prefix}{name.upper()}__")
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{ENV_PREFIX}{prefix}{name.upper()}", shown(value), shown(default) == shown(value)))
+
+    walk(settings, "")
     return rows

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
 from schemas import json_schemas
+from tests import kafka_support
 from tests.conftest import worker_env
 from tests.kafka_support import read_all, wait_for_count
 
@@ -87,9 +93,10 @@ async def test_produce_run_tail_round_trip_with_the_key_in_no_output(
     source = tmp_path / "events.jsonl"
     source.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json at all\n")
     env = worker_env(broker, topics, mistral, api_key)
-    produced = modworker("produce", str(source), "--topic", topics.content, env=env)
+    produced = modworker("produce", str(source), "--topic", topics.content, "--allow-invalid", env=env)
     assert produced.returncode == 0, produced.stderr.decode()
-    assert "published 6 records" in produced.stderr.decode()
+    assert f"{source}:6: not_json: value is not JSON" in produced.stderr.decode()
+    assert "published 6 records" in produced.stderr.decode() and "(1 invalid: line 6)" in produced.stderr.decode()
     records = await read_all(broker.bootstrap_servers, topics.content, expected=6, idle_s=0.5)
     assert sorted(r.key for r in records if r.key) == [f"p-{i}".encode() for i in range(5)]  # keyed by id
 
@@ -98,12 +105,14 @@ async def test_produce_run_tail_round_trip_with_the_key_in_no_output(
     await wait_for_count(broker.bootstrap_servers, topics.dead_letter, 1)
     assert worker.stop(signal.SIGTERM) == 0
 
-    tailed = modworker("tail", topics.verdict, "--max", "5", "--timeout", "20", env=env)
+    tailed = modworker(
+        "tail", topics.verdict, "--from-beginning", "--max-messages", "5", "--timeout-ms", "20000", env=env
+    )
     lines = tailed.stdout.decode().strip().splitlines()
     assert tailed.returncode == 0 and len(lines) == 5
     assert sum(line.startswith("block") for line in lines) == 1
     assert any("hate_and_discrimination=0.90" in line for line in lines)
-    dead = modworker("tail", topics.dead_letter, "--max", "1", "--timeout", "20", env=env)
+    dead = modworker("tail", topics.dead_letter, "--from-beginning", "--max-messages", "1", env=env)
     assert "dead-letter not_json" in dead.stdout.decode()
 
     assert api_key not in worker.log() + produced.stderr.decode() + tailed.stdout.decode()
@@ -134,3 +143,198 @@ def test_a_local_model_that_fails_to_load_stops_the_worker_with_one_line(tmp_pat
         assert "Traceback" not in out and "Unclosed" not in out, out
         last = out.strip().splitlines()[-1]
         assert "local" in last and model in last, last
+
+
+# -- behaving like Kafka's own tools -----------------------------------------------------------
+
+
+def test_version_is_the_installed_package_s():
+    import importlib.metadata
+
+    result = modworker("--version")
+    assert result.returncode == 0
+    assert result.stdout.decode().strip() == f"modworker {importlib.metadata.version('moderation-worker')}"
+
+
+async def produce_with_headers(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=kafka_support.IDEMPOTENT)
+    await producer.start()
+    try:
+        for key, value, headers in records:
+            await (await producer.send(topic, value, key=key, headers=headers))
+    finally:
+        await producer.stop()
+
+
+async def test_tail_prints_only_new_records_unless_asked_to_start_at_the_beginning(broker, topics):
+    bootstrap = broker.bootstrap_servers
+    await produce_with_headers(bootstrap, topics.verdict, [(b"old-1", b'{"old": 1}', [("h", b"v")])])
+    # -b wins over the environment's unreachable address
+    env = clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "tail",
+            topics.verdict,
+            "-b",
+            bootstrap,
+            "--json",
+            "--max-messages",
+            "2",
+            "--timeout-ms",
+            "30000",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        started = (await asyncio.to_thread(tail.stderr.readline)).decode()
+        assert started.startswith(f"tail: reading {topics.verdict} (4 partitions) from the end"), started
+        await produce_with_headers(
+            bootstrap, topics.verdict, [(b"new-1", b'{"new": 1}', []), (b"new-2", b'{"new": 2}', [])]
+        )
+        out, err = await asyncio.to_thread(tail.communicate, timeout=60)
+    finally:
+        tail.kill()
+    assert tail.returncode == 0, err.decode()
+    assert sorted(out.decode().splitlines()) == ['{"new": 1}', '{"new": 2}']
+    assert err.decode().strip() == "tail: 2 records"
+
+    on_broker = {r.key: r for r in await read_all(bootstrap, topics.verdict, expected=3, idle_s=0.5)}
+    began = time.monotonic()
+    replay = modworker(
+        "tail", topics.verdict, "--from-beginning", "--timeout-ms", "1500", "--json",
+        *("--print-partition", "--print-offset", "--print-headers", "--print-key"),
+        "--bootstrap-server", bootstrap, env=env,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr.decode()
+    assert time.monotonic() - began < 30, "--timeout-ms must end an idle tail"
+    expected = sorted(
+        f"Partition:{r.partition}\tOffset:{r.offset}\t"
+        + (",".join(f"{k}:{v.decode()}" for k, v in r.headers) or "NO_HEADERS")
+        + f"\t{r.key.decode()}\t{r.value.decode()}"
+        for r in on_broker.values()
+    )
+    assert sorted(replay.stdout.decode().splitlines()) == expected
+    assert "Partition:" in expected[0] and "\th:v\told-1\t" in "".join(expected)
+
+
+async def test_tail_of_a_missing_topic_is_one_line_and_never_creates_it(broker, topics):
+    bootstrap = broker.bootstrap_servers
+    mistyped = topics.verdict.replace("verdicts", "verdict")  # the broker auto-creates topics asked for
+    result = modworker("tail", mistyped, "-b", bootstrap, "--timeout-ms", "1000", env=clean_env())
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"no such topic: {mistyped} (did you mean {topics.verdict}?)" in err
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        assert mistyped not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_produce_refuses_invalid_lines_naming_each_and_publishes_nothing(broker, topics, tmp_path: Path):
+    bootstrap = broker.bootstrap_servers
+    source = tmp_path / "events.jsonl"
+    source.write_text(
+        '{"id": "e-1", "text": "hello"}\n'
+        "not json\n"
+        '{"id": "e-3", "text": "hi"}\n'
+        '{"id": "e-4"}\n'
+        "\n"
+        '{"id": "e-6", "text": "   "}\n'
+    )
+    env = clean_env(**topics.env())
+    refused = modworker("produce", str(source), "--topic", topics.content, "-b", bootstrap, env=env)
+    err = refused.stderr.decode()
+    assert refused.returncode == 1, err
+    assert err.splitlines()[:3] == [
+        f"{source}:2: not_json: value is not JSON: Expecting value: line 1 column 1 (char 0)",
+        f"{source}:4: schema: schema violation: text: Field required",
+        f"{source}:6: empty_text: text is empty or whitespace only",
+    ]
+    assert f"{source}: 3 of 5 lines invalid (lines 2, 4, 6); nothing published" in err.splitlines()[3]
+    assert len(err.strip().splitlines()) == 4 and "Traceback" not in err
+    assert await read_all(bootstrap, topics.content, idle_s=1.0, timeout_s=10) == []
+
+    allowed = modworker("produce", str(source), "--topic", topics.content, "-b", bootstrap, "--allow-invalid", env=env)
+    assert allowed.returncode == 0, allowed.stderr.decode()
+    assert f"published 5 records to {topics.content} (3 invalid: lines 2, 4, 6)" in allowed.stderr.decode()
+    assert len(await read_all(bootstrap, topics.content, expected=5, idle_s=0.5)) == 5
+
+
+def test_a_malformed_config_file_or_a_misspelled_setting_is_one_line(tmp_path: Path):
+    env = clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", MISTRAL_API_KEY="k")
+    malformed = tmp_path / "settings.yaml"
+    malformed.write_text("kafka:\n  bootstrap_servers: [a:1\nbatch: {}\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("batch: {max_sise: 64}\n")
+    cases = [
+        (("run", "--config", str(malformed)), env, f"--config {malformed}: not valid YAML: "),
+        (("tail", "t", "--config", str(unknown)), env, "unknown setting batch.max_sise at line 1, column 9 "
+         "(did you mean batch.max_size?)"),
+    ]  # fmt: skip
+    for args, case_env, expected in cases:
+        result = modworker(*args, env=case_env)
+        err = result.stderr.decode()
+        assert result.returncode == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert expected in err, err
+
+
+def test_an_unknown_variable_is_one_warning_at_start_up_and_the_worker_still_starts():
+    # A rollback runs an older image with a newer ConfigMap: unknown names must not stop it.
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1",  # start-up goes on until it tries Kafka
+        MISTRAL_API_KEY="sk-unknown-variable-test",
+        MODWORKER_HTTP_PORT="0",
+        MODWORKER_LOG_FORMAT="json",
+        MODWORKER_BATCH__MAXSIZE="64",
+    )
+    result = modworker("run", env=env)
+    err = result.stderr.decode()
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    warnings = [e for e in events if e.get("event") == "config.unknown_setting"]
+    assert [w["level"] for w in warnings] == ["warning"], err
+    assert warnings[0]["message"].startswith(
+        "MODWORKER_BATCH__MAXSIZE is not a setting and is ignored (did you mean MODWORKER_BATCH__MAX_SIZE?)"
+    )
+    assert any(e.get("event") == "worker.starting" for e in events), err
+    assert result.returncode == 1 and "cannot reach Kafka at 127.0.0.1:1" in err
+
+    produced = modworker("produce", "-", "--topic", "t", stdin=b"not json\n", env=env)
+    lines = produced.stderr.decode().splitlines()
+    assert lines[0].startswith("modworker: warning: MODWORKER_BATCH__MAXSIZE is not a setting and is ignored")
+    assert sum("MODWORKER_BATCH__MAXSIZE" in line for line in lines) == 1
+
+
+def test_eval_and_calibrate_print_their_tables_to_stdout_and_notes_to_stderr(tmp_path: Path):
+    from worker.testing.mistral_server import MistralServer
+    from worker.testing.openai_server import OpenAIServer
+
+    data = tmp_path / "labelled.jsonl"
+    records = [{"text": f"threat {i} <<violence_and_threats:0.9>>", "labels": {"moderation": ["violence_and_threats"]}}
+               for i in range(10)] + [{"text": f"calm {i}", "labels": {"moderation": ["safe"]}} for i in range(10)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with MistralServer(api_key="k") as mistral_api, OpenAIServer(api_key="k") as openai_api:
+        env = clean_env(MISTRAL_API_KEY="k", MODWORKER_MISTRAL__BASE_URL=mistral_api.base_url)
+        env.update(OPENAI_API_KEY="k", MODWORKER_OPENAI__BASE_URL=openai_api.base_url)
+        report = str(tmp_path / "eval.json")
+        evaluated = modworker("eval", str(data), "--backend", "mistral", "--report", report, "--no-plots", env=env)
+        calibrated = modworker(
+            "calibrate", str(data), "--first", "openai", "--then", "mistral", "--then-oracle",
+            "--report", str(tmp_path / "calibrate.json"), "--no-plots", env=env,
+        )  # fmt: skip
+    for result, table_head, note in (
+        (evaluated, "| category | support | precision |", "eval: report"),
+        (calibrated, "| category | support | band (below, above) |", "calibrate: report"),
+    ):
+        out, err = result.stdout.decode(), result.stderr.decode()
+        assert result.returncode == 0, err
+        assert table_head in out and "| violence_and_threats |" in out
+        assert "| category |" not in err and note in err and note not in out

@@ -287,8 +287,8 @@ async def test_readyz_turns_unready_as_soon_as_the_drain_starts(broker, topics, 
     worker = spawn_worker(env)
     probe = Probe(port)
     try:
-        ready = await probe.wait_for("/readyz", 200)
-        assert ready.json()["backend_ready"] is True
+        await probe.wait_for("/readyz", 200)
+        assert (await probe.get("/status")).json()["backend_ready"] is True
         assert (await probe.get("/livez")).status_code == 200
 
         mistral.latency_s = 3.0  # the drain has a slow backend call to wait for

@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, *, search: bool) -> int:
     if not args.no_plots:
         report["plots"] = [str(plot_curve(args.report.with_name(f"{args.report.stem}_escalation.png"), report))]
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_summary(report), file=sys.stderr)
+    print(format_summary(report))  # the results: stdout; progress and notes: stderr
     print(f"calibrate: report {args.report}", file=sys.stderr)
     return 0
 

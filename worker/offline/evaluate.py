@@ -106,8 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = asyncio.run(evaluate(settings, policy, data, args))
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_table(report), file=sys.stderr)
-    print(format_summary(report), file=sys.stderr)
+    print(format_table(report))  # the results: stdout; progress and notes: stderr
+    print(format_summary(report))
     print(f"eval: report {args.report}", file=sys.stderr)
     if args.card:
         update_model_card(args.card / "MODEL_CARD.md", eval_command(args), report)

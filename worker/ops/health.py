@@ -1,4 +1,4 @@
-"""The worker's own HTTP server: ``/metrics``, ``/livez`` and ``/readyz``.
+"""The worker's own HTTP server: ``/metrics``, ``/livez``, ``/readyz`` and ``/status``.
 
 It runs on the worker's event loop (``asyncio.start_server``, a few dozen lines of
 HTTP/1.1: one request per connection, ``GET`` and ``HEAD`` only), so it needs no thread
@@ -15,12 +15,18 @@ synchronous work does not answer at all, which a probe counts as a failure too.
   uncommitted span passed ``max_uncommitted_span``; the reason names the partition and
   offset: see ``worker.pipeline.span_guard``). Before the worker started (model loading, joining the
   group) and while it drains it counts as live: both have bounds of their own.
-- ``/readyz`` (count me as available): 200 once the worker started (subscribed: partitions
-  assigned or awaited), the backend says it is ready (for remote APIs: the circuit is not
-  open; for a local model: loaded and warmed up) and it is not shutting down. It turns 503
-  as soon as SIGTERM starts the drain.
+- ``/readyz`` (count me as available): 200 once the worker started (its backend started,
+  a local model loaded and warmed up; subscribed: partitions assigned or awaited) and
+  while it is not shutting down. It turns 503 as soon as SIGTERM starts the drain. It
+  reflects only what the pod itself controls: a remote backend's open circuit is an
+  outage of a dependency every pod shares, and failing readiness for it would make every
+  pod unready at once and stall a rollout (the fix being rolled out included).
+- ``/status`` (for people and dashboards, never a probe): always 200 while the server
+  answers, with the phase, the assigned partitions, the messages in flight, the policy
+  version and the backend's state (``backend_ready``: for remote APIs the circuit is not
+  open). The circuit's state is also the metric ``moderation_worker_backend_circuit_state``.
 
-Both probes answer a small JSON document saying what was checked. ``serve_health`` is
+The probes and ``/status`` answer a small JSON document saying what was checked. ``serve_health`` is
 the one entry point: ``async with serve_health(worker, settings): await worker.run()``.
 """
 
@@ -138,7 +144,9 @@ class HealthServer:
                 f"MODWORKER_HTTP_PORT: cannot listen on {self._host}:{self._port} ({err.strerror or err}); "
                 "choose a free port, or 0 to run without metrics and probes"
             ) from None
-        log.info(HealthEvent.LISTENING, host=self._host, port=self.port, paths=["/metrics", "/livez", "/readyz"])
+        log.info(
+            HealthEvent.LISTENING, host=self._host, port=self.port, paths=["/metrics", "/livez", "/readyz", "/status"]
+        )
         settings = self._settings
         # A rebalance blocks the consume loop until the group has re-formed: up to the
         # rebalance timeout the app gives the consumer. A shorter bound restarts healthy pods.
@@ -185,6 +193,7 @@ class HealthServer:
         return Check(True, details=details)
 
     async def readiness(self) -> Check:
+        """Started and not draining; the backend's state is deliberately not part of it."""
         worker = self._worker
         details: dict[str, Any] = {"started": worker.started, "draining": worker.draining}
         if worker.draining:
@@ -192,14 +201,29 @@ class HealthServer:
         if not worker.started:
             return Check(False, "starting: backend warming up or consumer joining", details)
         details["assigned_partitions"] = len(worker.partitions.assignment())
+        return Check(True, details=details)
+
+    async def status(self) -> Check:
+        """What the worker is doing and how its backend is; ``ok`` is always true."""
+        worker = self._worker
+        phase = "draining" if worker.draining else "running" if worker.started else "starting"
+        details: dict[str, Any] = {
+            "phase": phase,
+            "version": __version__,
+            "group_id": self._settings.group_id,
+            "policy_version": worker.policy_version,
+            "in_flight": worker.in_flight,
+            "backend": worker.backend.name,
+        }
+        if worker.started:
+            details["assigned_partitions"] = sorted(
+                f"{tp.topic}-{tp.partition}" for tp in worker.partitions.assignment()
+            )
         try:
-            backend_ready = bool(await asyncio.wait_for(worker.backend.ready(), _BACKEND_READY_TIMEOUT_S))
-        except Exception as err:  # noqa: BLE001 - a failing readiness check is an unready backend
-            backend_ready = False
+            details["backend_ready"] = bool(await asyncio.wait_for(worker.backend.ready(), _BACKEND_READY_TIMEOUT_S))
+        except Exception as err:  # noqa: BLE001 - a failing check is reported, not raised
+            details["backend_ready"] = False
             details["backend_error"] = f"{type(err).__name__}: {err}"
-        details["backend_ready"] = backend_ready
-        if not backend_ready:
-            return Check(False, f"backend {worker.backend.name} is not ready", details)
         return Check(True, details=details)
 
     async def metrics_payload(self, accept: str) -> tuple[bytes, str]:
@@ -247,8 +271,10 @@ class HealthServer:
                 log.warning(HealthEvent.NOT_LIVE, reason=check.reason)
         elif path == "/readyz":
             check = await self.readiness()
+        elif path == "/status":
+            check = await self.status()
         else:
-            return 404, "text/plain", b"not found: try /metrics, /livez or /readyz\n", method
+            return 404, "text/plain", b"not found: try /metrics, /livez, /readyz or /status\n", method
         return (200 if check.ok else 503), "application/json", check.body(), method
 
 
