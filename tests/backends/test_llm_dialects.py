@@ -10,10 +10,14 @@ import pytest
 from schemas import Turn
 from worker.backends.llm_dialects import (
     LLAMA_GUARD_HAZARDS,
+    SHIELDSTRAL_SYSTEM_PROMPT,
+    GptOssSafeguardDialect,
+    GraniteGuardianDialect,
     JsonDialect,
     LlamaGuardDialect,
     Qwen3GuardDialect,
     Reply,
+    ShieldstralDialect,
     TokenLogprob,
     Unparseable,
     guard_messages,
@@ -226,3 +230,169 @@ def test_label_probabilities_need_logprobs_that_mention_a_label() -> None:
 def test_a_json_answer_nested_too_deeply_is_unparseable_not_a_recursion_error() -> None:
     with pytest.raises(Unparseable, match="not JSON"):
         JsonDialect(CATEGORIES).parse(Reply('{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}"))
+
+
+# -- shieldstral ------------------------------------------------------------------------
+
+QUESTIONS = {"spam": "Is this content spam?", "off_topic": "Unrelated to cooking.", "violence": None}
+
+
+def test_shieldstral_asks_one_yes_no_question_per_category_from_its_description() -> None:
+    dialect = ShieldstralDialect(QUESTIONS)
+    questions = dialect.questions([Turn(role="user", content="buy now")])
+    assert [q.category for q in questions] == ["spam", "off_topic", "violence"]
+    queries = [q.messages[1]["content"].split("</Query>")[0].removeprefix("<Query>") for q in questions]
+    assert queries == [
+        "Is this content spam?",  # a question is asked as written
+        "Is this content off topic, that is: Unrelated to cooking?",
+        "Is this content violence?",
+    ]
+    for question in questions:
+        assert question.messages[0] == {"role": "system", "content": SHIELDSTRAL_SYSTEM_PROMPT}
+        assert question.messages[1]["content"].endswith("<Content>buy now</Content>")
+        assert question.fields == {"logprobs": True, "top_logprobs": 5}
+    assert dialect.max_answer_tokens == 1
+    conversation = [Turn(role="user", content="hi"), Turn(role="assistant", content="visit my shop")]
+    (first, *_) = dialect.questions(conversation)
+    assert "user: hi\nassistant: visit my shop" in first.messages[1]["content"]
+    assert "last message, written by the assistant" in first.messages[1]["content"]
+
+
+def test_shieldstral_p_yes_is_the_softmax_over_the_yes_no_tokens() -> None:
+    dialect = ShieldstralDialect(QUESTIONS)
+    (question, *_) = dialect.questions([Turn(role="user", content="x")])
+    # A one-token answer stops at max_tokens 1: finish_reason length is the normal case.
+    reply = Reply(
+        "Yes",
+        finish_reason="length",
+        logprobs=tokens(("Yes", math.log(0.6), {"Yes": math.log(0.6), "No": math.log(0.3), "I": math.log(0.1)})),
+    )
+    judged = dialect.parse_question(question, reply)
+    assert judged.score_kind == "probability"
+    assert judged.scores == {"spam": pytest.approx(0.6 / 0.9)}
+    label = dialect.parse_question(question, Reply("no"))
+    assert label.score_kind == "label" and label.scores == {"spam": 0.0}
+    assert dialect.parse_question(question, Reply(" yes")).scores == {"spam": 1.0}
+
+
+@pytest.mark.parametrize("content", ["I", "maybe", "", "yes and no"])
+def test_shieldstral_answers_other_than_yes_or_no_are_unparseable(content: str) -> None:
+    dialect = ShieldstralDialect(QUESTIONS)
+    (question, *_) = dialect.questions([Turn(role="user", content="x")])
+    with pytest.raises(Unparseable, match="not 'yes' or 'no'"):
+        dialect.parse_question(question, Reply(content, finish_reason="length"))
+
+
+# -- granite guardian -------------------------------------------------------------------
+
+
+def test_granite_guardian_sends_each_category_as_its_criterion_in_the_chat_template_kwargs() -> None:
+    dialect = GraniteGuardianDialect(QUESTIONS, think=True)
+    questions = dialect.questions([Turn(role="assistant", content="welcome"), Turn(role="user", content="hi")])
+    configs = [q.fields["chat_template_kwargs"] for q in questions]
+    assert configs == [
+        {"guardian_config": {"custom_criteria": "Is this content spam?"}, "think": True},
+        {"guardian_config": {"custom_criteria": "Unrelated to cooking."}, "think": True},
+        # no description, named like a pre-baked criterion: the model's own definition
+        {"guardian_config": {"criteria_id": "violence"}, "think": True},
+    ]
+    assert questions[0].messages == guard_messages(
+        [Turn(role="assistant", content="welcome"), Turn(role="user", content="hi")]
+    )
+    assert questions[0].fields["logprobs"] is True
+    assert dialect.max_answer_tokens > GraniteGuardianDialect(QUESTIONS).max_answer_tokens
+    assert GraniteGuardianDialect({"rude": None}).guardian_config("rude") == {"custom_criteria": "rude"}
+
+
+def test_granite_guardian_score_after_thinking_with_p_yes_from_the_score_token() -> None:
+    dialect = GraniteGuardianDialect(QUESTIONS, think=True)
+    (question, *_) = dialect.questions([Turn(role="user", content="x")])
+    content = "<think>The message says <score> no </score> is wrong.</think>\n<score> yes </score>"
+    judged = dialect.parse_question(question, Reply(content))
+    assert judged.scores == {"spam": 1.0} and judged.score_kind == "label"
+    reply = Reply(
+        "<score> no </score>",
+        logprobs=tokens(
+            ("<", 0.0, {}),
+            ("score", 0.0, {}),
+            (">", 0.0, {}),
+            (" no", math.log(0.7), {" no": math.log(0.7), " yes": math.log(0.3)}),
+            (" <", 0.0, {}),
+        ),
+    )
+    judged = dialect.parse_question(question, reply)
+    assert judged.score_kind == "probability" and judged.scores == {"spam": pytest.approx(0.3)}
+
+
+@pytest.mark.parametrize(
+    ("content", "finish_reason", "problem"),
+    [
+        ("I'm sorry, I can't help.", "stop", "no <score>"),
+        ("<score> maybe </score>", "stop", "not 'yes' or 'no'"),
+        ("<think>still thinking", "length", "max_tokens"),
+    ],
+)
+def test_granite_guardian_malformed_answers(content: str, finish_reason: str, problem: str) -> None:
+    dialect = GraniteGuardianDialect(QUESTIONS)
+    (question, *_) = dialect.questions([Turn(role="user", content="x")])
+    with pytest.raises(Unparseable) as raised:
+        dialect.parse_question(question, Reply(content, finish_reason=finish_reason))
+    assert problem in raised.value.problem
+
+
+# -- gpt-oss-safeguard ------------------------------------------------------------------
+
+
+def test_gpt_oss_safeguard_policy_is_the_system_message_with_every_category_and_the_output_format() -> None:
+    dialect = GptOssSafeguardDialect(QUESTIONS, reasoning_effort="medium")
+    system, user = dialect.messages([Turn(role="user", content="buy now")])
+    assert system["role"] == "system" and user == {"role": "user", "content": "buy now"}
+    assert "### off_topic\nUnrelated to cooking." in system["content"]
+    assert "### violence\nContent that is violence." in system["content"]
+    assert system["content"].endswith('{"spam": <0 or 1>, "off_topic": <0 or 1>, "violence": <0 or 1>}')
+    assert dialect.request_fields() == {"reasoning_effort": "medium", "logprobs": True, "top_logprobs": 5}
+    assert len(dialect.questions([Turn(role="user", content="x")])) == 1, "one request for every category"
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        GptOssSafeguardDialect(QUESTIONS, reasoning_effort="max")
+
+
+def test_gpt_oss_safeguard_reads_the_final_answer_and_p1_after_the_reasoning_tokens() -> None:
+    dialect = GptOssSafeguardDialect({"spam": None, "off_topic": None})
+    answer = '{"spam": 1, "off_topic": 0}'
+    labels = dialect.parse(Reply(answer, reasoning='I think "spam": 0 at first.'))
+    assert labels.score_kind == "label" and labels.scores == {"spam": 1.0, "off_topic": 0.0}
+    # The logprobs start with the reasoning; each category's value is its last occurrence.
+    reply = Reply(
+        answer,
+        reasoning='"spam": 0',
+        logprobs=tokens(
+            ('"spam": ', 0.0, {}),
+            ("0", math.log(0.5), {"0": math.log(0.5), "1": math.log(0.5)}),
+            ('{"spam":', 0.0, {}),
+            (" 1", math.log(0.8), {" 1": math.log(0.8), " 0": math.log(0.2)}),
+            (', "off_topic":', 0.0, {}),
+            (" 0", math.log(0.9), {" 0": math.log(0.9), " 1": math.log(0.1)}),
+            ("}", 0.0, {}),
+        ),
+    )
+    judged = dialect.parse(reply)
+    assert judged.score_kind == "probability"
+    assert judged.scores == {"spam": pytest.approx(0.8), "off_topic": pytest.approx(0.1)}
+
+
+@pytest.mark.parametrize(
+    ("content", "reasoning", "problem"),
+    [
+        ("", "The user posted", "only reasoning"),
+        ("I can't help with that.", "", "not JSON"),
+        ('{"spam": 1}', "", "no answer for 'off_topic'"),
+        ('{"spam": 1, "off_topic": 0, "hate": 0}', "", "unknown category 'hate'"),
+        ('{"spam": 0.7, "off_topic": 0}', "", "not 0 or 1"),
+        ('{"spam": true, "off_topic": 0}', "", "not 0 or 1"),
+        ("[1, 0]", "", "not a JSON object"),
+    ],
+)
+def test_gpt_oss_safeguard_malformed_answers(content: str, reasoning: str, problem: str) -> None:
+    with pytest.raises(Unparseable) as raised:
+        GptOssSafeguardDialect({"spam": None, "off_topic": None}).parse(Reply(content, reasoning=reasoning))
+    assert problem in raised.value.problem

@@ -195,3 +195,83 @@ async def test_guard_dialects_map_onto_the_builtin_policy(broker, topics, api_ke
         # pii 0.6 is Controversial: a label of 0.5, at the threshold.
         assert verdicts["t-0"]["scores"]["pii"] == 0.5
     assert_unparseable(dead, {"c-9"})
+
+
+@pytest.mark.parametrize("dialect", ["shieldstral", "gpt-oss-safeguard", "granite-guardian"])
+async def test_policy_as_prompt_guards_judge_the_forum_policy_of_their_own_example(
+    broker, topics, api_key, spawn_worker, dialect
+) -> None:
+    """Each guard reads its own example policy; the verdicts follow the answers and the
+    policy (custom categories, the marketplace override), scores are P(yes) from logprobs,
+    the cost per input is on the verdict, and a flaky answer is asked again."""
+    from worker.pipeline.policy import Policy
+
+    policy_file = REPO / "deploy" / f"policy.forum-{dialect}.example.yaml"
+    categories = Policy.load(policy_file).category_descriptions()
+    flaky: set[str] = set()
+
+    def garble_the_first_try_of_c2(request, default: str) -> str:  # type: ignore[no-untyped-def]
+        key = json.dumps(request.body, sort_keys=True)
+        if "post 2:" in key and key not in flaky:
+            flaky.add(key)
+            return "Let me think about it."
+        return default
+
+    expected = {
+        "c-0": {},
+        "c-1": {"spam": "block"},
+        "c-2": {"self_promotion": "flag"},
+        "c-3": {"off_topic": "flag"},
+        "c-4": {},  # off_topic 0.8 is under its 0.85 threshold
+        "c-5": {},  # self-promotion on the marketplace board is allowed
+        "c-6": {"spam": "block"},  # spam is not, even there
+        "t-0": {"pii": "flag"},
+    }
+    events = [
+        content(0, "how long do I rest a brisket?"),
+        content(1, "CHEAP ROLEX at example.com <<spam:0.95>>"),
+        content(2, "my channel has this recipe, subscribe! <<self_promotion:0.8>>"),
+        content(3, "who won the match yesterday? <<off_topic:0.9>>"),
+        content(4, "my dog ate the dough <<off_topic:0.8>>"),
+        content(5, "selling my cast iron pans <<self_promotion:0.95>>", source="marketplace"),
+        content(6, "buy followers <<spam:0.9>>", source="marketplace"),
+        content(7, "ignore all that <<unparseable>>"),
+    ]
+    turns = [conversation_turn(0, "call her at 555-0100 <<pii:0.7>>")]
+    server = LlmServer(
+        api_key=api_key,
+        dialect=dialect,  # type: ignore[arg-type]
+        categories=categories,
+        answer=garble_the_first_try_of_c2,
+    )
+    with server:
+        verdicts, dead = await run(
+            broker,
+            topics,
+            spawn_worker,
+            server,
+            api_key,
+            events,
+            turns,
+            dead=1,
+            MODWORKER_POLICY_FILE=str(policy_file),
+            MODWORKER_LLM__DIALECT=dialect,
+        )
+        assert server.violations == []
+    assert set(verdicts) == set(expected)
+    per_input = 1 if dialect == "gpt-oss-safeguard" else len(categories)
+    for event_id, verdict in verdicts.items():
+        jsonschema.validate(verdict, VERDICT_SCHEMA)
+        assert violations_of(verdict) == expected[event_id], event_id
+        details = verdict["backend_details"]
+        assert details["score_kind"] == "probability"
+        assert all(0.0 <= score <= 1.0 for score in verdict["scores"].values())
+        # c-2's first answer to each of its questions is garbled: each question asked twice.
+        assert details["requests"] == (2 * per_input if event_id == "c-2" else per_input), event_id
+        assert details["prompt_tokens"] > 0 and details["completion_tokens"] > 0
+    assert verdicts["c-1"]["scores"]["spam"] == pytest.approx(0.95)
+    ((record),) = dead
+    headers = {k: v.decode() for k, v in record.headers}
+    assert json.loads(record.value)["id"] == "c-7"
+    assert headers[DeadLetterHeaders.ERROR_TYPE] == "llm_unparseable"
+    assert f"the {dialect} answer" in headers[DeadLetterHeaders.MESSAGE]

@@ -10,9 +10,17 @@ conversation), sent concurrently: at most ``max_concurrency(settings)``
 with the messages and extra fields of the dialect (``llm.dialect``, see
 ``worker.backends.llm_dialects``): ``json`` asks about the policy's categories in JSON mode
 (``response_format``), ``llama-guard`` and ``qwen3guard`` send the conversation to a guard
-model with ``logprobs``. The answer's ``choices[0].message.content`` (and ``logprobs``) is
-parsed by the dialect into raw scores; ``Scored.details`` carries the score kind and the
-``usage`` tokens of every try, which also go to the ``llm_tokens`` metric.
+model with ``logprobs``; ``shieldstral``, ``granite-guardian`` and ``gpt-oss-safeguard`` ask
+a guard model about the policy's categories. The answer's ``choices[0].message.content``
+(and ``logprobs``, and ``reasoning_content`` / ``reasoning`` apart) is parsed by the dialect
+into raw scores; ``Scored.details`` carries the score kind, the ``usage`` tokens and the
+number of requests of every try, which also go to the ``llm_tokens`` and ``llm_requests``
+metrics.
+
+A dialect whose model takes one category a request (``shieldstral``, ``granite-guardian``)
+asks one question per policy category for each input, at most
+``llm.max_questions_in_flight`` of them in flight per input; each question is retried
+on its own, and any question that stays unparseable (or is refused) rejects the input.
 
 Failures, per input:
 
@@ -36,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -46,10 +55,15 @@ from worker.backends.base import BackendUnavailable, Conversation, Outcome, Reje
 from worker.backends.http import ApiBackend, ApiDialect, ApiRejected, RemoteApi
 from worker.backends.llm_dialects import (
     Dialect,
+    GptOssSafeguardDialect,
+    GraniteGuardianDialect,
     JsonDialect,
+    Judgement,
     LlamaGuardDialect,
+    Question,
     Qwen3GuardDialect,
     Reply,
+    ShieldstralDialect,
     TokenLogprob,
     Unparseable,
 )
@@ -76,7 +90,7 @@ def max_concurrency(settings: Settings) -> int:
 
 
 def make_dialect(settings: Settings, policy: Policy | None) -> Dialect:
-    """The dialect ``llm.dialect`` names; ``json`` asks about ``policy``'s categories."""
+    """The dialect ``llm.dialect`` names; all but the fixed-taxonomy guards ask about ``policy``'s categories."""
     llm = settings.llm
     if llm.dialect == "llama-guard":
         return LlamaGuardDialect(logprobs=llm.logprobs)
@@ -87,7 +101,14 @@ def make_dialect(settings: Settings, policy: Policy | None) -> Dialect:
         from worker.pipeline.policy import Policy
 
         policy = Policy.load(default_policy_file(settings))
-    return JsonDialect(policy.category_descriptions(), json_mode=llm.json_mode)
+    categories = policy.category_descriptions()
+    if llm.dialect == "shieldstral":
+        return ShieldstralDialect(categories, logprobs=llm.logprobs)
+    if llm.dialect == "granite-guardian":
+        return GraniteGuardianDialect(categories, logprobs=llm.logprobs, think=llm.think)
+    if llm.dialect == "gpt-oss-safeguard":
+        return GptOssSafeguardDialect(categories, logprobs=llm.logprobs, reasoning_effort=llm.reasoning_effort)
+    return JsonDialect(categories, json_mode=llm.json_mode)
 
 
 class LlmBackend(ApiBackend):
@@ -118,6 +139,7 @@ class LlmBackend(ApiBackend):
         self.max_input_tokens = llm.max_input_tokens
         self.overlap_tokens = settings.http.chunk_overlap_tokens
         self._judging = asyncio.Semaphore(max_concurrency(settings))
+        self.questions_in_flight = llm.max_questions_in_flight
 
     @property
     def cache_namespace(self) -> str:
@@ -155,55 +177,107 @@ class LlmBackend(ApiBackend):
         return [task.result() for task in tasks]
 
     async def _judge(self, turns: list[Turn]) -> Outcome:
-        messages = self.dialect.messages(turns)
+        """One piece: every question of the dialect (one, or one per category, at most
+        ``llm.max_questions_in_flight`` in flight), merged into one outcome."""
+        questions = self.dialect.questions(turns)
+        async with self._judging:
+            if len(questions) == 1:
+                answers = [await self._ask(questions[0])]
+            else:
+                bound = asyncio.Semaphore(self.questions_in_flight)
+
+                async def bounded(question: Question) -> _Answer | Rejected:
+                    async with bound:
+                        return await self._ask(question)
+
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        tasks = [group.create_task(bounded(question)) for question in questions]
+                except BaseExceptionGroup as failed:
+                    raise failed.exceptions[0] from None
+                answers = [task.result() for task in tasks]
+        rejected = next((answer for answer in answers if isinstance(answer, Rejected)), None)
+        if rejected is not None:
+            return rejected
+        scores: dict[str, float] = {}
+        kinds: set[str] = set()
+        prompt_tokens = completion_tokens = requests = 0
+        model = ""
+        for answer in (answer for answer in answers if isinstance(answer, _Answer)):
+            scores |= answer.judgement.scores
+            kinds.add(answer.judgement.score_kind)
+            prompt_tokens += answer.prompt_tokens
+            completion_tokens += answer.completion_tokens
+            requests += answer.requests
+            model = model or answer.model
+        details = BackendDetails(
+            score_kind="label" if "label" in kinds else "probability",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            requests=requests,
+        )
+        return Scored(scores=scores, model=model or self.model, details=details)
+
+    async def _ask(self, question: Question) -> _Answer | Rejected:
+        """One question, asked again while its answer does not parse (``llm.parse_retries``)."""
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages,
+            "messages": question.messages,
             "temperature": 0,
             "max_tokens": self.max_answer_tokens,
-            **self.dialect.request_fields(),
+            **question.fields,
         }
-        tokens = estimate_conversation_tokens([Turn(role="user", content=m["content"]) for m in messages])
+        tokens = estimate_conversation_tokens([Turn(role="user", content=m["content"]) for m in question.messages])
         prompt_tokens = completion_tokens = 0
         problem = answer_text = ""
-        async with self._judging:
-            for attempt in range(1, self.tries + 1):
-                try:
-                    answer = await self.api.post(PATH, body, tokens=tokens)
-                except ApiRejected as rejected:
-                    return Rejected(reason=f"LLM server refused the input (HTTP {rejected.status}): {rejected.message}")
-                model, reply, usage = _read(answer)
-                self._count(*usage)
-                prompt_tokens += usage[0]
-                completion_tokens += usage[1]
-                try:
-                    judgement = self.dialect.parse(reply)
-                except Unparseable as err:
-                    problem, answer_text = err.problem, reply.content
-                    metrics.llm_unparseable(self.dialect.name).inc()
-                    log.warning(
-                        LlmEvent.UNPARSEABLE,
-                        dialect=self.dialect.name,
-                        attempt=attempt,
-                        of=self.tries,
-                        problem=problem,
-                        answer=answer_text[:ANSWER_EXCERPT_CHARS],
-                    )
-                    continue
-                details = BackendDetails(
-                    score_kind=judgement.score_kind, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        for attempt in range(1, self.tries + 1):
+            try:
+                answer = await self.api.post(PATH, body, tokens=tokens)
+            except ApiRejected as rejected:
+                return Rejected(reason=f"LLM server refused the input (HTTP {rejected.status}): {rejected.message}")
+            model, reply, usage = _read(answer)
+            self._count(*usage)
+            prompt_tokens += usage[0]
+            completion_tokens += usage[1]
+            try:
+                judgement = self.dialect.parse_question(question, reply)
+            except Unparseable as err:
+                problem, answer_text = err.problem, reply.content
+                metrics.llm_unparseable(self.dialect.name).inc()
+                log.warning(
+                    LlmEvent.UNPARSEABLE,
+                    dialect=self.dialect.name,
+                    category=question.category,
+                    attempt=attempt,
+                    of=self.tries,
+                    problem=problem,
+                    answer=answer_text[:ANSWER_EXCERPT_CHARS],
                 )
-                return Scored(scores=judgement.scores, model=model or self.model, details=details)
+                continue
+            return _Answer(judgement, model, prompt_tokens, completion_tokens, attempt)
+        asked = f" (category {question.category!r})" if question.category else ""
         return Rejected(
-            reason=f"the {self.dialect.name} answer could not be parsed after {self.tries} "
+            reason=f"the {self.dialect.name} answer{asked} could not be parsed after {self.tries} "
             f"tr{'y' if self.tries == 1 else 'ies'}: {problem}; "
             f"the answer began {answer_text[:ANSWER_EXCERPT_CHARS]!r}",
             error_type="llm_unparseable",
         )
 
     def _count(self, prompt: int, completion: int) -> None:
+        metrics.llm_requests(self.dialect.name).inc()
         metrics.llm_tokens(self.dialect.name, "prompt").inc(prompt)
         metrics.llm_tokens(self.dialect.name, "completion").inc(completion)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A parsed answer to one question, with what it cost (all its tries)."""
+
+    judgement: Judgement
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
 
 
 def _read(answer: Any) -> tuple[str, Reply, tuple[int, int]]:
@@ -224,9 +298,16 @@ def _read(answer: Any) -> tuple[str, Reply, tuple[int, int]]:
             "check MODWORKER_LLM__BASE_URL points at an OpenAI-compatible chat-completions server"
         ) from None
     content = message.get("content") if isinstance(message, dict) else None
+    reasoning = (message.get("reasoning_content") or message.get("reasoning")) if isinstance(message, dict) else None
     usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
     counts = (_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
-    return model, Reply(str(content or ""), choice.get("finish_reason"), _logprobs(choice.get("logprobs"))), counts
+    reply = Reply(
+        str(content or ""),
+        choice.get("finish_reason"),
+        _logprobs(choice.get("logprobs")),
+        reasoning=reasoning if isinstance(reasoning, str) else "",
+    )
+    return model, reply, counts
 
 
 def _int(value: Any) -> int:
@@ -273,4 +354,5 @@ def _add(first: BackendDetails | None, second: BackendDetails | None) -> Backend
         score_kind="label" if "label" in (first.score_kind, second.score_kind) else "probability",
         prompt_tokens=(first.prompt_tokens or 0) + (second.prompt_tokens or 0),
         completion_tokens=(first.completion_tokens or 0) + (second.completion_tokens or 0),
+        requests=(first.requests or 0) + (second.requests or 0),
     )

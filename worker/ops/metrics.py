@@ -221,6 +221,13 @@ LLM_TOKENS = Counter(
     ["dialect", "kind"],
     registry=REGISTRY,
 )
+LLM_REQUESTS = Counter(
+    f"{PREFIX}_llm_requests",
+    "Chat completions the llm backend sent, by dialect; every try, retries included (a guard that takes one "
+    "policy category a request sends one per category per input).",
+    ["dialect"],
+    registry=REGISTRY,
+)
 LLM_UNPARSEABLE = Counter(
     f"{PREFIX}_llm_unparseable_answers",
     "Answers of the llm backend's model that did not follow the dialect's format (each try; the input is "
@@ -319,6 +326,7 @@ backend_requests = LabelCache(BACKEND_REQUESTS)
 backend_errors = LabelCache(BACKEND_ERRORS)
 backend_retries = LabelCache(BACKEND_RETRIES)
 llm_tokens = LabelCache(LLM_TOKENS)
+llm_requests = LabelCache(LLM_REQUESTS)
 llm_unparseable = LabelCache(LLM_UNPARSEABLE)
 outputs_trimmed = LabelCache(OUTPUTS_TRIMMED)
 conversation_evictions = LabelCache(CONVERSATION_EVICTIONS)

@@ -20,13 +20,29 @@ The model it plays is ``dialect``:
   marked by their snake_case names (``<<violent:0.9>>``): a highest score of 0.8 or more
   is ``Unsafe``, from 0.5 ``Controversial``; the label's probability is that score.
 
+- ``shieldstral``: one token, ``yes`` when the asked category's marked score reaches 0.5,
+  else ``no``; the label's probability is that score (or 1 minus it). The category is
+  the one of ``categories`` (``{name: description}``, the policy the worker applies)
+  whose question the ``<Query>`` holds: the description itself, or its name.
+- ``granite-guardian``: ``<score> yes </score>`` / ``<score> no </score>`` for the category
+  whose description (or name, or pre-baked ``criteria_id``) is the request's
+  ``chat_template_kwargs.guardian_config``; with ``think: true`` a ``<think>...</think>``
+  comes first, in the content, as vLLM serves it without a reasoning parser.
+- ``gpt-oss-safeguard``: the harmony format as vLLM serves it: the analysis in
+  ``message.reasoning_content`` and ``message.reasoning``, the final answer
+  ``{"<name>": 0|1, ...}`` in ``content``, over the names of the system message's output
+  template (``"<name>": <0 or 1>``); 1 when the marked score reaches 0.5. The reasoning's
+  tokens come first in ``logprobs`` and count toward ``max_tokens``: when it fills them,
+  ``content`` is ``null``. ``reasoning_effort`` is required.
+
 A judged text containing ``<<unparseable>>`` gets a chat model's refusal in any dialect,
 and ``answer`` (``answer(request, default) -> content``) may replace any answer, for
 malformed ones.
 
 Answers are ``chat.completion`` objects with ``usage`` (``prompt_tokens``: the
 server's token count of every message plus 4 per message and 3 for the reply's priming,
-as OpenAI counts; ``completion_tokens``: the answer's tokens) and, when asked for
+as OpenAI counts, plus Granite Guardian's criterion, but no guard's own template text;
+``completion_tokens``: the answer's tokens, reasoning included) and, when asked for
 ``logprobs`` and ``logprobs`` is on, ``choices[0].logprobs.content``: one entry per answer
 token (``token``, ``logprob``, ``bytes``, ``top_logprobs``) as vLLM sends it; at a guard
 label the alternatives are the other labels with the rest of the probability, split
@@ -74,6 +90,21 @@ REFUSAL = "I'm sorry, but I can't help with that request."
 UNPARSEABLE_MARKER = "<<unparseable>>"
 
 _TEMPLATE_ENTRY = re.compile(r'"([^"]+)": <number in \[0, 1\]>')
+_SAFEGUARD_ENTRY = re.compile(r'"([^"]+)": <0 or 1>')
+_QUERY = re.compile(r"<Query>(.*?)</Query>", re.DOTALL)
+_CONTENT = re.compile(r"<Content>(.*)</Content>", re.DOTALL)
+SAFEGUARD_REASONING = "The user posted a message. I check it against each rule of the policy in turn."
+"""The analysis gpt-oss-safeguard's stand-in writes before its final answer."""
+GRANITE_THINKING = "<think>I compare the last message with the criterion.</think>\n"
+GRANITE_CRITERIA_IDS = (
+    "harm",
+    "social_bias",
+    "jailbreak",
+    "profanity",
+    "sexual_content",
+    "unethical_behavior",
+    "violence",
+)
 _TOKEN = re.compile(r"\s*[A-Za-z]+|\s*[0-9]+|\s*[^\sA-Za-z0-9]|\s+")
 
 CHAT_REQUEST_SCHEMA: dict[str, Any] = {
@@ -105,11 +136,16 @@ CHAT_REQUEST_SCHEMA: dict[str, Any] = {
         },
         "logprobs": {"type": "boolean"},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "reasoning_effort": {"enum": ["low", "medium", "high"]},
+        "chat_template_kwargs": {"type": "object"},
     },
 }
-"""The subset of OpenAI's chat-completions request the worker may send, as JSON Schema."""
+"""The subset of the chat-completions request the worker may send, as JSON Schema (with
+vLLM's ``chat_template_kwargs``)."""
 
 Answerer = Callable[[RecordedRequest, str], str]
+Label = tuple[str, float, tuple[str, ...]]
+"""A label in an answer: the label, its probability, the other labels (sharing the rest)."""
 
 
 def chat_request_validator() -> BodyValidator:
@@ -164,7 +200,10 @@ class LlmServer(LoopbackApiServer):
     def __init__(
         self,
         *,
-        dialect: Literal["json", "llama-guard", "qwen3guard"] = "json",
+        dialect: Literal[
+            "json", "llama-guard", "qwen3guard", "shieldstral", "gpt-oss-safeguard", "granite-guardian"
+        ] = "json",
+        categories: Mapping[str, str | None] | None = None,
         logprobs: bool = True,
         json_mode: bool = True,
         max_context_tokens: int = 32_768,
@@ -174,6 +213,7 @@ class LlmServer(LoopbackApiServer):
         options.setdefault("validator", chat_request_validator())
         super().__init__(**options)
         self.dialect = dialect
+        self.categories = dict(categories or {})
         self.logprobs = logprobs
         self.json_mode = json_mode
         self.max_context_tokens = max_context_tokens
@@ -195,6 +235,9 @@ class LlmServer(LoopbackApiServer):
             raise ApiAnswer(400, self.error_body(400, "response_format json_object is not supported by this server"))
         max_tokens = int(body.get("max_tokens") or 16)
         prompt_tokens = count_prompt_tokens(messages)
+        # Granite Guardian's chat template writes the criterion into the prompt.
+        config = (body.get("chat_template_kwargs") or {}).get("guardian_config") or {}
+        prompt_tokens += sum(count_tokens_server(str(value)) for value in config.values())
         if prompt_tokens + max_tokens > self.max_context_tokens:
             message = (
                 f"This model's maximum context length is {self.max_context_tokens} tokens. However, you requested "
@@ -203,23 +246,34 @@ class LlmServer(LoopbackApiServer):
             )
             raise ApiAnswer(400, self.error_body(400, message))
 
-        content, label = self._judge(messages)
+        if self.dialect == "gpt-oss-safeguard" and "reasoning_effort" not in body:
+            raise ApiAnswer(400, self.error_body(400, "gpt-oss-safeguard is served with a reasoning_effort"))
+        content, labels = self._judge(body)
         if self.answer is not None:
             replaced = self.answer(request, content)
             if replaced != content:
-                content, label = replaced, None
+                content, labels = replaced, []
+        reasoning = SAFEGUARD_REASONING if self.dialect == "gpt-oss-safeguard" else None
+        thinking = tokenize(reasoning) if reasoning else []
         tokens = tokenize(content)
         finish_reason = "stop"
-        if len(tokens) > max_tokens:
-            tokens, finish_reason = tokens[:max_tokens], "length"
-            content = "".join(tokens)
+        answer: str | None = content
+        if len(thinking) >= max_tokens:
+            thinking, tokens, finish_reason, answer = thinking[:max_tokens], [], "length", None
+            reasoning = "".join(thinking)
+        elif len(thinking) + len(tokens) > max_tokens:
+            tokens, finish_reason = tokens[: max_tokens - len(thinking)], "length"
+            answer = "".join(tokens)
         with self._lock:
             self.prompt_tokens += prompt_tokens
-            self.completion_tokens += len(tokens)
+            self.completion_tokens += len(thinking) + len(tokens)
+        reply: dict[str, Any] = {"role": "assistant", "content": answer, "tool_calls": []}
+        if reasoning is not None:
+            reply |= {"reasoning_content": reasoning, "reasoning": reasoning}
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": content, "tool_calls": []},
-            "logprobs": self._logprobs(tokens, label, body) if body.get("logprobs") else None,
+            "message": reply,
+            "logprobs": self._logprobs(thinking + tokens, labels, body) if body.get("logprobs") else None,
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
@@ -231,31 +285,71 @@ class LlmServer(LoopbackApiServer):
             "choices": [choice],
             "usage": {
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens),
+                "completion_tokens": len(thinking) + len(tokens),
+                "total_tokens": prompt_tokens + len(thinking) + len(tokens),
                 "prompt_tokens_details": None,
             },
             "prompt_logprobs": None,
         }
 
-    def _judge(self, messages: list[dict[str, Any]]) -> tuple[str, tuple[str, float, tuple[str, ...]] | None]:
-        """The answer, and the guard label's ``(label, probability, other labels)`` for logprobs."""
+    def _judge(self, body: dict[str, Any]) -> tuple[str, list[Label]]:
+        """The answer, and each label's ``(label, probability, other labels)`` for logprobs, in answer order."""
+        messages: list[dict[str, Any]] = body["messages"]
         judged = _judged_text(messages, self.dialect)
         if UNPARSEABLE_MARKER in judged:
-            return REFUSAL, None
+            return REFUSAL, []
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
         if self.dialect == "json":
-            system = next((m["content"] for m in messages if m["role"] == "system"), "")
             categories = _TEMPLATE_ENTRY.findall(system)
             if not categories:
-                return "I can't tell which categories you want scored.", None
-            return json.dumps({"scores": fake_scores(judged, categories)}), None
+                return "I can't tell which categories you want scored.", []
+            return json.dumps({"scores": fake_scores(judged, categories)}), []
         if self.dialect == "llama-guard":
             scores = fake_scores(judged, LLAMA_GUARD_CODES)
             hit = [code for code in LLAMA_GUARD_CODES if scores[code] >= 0.5]
             top = max(scores.values())
             if hit:
-                return f"unsafe\n{','.join(hit)}", ("unsafe", top, ("safe",))
-            return "safe", ("safe", 1.0 - top, ("unsafe",))
+                return f"unsafe\n{','.join(hit)}", [("unsafe", top, ("safe",))]
+            return "safe", [("safe", 1.0 - top, ("unsafe",))]
+        if self.dialect == "qwen3guard":
+            return self._qwen3guard(judged)
+        if self.dialect == "gpt-oss-safeguard":
+            names = _SAFEGUARD_ENTRY.findall(system)
+            if not names:
+                return "I can't tell which rules you want applied.", []
+            scores = fake_scores(judged, names)
+            values = {name: int(scores[name] >= 0.5) for name in names}
+            labels: list[Label] = [
+                (str(value), scores[name] if value else 1.0 - scores[name], (str(1 - value),))
+                for name, value in values.items()
+            ]
+            return json.dumps(values), labels
+        if self.dialect == "shieldstral":
+            query = _QUERY.search(str(messages[-1].get("content", "")))
+            category = self._category(query.group(1) if query else "")
+        else:
+            config = (body.get("chat_template_kwargs") or {}).get("guardian_config") or {}
+            category = self._category(str(config.get("custom_criteria") or config.get("criteria_id") or ""))
+        score = fake_scores(judged, (category,))[category] if category else 0.0
+        label = "yes" if score >= 0.5 else "no"
+        probability = score if label == "yes" else 1.0 - score
+        labels = [(label, probability, ("no" if label == "yes" else "yes",))]
+        if self.dialect == "shieldstral":
+            return label, labels
+        think = bool((body.get("chat_template_kwargs") or {}).get("think"))
+        return f"{GRANITE_THINKING if think else ''}<score> {label} </score>", labels
+
+    def _category(self, asked: str) -> str | None:
+        """The category of ``categories`` that ``asked`` (a query or a criterion) is about: the longest match."""
+        found = [
+            (len(needle), name)
+            for name, description in self.categories.items()
+            for needle in (description or "", name, name.replace("_", " "))
+            if needle and needle.strip() in asked
+        ]
+        return max(found)[1] if found else None
+
+    def _qwen3guard(self, judged: str) -> tuple[str, list[Label]]:
         scores = fake_scores(judged, tuple(QWEN3GUARD_LABELS))
         top = max(scores.values())
         named = [QWEN3GUARD_LABELS[name] for name, score in scores.items() if score >= 0.5]
@@ -266,21 +360,23 @@ class LlmServer(LoopbackApiServer):
         else:
             label, top = "Safe", 1.0 - top
         others = tuple(other for other in ("Safe", "Unsafe", "Controversial") if other != label)
-        return f"Safety: {label}\nCategories: {', '.join(named) or 'None'}", (label, top, others)
+        return f"Safety: {label}\nCategories: {', '.join(named) or 'None'}", [(label, top, others)]
 
-    def _logprobs(
-        self, tokens: list[str], label: tuple[str, float, tuple[str, ...]] | None, body: dict[str, Any]
-    ) -> dict[str, Any] | None:
+    def _logprobs(self, tokens: list[str], labels: list[Label], body: dict[str, Any]) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         top_n = int(body.get("top_logprobs") or 0)
         content = []
-        label_done = False
-        for token in tokens:
+        pending = list(labels)
+        # The labels are in the answer, after any reasoning: matched from the end backwards.
+        at_label: dict[int, Label] = {}
+        for index in range(len(tokens) - 1, -1, -1):
+            if pending and tokens[index].strip() == pending[-1][0]:
+                at_label[index] = pending.pop()
+        for index, token in enumerate(tokens):
             alternatives = [(token, 0.0)]
-            if label is not None and not label_done and token.strip() == label[0]:
-                label_done = True
-                _, probability, others = label
+            if index in at_label:
+                _, probability, others = at_label[index]
                 lead = token[: len(token) - len(token.lstrip())]
                 rest = (1.0 - probability) / len(others)
                 alternatives = [(token, _log(probability))] + [(lead + other, _log(rest)) for other in others]
@@ -323,8 +419,12 @@ def _log(probability: float) -> float:
 
 
 def _judged_text(messages: list[dict[str, Any]], dialect: str) -> str:
-    """The text the model is asked to judge: the last message, unwrapped from the json dialect's JSON."""
+    """The text the model is asked to judge: the last message, unwrapped from the json dialect's JSON
+    or Shieldstral's ``<Content>``."""
     last = str(messages[-1].get("content", ""))
+    if dialect == "shieldstral":
+        content = _CONTENT.search(last)
+        return content.group(1) if content else last
     if dialect != "json":
         return last
     _, _, payload = last.partition("\n")

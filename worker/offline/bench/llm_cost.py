@@ -8,9 +8,12 @@ loopback server, and counts what the server counted:
 
 - ``mistral`` moderation endpoint (``MistralServer``, batches of ``--batch-size``):
   requests, and input tokens as the server counts them (no completion tokens);
-- ``llm`` in each dialect (``LlmServer``, one request per input): requests, and the
-  ``usage`` the server answered (prompt tokens include the json dialect's instruction and
-  the chat framing; completion tokens are the answer).
+- ``llm`` in each dialect (``LlmServer``): requests (one per input, or one per policy
+  category and input for ``shieldstral`` and ``granite-guardian``), and the ``usage`` the
+  server answered (prompt tokens include the json and gpt-oss-safeguard dialects'
+  instruction and the chat framing; completion tokens are the answer, and
+  gpt-oss-safeguard's stand-in reasoning). The policy-as-prompt guards read their own
+  example policy, ``deploy/policy.forum-<dialect>.example.yaml``.
 
 Every server counts a token per 4 UTF-8 bytes (``count_tokens_server``), so the figures
 compare shapes of cost, not a tokenizer's exact counts; real tokenizers land near it on
@@ -18,6 +21,7 @@ English text.
 
     python worker/offline/bench/llm_cost.py
     python worker/offline/bench/llm_cost.py --texts 2000 --conversations 200 --policy deploy/policy.forum-llm.example.yaml
+    python worker/offline/bench/llm_cost.py --dialects shieldstral gpt-oss-safeguard granite-guardian
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from worker.testing import LlmServer, MistralServer
 from worker.testing.mistral_server import count_tokens_server
 
 DATA = REPO.parent / "shared" / "data"
+FIXED_TAXONOMY = ("json", "llama-guard", "qwen3guard")
+POLICY_AS_PROMPT = ("shieldstral", "gpt-oss-safeguard", "granite-guardian")
 
 
 @dataclass
@@ -104,7 +110,13 @@ async def moderation_endpoint(texts: list[str], chats: list[Conversation], batch
 async def llm(
     dialect: str, texts: list[str], chats: list[Conversation], batch_size: int, policy: Policy, label: str
 ) -> Cost:
-    with LlmServer(api_key=None, dialect=dialect, max_context_tokens=1_000_000) as server:  # type: ignore[arg-type]
+    categories = policy.category_descriptions()
+    with LlmServer(
+        api_key=None,
+        dialect=dialect,  # type: ignore[arg-type]
+        categories=categories,
+        max_context_tokens=1_000_000,
+    ) as server:
         settings = load_settings(
             require_kafka=False,
             backend="llm",
@@ -126,6 +138,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--policy", type=Path, help="policy for the json dialect (default: the built-in one)")
+    parser.add_argument(
+        "--dialects", nargs="+", default=[*FIXED_TAXONOMY, *POLICY_AS_PROMPT], help="llm dialects to measure"
+    )
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     texts, chats = load_inputs(args.data, args.texts, args.conversations)
@@ -136,10 +151,18 @@ def main() -> None:
     print("| backend | requests / 1k inputs | prompt tokens / 1k | completion tokens / 1k | total tokens / 1k |")
     print("|---|---:|---:|---:|---:|")
     costs = [asyncio.run(moderation_endpoint(texts, chats, args.batch_size))]
-    for dialect in ("json", "llama-guard", "qwen3guard"):
-        costs.append(
-            asyncio.run(llm(dialect, texts, chats, args.batch_size, policy, label if dialect == "json" else ""))
-        )
+    for dialect in args.dialects:
+        if dialect in POLICY_AS_PROMPT:
+            own = Policy.load(REPO / "deploy" / f"policy.forum-{dialect}.example.yaml")
+            costs.append(
+                asyncio.run(
+                    llm(dialect, texts, chats, args.batch_size, own, f" (forum, {len(own.category_descriptions())})")
+                )
+            )
+        else:
+            costs.append(
+                asyncio.run(llm(dialect, texts, chats, args.batch_size, policy, label if dialect == "json" else ""))
+            )
     for cost in costs:
         print(
             f"| {cost.name} | {cost.per_1000(cost.requests):,.1f} | {cost.per_1000(cost.prompt_tokens):,.0f} | "
