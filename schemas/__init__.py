@@ -25,6 +25,7 @@ from .models import (
     Verdict,
     Violation,
 )
+from .statements import StatementOfReasons
 
 __all__ = [
     "ACTION_SEVERITY",
@@ -42,6 +43,7 @@ __all__ = [
     "ScoreKind",
     "ShadowVerdict",
     "StageScore",
+    "StatementOfReasons",
     "Turn",
     "Verdict",
     "Violation",

@@ -24,6 +24,7 @@ TOPICS = {
     "violation": "moderation.violations",
     "dead_letter": "moderation.dead-letter",
     "shadow": "moderation.shadow-verdicts",
+    "statements_of_reasons": "moderation.statements-of-reasons",
     "conversation_state": "moderation.conversation-state",
 }
 """Default topic names, as the worker's settings have them."""
@@ -53,9 +54,10 @@ def _output_headers() -> dict[str, Any]:
 
 def _dead_letter_headers() -> dict[str, Any]:
     described = {
-        DeadLetterHeaders.STAGE: "Stage that rejected the input: decode, backend or output.",
+        DeadLetterHeaders.STAGE: "Stage that rejected the input: decode, backend, output or statement.",
         DeadLetterHeaders.ERROR_TYPE: "Machine-readable reason (not_json, schema, empty_text, too_long, "
-        "backend_rejected, invalid_scores, llm_unparseable, backend_failed, output_too_large, ...).",
+        "backend_rejected, invalid_scores, llm_unparseable, backend_failed, output_too_large, "
+        "invalid_statement, ...).",
         DeadLetterHeaders.MESSAGE: "Human-readable reason, at most 1,000 characters.",
         DeadLetterHeaders.ORIGIN_TOPIC: "Topic the input was read from.",
         DeadLetterHeaders.ORIGIN_PARTITION: "Its partition (decimal).",
@@ -127,6 +129,11 @@ def asyncapi_document() -> dict[str, Any]:
             "ShadowVerdict", "Shadow verdict", "A candidate backend's or policy's decision beside the live one.",
             "ShadowVerdict", "The input's key.", _output_headers(),
         ),
+        "StatementOfReasons": message(
+            "StatementOfReasons", "Statement of reasons", "The EU DSA statement of reasons of a verdict that "
+            "restricts content: a DSA Transparency Database API statement body; puid = the verdict_id.",
+            "StatementOfReasons", "The input's key.", _output_headers(),
+        ),
         "DeadLetter": {
             **message(
                 "DeadLetter", "Dead letter", "An input that could not be judged: its key, value and headers "
@@ -176,6 +183,11 @@ def asyncapi_document() -> dict[str, Any]:
         "shadowVerdicts": channel(
             "shadow", "Output, only with shadow evaluation on (MODWORKER_SHADOW__TOPIC).", ["ShadowVerdict"], retained
         ),
+        "statementsOfReasons": channel(
+            "statements_of_reasons", "Output, only with MODWORKER_DSA__ENABLED=true: a StatementOfReasons per "
+            "restricting verdict, in the verdict's transaction (MODWORKER_DSA__TOPIC).", ["StatementOfReasons"],
+            retained,
+        ),
         "conversationState": channel(
             "conversation_state", "Internal: the conversation state's changelog, compacted "
             "(MODWORKER_CONVERSATION__CHANGELOG_TOPIC); written and read back by the worker only.",
@@ -199,6 +211,9 @@ def asyncapi_document() -> dict[str, Any]:
         "publishViolations": operation("send", "violations", "A violation for every flagged input."),
         "publishDeadLetters": operation("send", "deadLetters", "Inputs that could not be judged."),
         "publishShadowVerdicts": operation("send", "shadowVerdicts", "Sampled shadow decisions."),
+        "publishStatementsOfReasons": operation(
+            "send", "statementsOfReasons", "A statement of reasons for every restricting verdict (DSA on)."
+        ),
         "writeConversationState": operation("send", "conversationState", "State changes, with the verdict."),
         "restoreConversationState": operation("receive", "conversationState", "Read back on partition assignment."),
     }

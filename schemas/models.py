@@ -149,6 +149,11 @@ class BackendDetails(_Output):
     completion_tokens: int | None = Field(
         default=None, description="Answer tokens the model server counted for this input (its usage), all tries."
     )
+    requests: int | None = Field(
+        default=None,
+        description="Chat completions sent for this input, all tries (llm backend: one per policy category for "
+        "the guards that take one category a request).",
+    )
     cached: bool = Field(
         default=False, description="True when the scores came from the dedup cache: the tokens were spent earlier."
     )
@@ -259,12 +264,14 @@ class DeadLetterHeaders:
     """
 
     STAGE = "x-modworker-dlq-stage"
-    """Pipeline stage that rejected the input: ``decode``, ``backend`` or ``output``."""
+    """Pipeline stage that rejected the input: ``decode``, ``backend``, ``output`` or ``statement``
+    (its verdict was published; its statement of reasons was not valid)."""
     ERROR_TYPE = "x-modworker-dlq-error-type"
     """Machine-readable reason: ``not_utf8``, ``not_json``, ``schema``, ``empty_text``,
     ``too_long``, ``backend_rejected``, ``invalid_scores``, ``llm_unparseable``, ``backend_failed`` (the input
     failed alone repeatedly while the backend answered others), ``output_too_large``
-    (its verdict could not be made to fit the output size limit)."""
+    (its verdict could not be made to fit the output size limit), ``invalid_statement`` (the
+    statement of reasons of its restricting verdict failed the DSA schema; the message says why)."""
     MESSAGE = "x-modworker-dlq-message"
     """Human-readable reason (truncated to 1,000 characters)."""
     ORIGIN_TOPIC = "x-modworker-dlq-origin-topic"
@@ -280,10 +287,13 @@ class DeadLetterHeaders:
     ALL = (STAGE, ERROR_TYPE, MESSAGE, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET, TRUNCATED, ORIGINAL_SIZE)
 
 
+from .statements import StatementOfReasons  # noqa: E402  (its own module: the DSA API's schema)
+
 EXPORTED_MODELS: dict[str, type[BaseModel]] = {
     "content_event": ContentEvent,
     "conversation_event": ConversationEvent,
     "verdict": Verdict,
     "violation": Violation,
     "shadow_verdict": ShadowVerdict,
+    "statement_of_reasons": StatementOfReasons,
 }

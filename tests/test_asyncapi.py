@@ -55,6 +55,7 @@ def test_topic_names_are_the_worker_s_defaults():
         "violation": settings.violation_topic,
         "dead_letter": settings.dead_letter_topic,
         "shadow": settings.shadow.topic,
+        "statements_of_reasons": settings.dsa.topic,
         "conversation_state": settings.conversation.changelog_topic,
     } == TOPICS
 

@@ -72,6 +72,7 @@ from worker.pipeline.shadow import Shadow
 from worker.pipeline.sink import Sink
 from worker.pipeline.source import Source, access_denied, authentication_failure, make_producer
 from worker.pipeline.span_guard import SpanGuard
+from worker.pipeline.statements import StatementBuilder
 from worker.pipeline.topic_limits import output_limit
 from worker.pipeline.transactions import TransactionalSink, TransactionsUnavailable
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
@@ -163,6 +164,7 @@ class ModerationWorker:
             on_finished=self._finish,
             on_abandoned=self._abandon,
             on_verdict=shadow.offer if shadow is not None else None,
+            statements=StatementBuilder(policy.dsa) if settings.dsa.enabled and policy.dsa is not None else None,
         )
         self._scorer = Scorer(
             backend,
@@ -282,7 +284,9 @@ class ModerationWorker:
         """Lower the output limit to the output topics' ``max.message.bytes`` where smaller."""
         s = self.settings
         limit = await output_limit(
-            s.kafka, [s.verdict_topic, s.violation_topic, s.dead_letter_topic], s.max_output_bytes
+            s.kafka,
+            [s.verdict_topic, s.violation_topic, s.dead_letter_topic, *([s.dsa.topic] if s.dsa.enabled else [])],
+            s.max_output_bytes,
         )
         self._outputs.limit_bytes(limit.max_bytes)
         log.info(Event.OUTPUT_LIMIT, max_bytes=limit.max_bytes, source=limit.source, unread=limit.note)

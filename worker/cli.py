@@ -256,6 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.ops.logs import Event, configure_logging
     from worker.pipeline.policy import Policy, PolicyError
     from worker.pipeline.shadow import create_shadow
+    from worker.pipeline.statements import dsa_problem
 
     settings = load_settings(args.config, **kafka_overrides(args))
     configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
@@ -267,6 +268,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = Policy.load(default_policy_file(settings))
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
+    if settings.dsa.enabled and (problem := dsa_problem(policy, _policy_origin(settings))) is not None:
+        raise ConfigError(f"MODWORKER_DSA__ENABLED=true: {problem}")
     backend = create_backend(settings, policy)
     fallback = create_fallback(settings, policy)
     try:
@@ -657,6 +660,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_origin(settings: Settings) -> str:
+    """How a start-up error names the policy in use."""
+    from worker.backends import default_policy_file
+
+    path = default_policy_file(settings)
+    return "the built-in default policy" if path is None else f"policy file {path}"
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     """What ``run`` would refuse at start-up, without starting: settings, the bootstrap
     address, the backends' credentials, the policy and the shadow policy. Problems go to
@@ -665,6 +676,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from worker.backends import default_policy_file
     from worker.config import check_backend_credentials
     from worker.pipeline.policy import Policy, PolicyError
+    from worker.pipeline.statements import dsa_problem
 
     settings = load_settings(args.config, require_backend=False, require_kafka=False, **kafka_overrides(args))
     print_setting_warnings(settings)
@@ -681,6 +693,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         policy = Policy.load(policy_file)
     except PolicyError as err:
         problems.append(f"MODWORKER_POLICY_FILE: {err}")
+    else:
+        if settings.dsa.enabled and (problem := dsa_problem(policy, _policy_origin(settings))) is not None:
+            problems.append(f"MODWORKER_DSA__ENABLED=true: {problem}")
     if settings.shadow.policy_file is not None:
         try:
             Policy.load(settings.shadow.policy_file)

@@ -135,10 +135,13 @@ class LlmSettings(BaseModel):
         default=None,
         description="Bearer key; falls back to MISTRAL_API_KEY for Mistral's URL; a local server needs none.",
     )
-    dialect: Literal["json", "llama-guard", "qwen3guard"] = Field(
-        default="json",
-        description="json: a chat model judges the policy's categories (their descriptions); "
-        "llama-guard / qwen3guard: a guard model's own labels.",
+    dialect: Literal["json", "llama-guard", "qwen3guard", "shieldstral", "gpt-oss-safeguard", "granite-guardian"] = (
+        Field(
+            default="json",
+            description="json: a chat model judges the policy's categories (their descriptions); "
+            "llama-guard / qwen3guard: a guard model's own labels; shieldstral / gpt-oss-safeguard / "
+            "granite-guardian: a guard model judges the policy's categories (docs/backends.md).",
+        )
     )
     parse_retries: int = Field(
         default=1, ge=0, le=10, description="Extra tries for an answer that cannot be parsed; then llm_unparseable."
@@ -154,6 +157,18 @@ class LlmSettings(BaseModel):
     )
     max_input_tokens: int = Field(
         default=8_000, ge=64, description="Context per input; longer texts are chunked, long conversations trimmed."
+    )
+    max_questions_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="shieldstral / granite-guardian: requests in flight per input (one per policy category).",
+    )
+    reasoning_effort: Literal["low", "medium", "high"] = Field(
+        default="low", description="gpt-oss-safeguard: reasoning_effort of each request (more: slower, dearer)."
+    )
+    think: bool = Field(
+        default=False, description="granite-guardian: thinking mode (reasons before the score: far more answer tokens)."
     )
 
 
@@ -357,6 +372,20 @@ class ExactlyOnceSettings(BaseModel):
     )
 
 
+class DsaSettings(BaseModel):
+    """EU DSA statements of reasons: one per verdict that restricts content (docs/dsa.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Publish a StatementOfReasons with each restricting verdict; the policy must have a dsa section.",
+    )
+    topic: str = Field(
+        default="moderation.statements-of-reasons",
+        min_length=1,
+        description="Output: a StatementOfReasons per restricting verdict, in the verdict's acknowledged group.",
+    )
+
+
 class Settings(BaseSettings):
     """All of the worker's configuration. Every setting is listed in docs/configuration.md."""
 
@@ -398,6 +427,7 @@ class Settings(BaseSettings):
         "(consumers must read with isolation_level=read_committed).",
     )
     exactly_once: ExactlyOnceSettings = Field(default_factory=ExactlyOnceSettings)
+    dsa: DsaSettings = Field(default_factory=DsaSettings)
 
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")

@@ -45,7 +45,7 @@ SCENARIOS: list[tuple[str, str, str, str]] = [
     ("SCRAM-SHA-512 over SASL_PLAINTEXT, with ACLs", "worker authenticating with SCRAM, exactly its ACLs", "lost 0, no duplicates; the password in no log line or metric", f"{S}test_scram_end_to_end[SASL_PLAINTEXT]"),
     ("SCRAM-SHA-512 over SASL_SSL, with ACLs", "as above, over TLS", "as above", f"{S}test_scram_end_to_end[SASL_SSL]"),
     ("SASL, wrong password", "worker with a wrong SASL password", "start-up stops with one line naming the setting, exit non-zero", f"{S}test_a_wrong_password_stops_start_up_with_one_line"),
-    ("ACL: no WRITE on the verdict topic, then granted", "no WRITE ACL on the verdict topic; granted, a worker restarted", "one line, exit 1, nothing committed; then lost 0", f"{S}test_no_write_acl_on_the_verdict_topic_then_granted"),
+    ("ACL: no WRITE on the verdict topic, then granted", "no WRITE ACL on the verdict topic; granted, a worker restarted", "one line, exit 1, nothing committed past an input without its output; then lost 0", f"{S}test_no_write_acl_on_the_verdict_topic_then_granted"),
     ("ACL: no READ on an input topic", "no READ ACL on the content topic", "start-up stops with one line naming topic and ACL, exit 1", f"{S}test_a_missing_read_acl_stops_start_up_with_one_line[no-read-on-an-input-topic]"),
     ("ACL: no ACL for the group", "no READ ACL on the consumer group", "start-up stops with one line naming group and ACL, exit 1", f"{S}test_a_missing_read_acl_stops_start_up_with_one_line[no-acl-for-the-group]"),
 ]  # fmt: skip
@@ -75,7 +75,7 @@ def measured(result: dict | None) -> str:
         parts.insert(
             0,
             f"first worker: exit {notes['exit_code']}, “{notes['denied_line']}”, "
-            f"{notes['committed_while_denied']} offsets committed; then granted",
+            f"{notes['committed_while_denied']} offsets committed (past dead-lettered inputs only); then granted",
         )
     for key, label in (
         ("rss_growth_mb", "RSS growth {} MB"),

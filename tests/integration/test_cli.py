@@ -80,6 +80,7 @@ def test_schemas_export_writes_the_checked_in_files(tmp_path: Path):
         "verdict.schema.json",
         "violation.schema.json",
         "shadow_verdict.schema.json",
+        "statement_of_reasons.schema.json",
     }
 
 

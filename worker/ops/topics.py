@@ -2,7 +2,7 @@
 
 ``modworker topics create`` states partitions, replication factor, ``min.insync.replicas``
 and retention once for every topic the configuration names: the two inputs, the three
-outputs (plus the shadow topic when shadowing is on) and the conversation state's
+outputs (plus the shadow topic when shadowing is on, and the statements of reasons' when DSA is) and the conversation state's
 changelog (compacted, no retention, as many partitions as the conversation topic, since
 changelog partition = input partition). Missing topics are created; existing ones are
 compared with the statement, and every difference is named. Nothing existing is altered:
@@ -102,6 +102,8 @@ def planned_topics(
     ]
     if settings.shadow.enabled:
         topics.append(spec(settings.shadow.topic, "output", output))
+    if settings.dsa.enabled:
+        topics.append(spec(settings.dsa.topic, "output", output))
     if settings.conversation.enabled:
         topics.append(spec(settings.conversation.changelog_topic, "changelog", {**CHANGELOG_CONFIGS, **durable}))
     return list({t.name: t for t in topics}.values())

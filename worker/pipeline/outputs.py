@@ -24,6 +24,8 @@ is dead-lettered as ``output_too_large``; a dead letter over it has its value tr
 
 A conversation turn's state change (``Job.changelog``) is published in the same group as
 its verdict or dead letter, so its offset finishes only once the change is acknowledged.
+So is a restricting verdict's statement of reasons (DSA on, ``statements``), or, when that
+statement is not valid, the input as a dead letter (stage ``statement``) beside the verdict.
 
 Contract: ``conclude`` never raises for any outcome; a job whose partition is no longer
 owned is not published (``on_abandoned`` is called instead: the new owner redoes it).
@@ -47,6 +49,7 @@ from worker.pipeline.encode import verdict_bytes, violation_bytes
 from worker.pipeline.ordering import KeySequencer
 from worker.pipeline.scoring import Degraded
 from worker.pipeline.sink import dead_letter_record, record_size
+from worker.pipeline.statements import StatementBuilder, StatementRejected, statement_bytes
 from worker.pipeline.types import Job, OutRecord, PartitionOffsets, Record
 from worker.pipeline.verdicts import VerdictBuilder
 
@@ -79,10 +82,14 @@ class Outputs:
         on_finished: FinishFunction,
         on_abandoned: Callable[[], None],
         on_verdict: Callable[[Job, Verdict], None] | None = None,
+        statements: StatementBuilder | None = None,
     ) -> None:
         self._verdict_topic = settings.verdict_topic
         self._violation_topic = settings.violation_topic
         self._dead_letter_topic = settings.dead_letter_topic
+        self._statement_topic = settings.dsa.topic
+        self._statements = statements
+        """DSA on: a statement of reasons goes with each restricting verdict."""
         self._max_bytes = settings.max_output_bytes
         self._sink = sink
         self._verdicts = verdicts
@@ -212,6 +219,8 @@ class Outputs:
         if violation is not None:
             records.append(OutRecord(self._violation_topic, key, violation_bytes(violation), OUTPUT_HEADERS))
             fits = fits and record_size(records[1]) <= limit
+        if fits and self._statements is not None and self._statements.restricts(verdict):
+            records.append(self._statement(job, verdict))
         if not fits:  # e.g. an enormous id: cannot fit even trimmed
             message = f"its verdict would exceed the output limit of {self._max_bytes} bytes even without metadata"
             self._sequencer.complete(
@@ -252,6 +261,41 @@ class Outputs:
         self._sequencer.complete(job, lambda: self._release(records, job, verdict))
         if self._on_verdict is not None:
             self._on_verdict(job, verdict)
+
+    def _statement(self, job: Job, verdict: Verdict) -> OutRecord:
+        """The statement of reasons of a restricting verdict, or, when it is not valid (or
+        too big), the input as a dead letter with the reason: either way in the verdict's
+        group, so the verdict is published and its offset finishes as usual."""
+        assert self._statements is not None
+        try:
+            statement = self._statements.statement(job, verdict)
+        except StatementRejected as err:
+            reason = str(err)
+        else:
+            out = OutRecord(self._statement_topic, job.key, statement_bytes(statement), OUTPUT_HEADERS)
+            if record_size(out) <= self._max_bytes:
+                return out
+            reason = f"its statement of reasons would exceed the output limit of {self._max_bytes} bytes"
+        record = job.record
+        log.warning(
+            Event.MESSAGE_DEAD_LETTERED,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage="statement",
+            error_type="invalid_statement",
+            reason=reason,
+            verdict_id=verdict.verdict_id,
+        )
+        metrics.dead_lettered(record.topic, "statement", "invalid_statement").inc()
+        return dead_letter_record(
+            record,
+            topic=self._dead_letter_topic,
+            stage="statement",
+            error_type="invalid_statement",
+            message=reason,
+            max_bytes=self._max_bytes,
+        )
 
     def _release(self, records: list[OutRecord], job: Job, verdict: Verdict) -> None:
         """Publish a verdict whose turn has come: into its partition's group of the

@@ -51,7 +51,10 @@ optional ``description``: what the category means, for backends that judge by it
 ``llm`` backend's json dialect; a rule without one hashes as before descriptions existed),
 ``aliases`` (raw name -> canonical name), ``default`` (``{threshold, action}``; flag at
 0.5 when omitted), ``overrides`` (a list) and ``cascade`` (uncertainty bands of the
-cascade backend, see ``worker.backends.cascade``; ``modworker calibrate`` writes it). Each override has ``match`` (``tenant``
+cascade backend, see ``worker.backends.cascade``; ``modworker calibrate`` writes it) and ``dsa``
+(``DsaSection``: statements of reasons, see ``worker.pipeline.statements`` and docs/dsa.md:
+each category's statement category, ground and reference, the territorial scope per tenant
+and which actions restrict how). Each override has ``match`` (``tenant``
 and/or ``source``, exact strings; every key given must equal the input's), and
 ``categories`` and/or ``default`` whose rules may give only ``threshold`` or only
 ``action``: the missing field is taken from the rule in force at that point (the
@@ -88,7 +91,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -102,6 +105,17 @@ from pydantic import (
 )
 
 from schemas import ACTION_SEVERITY, Action, CategoryHit
+from schemas.statements import (
+    Country,
+    DecisionAccount,
+    DecisionGround,
+    DecisionMonetary,
+    DecisionProvision,
+    DecisionVisibility,
+    Keyword,
+    SourceType,
+    StatementCategory,
+)
 
 POLICY_FORMAT = 1
 """Version of the document format and its semantics; part of every ``Policy.version``."""
@@ -213,12 +227,102 @@ class _Cascade(_Strict):
     bands: dict[str, _Band] = Field(default_factory=dict)
 
 
+EU_COUNTRIES: tuple[Country, ...] = (
+    "AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", "FR", "GR", "HR", "HU",
+    "IE", "IT", "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK",
+)  # fmt: skip
+EEA_COUNTRIES: tuple[Country, ...] = (*EU_COUNTRIES, "IS", "LI", "NO")
+
+
+class DsaMapping(_Strict):
+    """What a statement of reasons says for one category (``dsa.categories.<name>``)."""
+
+    category: StatementCategory
+    specification: list[Keyword] = Field(default_factory=list)
+    ground: DecisionGround
+    reference: str = Field(min_length=1, max_length=500)
+    """The law (illegal content) or the terms-of-service clause (incompatible content) relied on."""
+    explanation: str | None = Field(default=None, min_length=1, max_length=1_000)
+    """Why content of this category is illegal or incompatible on that ground; a generic sentence when absent."""
+    reference_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://\S+$")
+    also_illegal: bool | None = None
+    """Incompatible-content ground only: the content is also considered illegal."""
+
+    @model_validator(mode="after")
+    def _also_illegal_needs_the_terms(self) -> DsaMapping:
+        if self.also_illegal is not None and self.ground == "DECISION_GROUND_ILLEGAL_CONTENT":
+            raise ValueError("also_illegal belongs with ground DECISION_GROUND_INCOMPATIBLE_CONTENT only; remove it")
+        return self
+
+
+class DsaRestriction(_Strict):
+    """What one action does to the content and the account (``dsa.restrictions.<action>``),
+    in the API's decision fields; at least one of them."""
+
+    decision_visibility: list[DecisionVisibility] | None = Field(default=None, min_length=1)
+    decision_visibility_other: str | None = Field(default=None, min_length=1, max_length=500)
+    decision_monetary: DecisionMonetary | None = None
+    decision_monetary_other: str | None = Field(default=None, min_length=1, max_length=500)
+    decision_provision: DecisionProvision | None = None
+    decision_account: DecisionAccount | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> DsaRestriction:
+        if not (self.decision_visibility or self.decision_monetary or self.decision_provision or self.decision_account):
+            raise ValueError(
+                "empty restriction: give decision_visibility, decision_monetary, decision_provision or decision_account"
+            )
+        return self
+
+
+def _default_restrictions() -> dict[Action, DsaRestriction]:
+    return {"block": DsaRestriction(decision_visibility=["DECISION_VISIBILITY_CONTENT_REMOVED"])}
+
+
+class DsaScope(_Strict):
+    """Where restrictions apply (``dsa.territorial_scope``): country codes, or ``EU``/``EEA``."""
+
+    default: list[Country | Literal["EU", "EEA"]] = Field(min_length=1)
+    tenants: dict[str, list[Country | Literal["EU", "EEA"]]] = Field(default_factory=dict)
+
+    def of(self, tenant: str | None) -> list[Country]:
+        """The countries for ``tenant`` (its own list, else ``default``), sorted, EU/EEA expanded."""
+        named = self.tenants.get(tenant, self.default) if tenant is not None else self.default
+        countries: set[Country] = set()
+        for code in named:
+            countries.update(EU_COUNTRIES if code == "EU" else EEA_COUNTRIES if code == "EEA" else (code,))
+        return sorted(countries)
+
+
+class DsaSection(_Strict):
+    """The ``dsa`` section: what the worker needs to write statements of reasons."""
+
+    categories: dict[str, DsaMapping] = Field(default_factory=dict)
+    default: DsaMapping | None = None
+    """For restricting categories not under ``categories``; without it, each must be listed."""
+    territorial_scope: DsaScope
+    restrictions: dict[Action, DsaRestriction] = Field(default_factory=_default_restrictions)
+    """Which actions restrict content, and how. Default: ``block`` removes it."""
+    source_type: SourceType = "SOURCE_VOLUNTARY"
+
+    @model_validator(mode="after")
+    def _allow_never_restricts(self) -> DsaSection:
+        if "allow" in self.restrictions:
+            raise ValueError("dsa.restrictions.allow: an allowed input is not restricted; remove it")
+        return self
+
+    def mapping(self, category: str) -> DsaMapping | None:
+        """The mapping of a canonical category: its own, else ``default``."""
+        return self.categories.get(category, self.default)
+
+
 class _Document(_Strict):
     categories: dict[str, _Rule] = Field(default_factory=dict)
     aliases: dict[str, str] = Field(default_factory=dict)
     default: _Rule = Field(default_factory=lambda: _Rule(threshold=0.5, action="flag"))
     overrides: list[_Override] = Field(default_factory=list)
     cascade: _Cascade | None = None
+    dsa: DsaSection | None = None
 
     @model_validator(mode="after")
     def _aliases_are_consistent(self) -> _Document:
@@ -238,6 +342,8 @@ class _Document(_Strict):
         ]
         if self.cascade is not None:
             named.append(("cascade.bands", self.cascade.bands))
+        if self.dsa is not None:
+            named.append(("dsa.categories", self.dsa.categories))
         for where, categories in named:
             for name in categories:
                 if not name:
@@ -293,7 +399,9 @@ class Policy:
         self._contexts: list[_Rules] | None = None  # every combination that can match (``thresholds``)
         # A document without ``cascade`` hashes as it did before that key existed, so adding
         # the key to the format changed no deployed policy's version.
-        dumped = document.model_dump(mode="json", exclude={"cascade"} if document.cascade is None else None)
+        # The same for ``dsa``.
+        absent = {name for name in ("cascade", "dsa") if getattr(document, name) is None}
+        dumped = document.model_dump(mode="json", exclude=absent or None)
         canonical_form = json.dumps(
             {"format": POLICY_FORMAT, "document": dumped},
             sort_keys=True,
@@ -366,6 +474,20 @@ class Policy:
             for name in override.categories:
                 named.setdefault(name, None)
         return named
+
+    @property
+    def dsa(self) -> DsaSection | None:
+        """The ``dsa`` section (statements of reasons), None when the document has none."""
+        return self._document.dsa
+
+    def possible_actions(self, category: str | None) -> frozenset[str]:
+        """Every action a hit of ``category`` (canonical; None: a category the document does
+        not name, which the default rule decides) can have, under the base rules or any
+        combination of overrides that can match together."""
+        return frozenset(
+            (resolved.default if category is None else resolved.categories.get(category, resolved.default)).action
+            for resolved in self._every_context()
+        )
 
     def canonical(self, category: str) -> str:
         """The canonical name of a raw category name (itself when it has no alias)."""
@@ -557,6 +679,8 @@ def _describe(error: Mapping[str, Any]) -> list[str]:
         return [f"{path}: required key missing; add it"]
     if loc and loc[-1] == "threshold":
         return [f"{path}: must be a number from 0 to 1 (got {got!r}); fix the value"]
+    if loc and loc[0] == "dsa" and kind in ("literal_error", "enum"):
+        return [f"{path}: {error.get('msg', 'invalid value')} (got {got!r}); fix the value"]
     if (loc and loc[-1] == "action") or kind == "literal_error":
         return [f"{path}: must be one of allow, flag, review, block (got {got!r}); fix the value"]
     if kind in ("string_type", "string_too_short"):
