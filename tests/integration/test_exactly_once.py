@@ -86,8 +86,9 @@ async def test_sigkill_mid_stream_then_restart_gives_each_input_exactly_one_comm
     await produce(bootstrap, topics.content, content_records(total))
     await produce(bootstrap, topics.conversation, turn_records(conversations, turns))
     inputs = total + conversations * turns
-    # One slow call at a time: the stream lasts seconds, so the kill lands mid-stream.
-    mistral.latency_s = 0.05
+    # One slow call at a time (88 calls x 200 ms): the stream lasts about 18 s, so the kill
+    # lands mid-stream however fast the broker.
+    mistral.latency_s = 0.2
     env = eos_env(
         broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="8", MODWORKER_SCORING__MAX_CONCURRENCY="1"
     )

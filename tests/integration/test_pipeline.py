@@ -279,9 +279,18 @@ async def test_sigterm_drains_commits_exits_zero_and_restart_repeats_nothing(
     bootstrap = broker.bootstrap_servers
     total = 500
     await produce(bootstrap, topics.content, _content_records(total))
-    mistral.latency_s = 0.05
-    # a small in-flight cap keeps most of the stream unread when SIGTERM arrives
-    env = worker_env(broker, topics, mistral, api_key, MODWORKER_BATCH__MAX_SIZE="10", MODWORKER_MAX_IN_FLIGHT="40")
+    # One slow call at a time (50 calls x 200 ms) and a small in-flight cap keep most of the
+    # stream unread when SIGTERM arrives, however fast the broker.
+    mistral.latency_s = 0.2
+    env = worker_env(
+        broker,
+        topics,
+        mistral,
+        api_key,
+        MODWORKER_BATCH__MAX_SIZE="10",
+        MODWORKER_MAX_IN_FLIGHT="40",
+        MODWORKER_SCORING__MAX_CONCURRENCY="1",
+    )
     first = spawn_worker(env)
     await wait_for_count(bootstrap, topics.verdict, 50)
     assert first.stop(signal.SIGTERM, timeout_s=60) == 0, first.log()[-3000:]

@@ -126,7 +126,7 @@ async def test_in_exactly_once_mode_statements_commit_in_their_verdicts_transact
         topics.content,
         [(f"c-{i}".encode(), json.dumps(content(i, marks_of(i))).encode()) for i in range(total)],
     )
-    mistral.latency_s = 0.05
+    mistral.latency_s = 0.2  # one slow call at a time: the kill lands mid-stream
     env = worker_env(
         broker,
         topics,

@@ -60,19 +60,28 @@ def access_denied(err: BaseException, settings: Settings) -> KafkaAccessDenied |
 
     principal = f"User:{settings.kafka.sasl_username}" if settings.kafka.sasl_username else "the worker's principal"
     if isinstance(err, errors.TopicAuthorizationFailedError):
-        topics = ", ".join(str(arg) for arg in err.args) or "a topic"
-        what = "READ" if set(err.args) & {settings.content_topic, settings.conversation_topic} else "WRITE"
+        inputs = {settings.content_topic, settings.conversation_topic}
+        known = inputs | {settings.verdict_topic, settings.violation_topic, settings.dead_letter_topic}
+        named = sorted({str(t) for arg in err.args for t in (arg if isinstance(arg, set | list | tuple) else [arg])})
+        topics = [t for t in named if t in known or t == settings.conversation.changelog_topic]
+        if not topics:  # the error names no topic of ours: say what it said and what is needed
+            return KafkaAccessDenied(
+                f"Kafka denied access to a topic (TopicAuthorizationFailedError: {err}): grant {principal} READ "
+                "on the input topics and WRITE on the output topics"
+            )
+        what = "READ" if set(topics) & inputs else "WRITE"
         return KafkaAccessDenied(
-            f"Kafka denied access to topic {topics} (TopicAuthorizationFailed): grant {principal} {what} on it"
+            f"Kafka denied access to topic {', '.join(topics)} (TopicAuthorizationFailedError): grant {principal} "
+            f"{what} on it"
         )
     if isinstance(err, errors.GroupAuthorizationFailedError):
         return KafkaAccessDenied(
-            f"Kafka denied access to consumer group {settings.group_id} (GroupAuthorizationFailed): grant "
+            f"Kafka denied access to consumer group {settings.group_id} (GroupAuthorizationFailedError): grant "
             f"{principal} READ on the group (MODWORKER_GROUP_ID)"
         )
     if isinstance(err, errors.ClusterAuthorizationFailedError):
         return KafkaAccessDenied(
-            f"Kafka denied a cluster operation (ClusterAuthorizationFailed): grant {principal} IDEMPOTENT_WRITE on "
+            f"Kafka denied a cluster operation (ClusterAuthorizationFailedError): grant {principal} IDEMPOTENT_WRITE on "
             "the cluster, or WRITE on the output topics"
         )
     return None
