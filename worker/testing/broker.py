@@ -118,6 +118,7 @@ def test_broker(
         raise BrokerUnavailable(reason)
     if reason is None:
         root = workdir or Path(tempfile.mkdtemp(prefix="modworker-kafka-"))
+        owned = workdir is None
         try:
             broker = kafka_broker.KafkaBroker(root).start()
         except BrokerUnavailable as err:
@@ -135,6 +136,8 @@ def test_broker(
                 )
             finally:
                 broker.close()
+                if owned:
+                    shutil.rmtree(root, ignore_errors=True)
             return
     if prefer != "tansu" and _docker_answers():
         from testcontainers.kafka import KafkaContainer
