@@ -114,6 +114,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     tail.add_argument("topic")
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not at the end")
+    tail.add_argument(
+        "-o",
+        "--offset",
+        metavar="OFFSET",
+        help="where to start: earliest, latest (the default), or an offset N of the --partition read",
+    )
+    tail.add_argument("--partition", type=int, metavar="P", help="read this partition only")
     tail.add_argument("--max-messages", type=int, default=0, metavar="N", help="exit after N records (default: never)")
     tail.add_argument(
         "--timeout-ms", type=int, default=0, metavar="MS", help="exit when no record came for MS (default: never)"
@@ -504,12 +511,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, require_backend=False, **kafka_overrides(args))
     print_setting_warnings(settings)
     shown = [part for part in PRINTABLE_PARTS if getattr(args, f"print_{part}")]
+    start = tail_start(args.offset, from_beginning=args.from_beginning, partition=args.partition)
     with contextlib.suppress(KeyboardInterrupt):
         seen = asyncio.run(
             _tail(
                 settings,
                 args.topic,
-                from_beginning=args.from_beginning,
+                start=start,
+                partition=args.partition,
                 as_json=args.json,
                 shown=shown,
                 limit=args.max_messages,
@@ -547,11 +556,28 @@ async def topic_partitions(settings: Settings, topic: str) -> list[int]:
     return sorted(p["partition"] for p in found[topic]["partitions"])
 
 
+def tail_start(offset: str | None, *, from_beginning: bool, partition: int | None) -> str | int:
+    """``earliest``, ``latest`` or an offset, from ``-o``/``--from-beginning`` as Kafka's
+    console consumer reads them; ``CommandError`` naming the flag when they do not fit."""
+    if offset is None:
+        return "earliest" if from_beginning else "latest"
+    if from_beginning:
+        raise CommandError("tail: give --from-beginning or -o/--offset, not both")
+    if offset in ("earliest", "latest"):
+        return offset
+    if not offset.isdigit():
+        raise CommandError(f"tail: -o/--offset takes earliest, latest or a non-negative offset, got {offset!r}")
+    if partition is None:
+        raise CommandError("tail: -o/--offset N needs --partition P (an offset belongs to one partition)")
+    return int(offset)
+
+
 async def _tail(
     settings: Settings,
     topic: str,
     *,
-    from_beginning: bool,
+    start: str | int,
+    partition: int | None = None,
     as_json: bool,
     shown: Sequence[str],
     limit: int,
@@ -566,7 +592,10 @@ async def _tail(
 
     from worker.pipeline.source import client_options
 
-    partitions = [TopicPartition(topic, p) for p in await topic_partitions(settings, topic)]
+    existing = await topic_partitions(settings, topic)
+    if partition is not None and partition not in existing:
+        raise CommandError(f"no partition {partition} in {topic} (it has {len(existing)})")
+    partitions = [TopicPartition(topic, p) for p in existing if partition is None or p == partition]
     isolation = "read_committed" if read_committed else "read_uncommitted"
     consumer = AIOKafkaConsumer(
         **client_options(settings.kafka), group_id=None, enable_auto_commit=False, isolation_level=isolation
@@ -578,14 +607,18 @@ async def _tail(
     seen = 0
     try:
         consumer.assign(partitions)
-        if from_beginning:
+        if start == "earliest":
             await consumer.seek_to_beginning(*partitions)
-        else:
+        elif start == "latest":
             await consumer.seek_to_end(*partitions)
+        else:
+            for tp in partitions:
+                consumer.seek(tp, int(start))
         for tp in partitions:  # resolve the start now: records from here on are printed
             await consumer.position(tp)
-        start = "the beginning" if from_beginning else "the end"
-        print(f"tail: reading {topic} ({len(partitions)} partitions) from {start}", file=sys.stderr, flush=True)
+        where = {"earliest": "the beginning", "latest": "the end"}.get(str(start), f"offset {start}")
+        which = f"partition {partition}" if partition is not None else f"{len(partitions)} partitions"
+        print(f"tail: reading {topic} ({which}) from {where}", file=sys.stderr, flush=True)
         last = time.monotonic()
         while not limit or seen < limit:
             batches = await consumer.getmany(timeout_ms=200)

@@ -19,6 +19,7 @@ START, END = "<!-- chaos-table:start -->", "<!-- chaos-table:end -->"
 T = "tests/chaos/test_chaos.py::"
 S = "tests/chaos/test_security_chaos.py::"
 M = "tests/chaos/test_static_membership_chaos.py::"
+E = "tests/chaos/test_exactly_once_chaos.py::"
 
 SCENARIOS: list[tuple[str, str, str, str]] = [
     # (scenario name as recorded, injected, promised, test)
@@ -40,6 +41,10 @@ SCENARIOS: list[tuple[str, str, str, str]] = [
     ("end to end over TLS", "worker and harness on the broker's TLS listener (Kafka's own SSL listener)", "lost 0, no duplicates", "test_end_to_end_over_tls"),
     ("TLS port, wrong CA client", "worker trusting another CA", "start-up stops with one line, exit 1", "test_a_bad_tls_client_stops_start_up_with_one_line[wrong CA]"),
     ("TLS port, plaintext client", "worker speaking plaintext to the TLS port", "start-up stops with one line, exit 1", "test_a_bad_tls_client_stops_start_up_with_one_line[plaintext]"),
+    ("exactly-once: worker SIGKILL mid-transaction", "MODWORKER_DELIVERY=exactly_once; the worker SIGKILLed 3 times mid-stream, a new one started each time; outputs read with read_committed", "lost 0, **duplicates 0**", f"{E}test_exactly_once_worker_sigkill_mid_transaction"),
+    ("exactly-once: rebalance storm", "exactly-once; 3 workers, every 4 s one SIGKILLed and one added (4 times)", "lost 0, **duplicates 0**", f"{E}test_exactly_once_rebalance_storm"),
+    ("exactly-once: broker SIGKILL, down 5 s", "exactly-once; the broker SIGKILLed, restarted on its log dir after 5 s", "lost 0, **duplicates 0**; the worker rides it out and stops cleanly", f"{E}test_exactly_once_broker_sigkill_and_restart"),
+    ("exactly-once: zombie (SIGSTOP past the session timeout, SIGCONT)", "exactly-once; a worker SIGSTOPped past the session timeout, the group moves its partitions to another, then SIGCONT", "lost 0, **duplicates 0**; the zombie's late writes fenced and counted", f"{E}test_exactly_once_zombie_is_fenced"),
     ("rolling restart of 3 workers, static membership", "3 workers, each in turn SIGTERMed and replaced under the same MODWORKER_KAFKA__GROUP_INSTANCE_ID", "no rebalance: the other members keep their partitions and restore nothing; lost 0", f"{M}test_rolling_restart[static]"),
     ("rolling restart of 3 workers, dynamic membership", "as above, no instance id (the control)", "lost 0 (every restart rebalances the group)", f"{M}test_rolling_restart[dynamic]"),
     ("SCRAM-SHA-512 over SASL_PLAINTEXT, with ACLs", "worker authenticating with SCRAM, exactly its ACLs", "lost 0, no duplicates; the password in no log line or metric", f"{S}test_scram_end_to_end[SASL_PLAINTEXT]"),
@@ -49,6 +54,10 @@ SCENARIOS: list[tuple[str, str, str, str]] = [
     ("ACL: no READ on an input topic", "no READ ACL on the content topic", "start-up stops with one line naming topic and ACL, exit 1", f"{S}test_a_missing_read_acl_stops_start_up_with_one_line[no-read-on-an-input-topic]"),
     ("ACL: no ACL for the group", "no READ ACL on the consumer group", "start-up stops with one line naming group and ACL, exit 1", f"{S}test_a_missing_read_acl_stops_start_up_with_one_line[no-acl-for-the-group]"),
 ]  # fmt: skip
+
+
+_ONLY_WHEN_ANY = frozenset({"fenced_producers", "fenced_late_outputs_dropped"})
+"""Notes shown only where they are not 0 (the zombie's row, not every exactly-once row)."""
 
 
 def measured(result: dict | None) -> str:
@@ -79,6 +88,9 @@ def measured(result: dict | None) -> str:
         )
     for key, label in (
         ("rss_growth_mb", "RSS growth {} MB"),
+        ("fenced_producers", "**{} producers fenced**"),
+        ("fenced_late_outputs_dropped", "{} late outputs of the zombie dropped"),
+        ("verdict_records_aborted_in_log", "{} verdict records aborted in the log (invisible to read_committed)"),
         ("changelog_written", "changelog records written {}"),
         ("changelog_after_compaction", "left by compaction {}"),
         ("restored_records", "successor read {} records"),
@@ -89,7 +101,7 @@ def measured(result: dict | None) -> str:
         ("restored_by_others", "conversations restored by the other members {}"),
         ("restored_by_restarted", "by the restarted ones {}"),
     ):
-        if key in notes:
+        if key in notes and (notes[key] or key not in _ONLY_WHEN_ANY):
             parts.append(label.format(notes[key]))
     if not notes.get("settled", True):
         parts.append("**did not settle**")

@@ -223,6 +223,43 @@ async def test_tail_prints_only_new_records_unless_asked_to_start_at_the_beginni
     assert "Partition:" in expected[0] and "\th:v\told-1\t" in "".join(expected)
 
 
+async def test_tail_from_an_offset_of_one_partition_and_its_refusals(broker, topics):
+    """``-o N --partition P`` starts at offset N of P only, as Kafka's console consumer; the
+    flags that do not fit are one line each and exit 2 before any connection."""
+    bootstrap = broker.bootstrap_servers
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=kafka_support.IDEMPOTENT)
+    await producer.start()
+    try:
+        for i in range(5):
+            await producer.send_and_wait(topics.verdict, b'{"n": %d}' % i, partition=2)
+        await producer.send_and_wait(topics.verdict, b'{"other": 1}', partition=1)
+    finally:
+        await producer.stop()
+    env = clean_env()
+    result = modworker(
+        "tail", topics.verdict, "-o", "3", "--partition", "2", "--json", "--print-offset",
+        "--timeout-ms", "1500", "-b", bootstrap, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().splitlines() == ['Offset:3\t{"n": 3}', 'Offset:4\t{"n": 4}']
+    assert f"tail: reading {topics.verdict} (partition 2) from offset 3" in result.stderr.decode()
+    earliest = modworker(
+        "tail", topics.verdict, "-o", "earliest", "--partition", "1", "--json", "--timeout-ms", "1500",
+        "-b", bootstrap, env=env,
+    )  # fmt: skip
+    assert earliest.stdout.decode().splitlines() == ['{"other": 1}'], earliest.stderr.decode()
+
+    for flags, needle in (
+        (("-o", "3"), "needs --partition"),
+        (("-o", "soon", "--partition", "1"), "earliest, latest or a non-negative offset"),
+        (("-o", "earliest", "--from-beginning"), "not both"),
+        (("--partition", "9"), "no partition 9"),
+    ):
+        refused = modworker("tail", topics.verdict, *flags, "-b", bootstrap, env=env)
+        lines = refused.stderr.decode().strip().splitlines()
+        assert refused.returncode != 0 and len(lines) == 1 and needle in lines[0], (flags, lines)
+
+
 async def test_tail_of_a_missing_topic_is_one_line_and_never_creates_it(broker, topics):
     bootstrap = broker.bootstrap_servers
     mistyped = topics.verdict.replace("verdicts", "verdict")  # the broker auto-creates topics asked for
