@@ -107,10 +107,8 @@ def test_manifests_render_and_validate(kustomization):
     kinds = sorted(doc["kind"] for doc in docs)
     # Production adds the NetworkPolicy (a component).
     extra = ["NetworkPolicy"] if kustomization == "overlays/production" else []
-    assert kinds == sorted(
-        ["ConfigMap", "ConfigMap", "PodDisruptionBudget", "ScaledObject", "Service", "ServiceMonitor", "StatefulSet"]
-        + extra
-    )
+    base = ["ConfigMap", "ConfigMap", "PodDisruptionBudget", "ScaledObject", "Service", "ServiceMonitor", "StatefulSet"]
+    assert kinds == sorted([*base, *extra])
     for doc in docs:
         try:
             validate(doc)
