@@ -10,7 +10,6 @@ and commits past it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 
@@ -54,21 +53,21 @@ async def test_a_poison_input_is_dead_lettered_as_backend_failed_and_the_stream_
             )
         )
         trickle: list[dict] = []
+        done = asyncio.Event()
 
         async def stream() -> None:  # a live stream: the backend keeps answering other batches
-            while True:
+            while not done.is_set():  # stopped between batches: each one is produced whole or not at all
                 batch = [{"id": f"s-{len(trickle) + i}", "text": f"stream {len(trickle) + i}"} for i in range(4)]
-                trickle.extend(batch)
                 await produce(broker.bootstrap_servers, topics.content, [event_record(e) for e in batch])
+                trickle.extend(batch)
                 await asyncio.sleep(0.2)
 
         streaming = asyncio.create_task(stream())
         try:
             dead = await wait_for_count(broker.bootstrap_servers, topics.dead_letter, 1, timeout_s=120)
         finally:
-            streaming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await streaming
+            done.set()
+            await asyncio.wait_for(streaming, 30)
         events = first + trickle
         verdicts = await wait_for_count(broker.bootstrap_servers, topics.verdict, len(events) - 1, timeout_s=120)
         assert worker.stop(signal.SIGTERM) == 0
