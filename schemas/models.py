@@ -211,6 +211,12 @@ class Verdict(_Output):
     latency_ms: float | None = Field(default=None, description="From the event's Kafka timestamp to the decision.")
     text: str | None = Field(default=None, description="The judged text, only when MODWORKER_INCLUDE_TEXT is true.")
     metadata: dict[str, Any] | None = None
+    supersedes: str | None = Field(
+        default=None,
+        description="The verdict_id this verdict replaces (a human review decision's verdict); "
+        "consumers keep the newest verdict per event_id.",
+    )
+    reviewer_id: str | None = Field(default=None, description="The reviewer, when decided_by is 'human'.")
     trimmed: bool = Field(
         default=False,
         description="True when metadata and text were left out (null) to keep the record under the output size "
@@ -256,6 +262,34 @@ class ShadowVerdict(_Output):
     decided_at: datetime
 
 
+class ReviewDecision(_Input):
+    """A human reviewer's decision on one machine verdict (topic ``moderation.reviews``,
+    key = the verdict's key: the content id or the conversation id).
+
+    The worker answers each decision with a superseding ``Verdict`` (``supersedes`` =
+    ``verdict_id``, ``decided_by`` = ``human``), a ``Violation`` when ``action`` restricts,
+    and an updated statement of reasons when DSA statements are on. ``review_id`` is the
+    decision's own unique id: a second decision with the same id is a duplicate.
+    """
+
+    review_id: str = Field(min_length=1, description="Unique id of this decision; a repeat is a duplicate.")
+    verdict_id: str = Field(min_length=1, description="The machine verdict decided on.")
+    event_id: str = Field(min_length=1, description="The input the verdict judged.")
+    kind: Kind = "content"
+    conversation_id: str | None = Field(default=None, description="For conversation turns: the conversation's id.")
+    tenant: str | None = None
+    source: str | None = None
+    author_id: str | None = None
+    reviewer_id: str = Field(min_length=1)
+    action: Action = Field(description="The action the reviewer decided.")
+    categories: list[str] = Field(
+        default_factory=list,
+        description="The categories the reviewer found violated (canonical names); empty for allow.",
+    )
+    reason: str | None = Field(default=None, description="The reviewer's reason, for the record.")
+    decided_at: datetime
+
+
 class DeadLetterHeaders:
     """Header names on dead-letter records (topic ``moderation.dead-letter``).
 
@@ -296,4 +330,5 @@ EXPORTED_MODELS: dict[str, type[BaseModel]] = {
     "violation": Violation,
     "shadow_verdict": ShadowVerdict,
     "statement_of_reasons": StatementOfReasons,
+    "review_decision": ReviewDecision,
 }
