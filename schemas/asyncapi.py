@@ -26,6 +26,7 @@ TOPICS = {
     "shadow": "moderation.shadow-verdicts",
     "statements_of_reasons": "moderation.statements-of-reasons",
     "conversation_state": "moderation.conversation-state",
+    "reviews": "moderation.reviews",
 }
 """Default topic names, as the worker's settings have them."""
 
@@ -54,10 +55,11 @@ def _output_headers() -> dict[str, Any]:
 
 def _dead_letter_headers() -> dict[str, Any]:
     described = {
-        DeadLetterHeaders.STAGE: "Stage that rejected the input: decode, backend, output or statement.",
+        DeadLetterHeaders.STAGE: "Stage that rejected the input: decode, backend, output, statement, review or submit.",
         DeadLetterHeaders.ERROR_TYPE: "Machine-readable reason (not_json, schema, empty_text, too_long, "
         "backend_rejected, invalid_scores, llm_unparseable, backend_failed, output_too_large, "
-        "invalid_statement, ...).",
+        "invalid_statement, unknown_category, invalid_review, duplicate_review, unknown_verdict, submission_refused, "
+        "...).",
         DeadLetterHeaders.MESSAGE: "Human-readable reason, at most 1,000 characters.",
         DeadLetterHeaders.ORIGIN_TOPIC: "Topic the input was read from.",
         DeadLetterHeaders.ORIGIN_PARTITION: "Its partition (decimal).",
@@ -117,8 +119,15 @@ def asyncapi_document() -> dict[str, Any]:
             "ConversationEvent", "Conversation turn", "One conversation turn to judge, with optional context.",
             "ConversationEvent", "The conversation id: one conversation's turns stay in order.", input_headers,
         ),
+        "ReviewDecision": message(
+            "ReviewDecision", "Review decision", "A human reviewer's decision on a machine verdict; the worker "
+            "answers it with a superseding verdict.", "ReviewDecision",
+            "The verdict's key (the content id or the conversation id): its superseding verdict lands on the "
+            "machine verdict's partition.", input_headers,
+        ),
         "Verdict": message(
-            "Verdict", "Verdict", "The decision for one input; one per valid input, at least once.", "Verdict",
+            "Verdict", "Verdict", "The decision for one input; one per valid input, at least once. A reviewer's "
+            "decision gives a verdict with supersedes set and decided_by human.", "Verdict",
             "The input's key.", _output_headers(),
         ),
         "Violation": message(
@@ -170,6 +179,10 @@ def asyncapi_document() -> dict[str, Any]:
         "conversations": channel(
             "conversation", "Input: conversation turns (MODWORKER_CONVERSATION_TOPIC).", ["ConversationEvent"], retained
         ),
+        "reviews": channel(
+            "reviews", "Input, only with MODWORKER_REVIEWS__ENABLED=true: human review decisions "
+            "(MODWORKER_REVIEWS__TOPIC).", ["ReviewDecision"], retained,
+        ),
         "verdicts": channel(
             "verdict", "Output: a Verdict per valid input (MODWORKER_VERDICT_TOPIC).", ["Verdict"], retained
         ),
@@ -207,6 +220,9 @@ def asyncapi_document() -> dict[str, Any]:
     operations = {
         "judgeContent": operation("receive", "content", "The worker consumes content events (its consumer group)."),
         "judgeTurns": operation("receive", "conversations", "The worker consumes conversation turns."),
+        "applyReviews": operation(
+            "receive", "reviews", "The worker consumes review decisions (same group) and supersedes verdicts."
+        ),
         "publishVerdicts": operation("send", "verdicts", "A verdict for every valid input."),
         "publishViolations": operation("send", "violations", "A violation for every flagged input."),
         "publishDeadLetters": operation("send", "deadLetters", "Inputs that could not be judged."),

@@ -288,6 +288,11 @@ class ReviewDecision(_Input):
     )
     reason: str | None = Field(default=None, description="The reviewer's reason, for the record.")
     decided_at: datetime
+    content_created_at: datetime | None = Field(
+        default=None,
+        description="When the user posted the content: the statement of reasons' content_date (DSA on); unset: "
+        "the machine verdict's input's, when the worker still remembers it, else the decision's day.",
+    )
 
 
 class DeadLetterHeaders:
@@ -298,14 +303,24 @@ class DeadLetterHeaders:
     """
 
     STAGE = "x-modworker-dlq-stage"
-    """Pipeline stage that rejected the input: ``decode``, ``backend``, ``output`` or ``statement``
-    (its verdict was published; its statement of reasons was not valid)."""
+    """Pipeline stage that rejected the input: ``decode``, ``backend``, ``output``, ``statement``
+    (its verdict was published; its statement of reasons was not valid), ``review`` (a
+    review decision the worker refused; no verdict was published for it) or ``submit``
+    (``modworker dsa submit``: a statement of reasons the DSA Transparency Database refused)."""
     ERROR_TYPE = "x-modworker-dlq-error-type"
     """Machine-readable reason: ``not_utf8``, ``not_json``, ``schema``, ``empty_text``,
     ``too_long``, ``backend_rejected``, ``invalid_scores``, ``llm_unparseable``, ``backend_failed`` (the input
     failed alone repeatedly while the backend answered others), ``output_too_large``
     (its verdict could not be made to fit the output size limit), ``invalid_statement`` (the
-    statement of reasons of its restricting verdict failed the DSA schema; the message says why)."""
+    statement of reasons of its restricting verdict failed the DSA schema; the message says why).
+    Review decisions (topic ``moderation.reviews``, stage ``review``): ``unknown_category`` (a
+    category the policy does not name), ``invalid_review`` (``allow`` with categories, or
+    another action without any), ``duplicate_review`` (a ``review_id`` this worker applied
+    recently from another position of the topic; best-effort: its memory is bounded and per
+    process) and ``unknown_verdict`` (the worker remembers verdicts for the decision's event,
+    none with its ``verdict_id``; a decision for an event it does not remember is applied).
+    Statements of reasons (stage ``submit``): ``submission_refused`` (the database refused its
+    fields; the message is the API's, ``field: message``) and ``not_json``."""
     MESSAGE = "x-modworker-dlq-message"
     """Human-readable reason (truncated to 1,000 characters)."""
     ORIGIN_TOPIC = "x-modworker-dlq-origin-topic"

@@ -57,6 +57,7 @@ def test_topic_names_are_the_worker_s_defaults():
         "shadow": settings.shadow.topic,
         "statements_of_reasons": settings.dsa.topic,
         "conversation_state": settings.conversation.changelog_topic,
+        "reviews": settings.reviews.topic,
     } == TOPICS
 
 

@@ -7,7 +7,9 @@ gives a conversation turn its context and records its state change -> ``outputs.
 holds its place in its key's line -> ``batching`` gathers jobs into calls -> ``scoring``
 scores a batch under the fail policy -> ``outputs.conclude`` publishes verdict, violation
 or dead letter through the ``sink`` in key order -> the broker's ack finishes the offset
--> ``commit`` commits finished prefixes.
+-> ``commit`` commits finished prefixes. A record of the reviews topic (reviews on) skips
+batching and scoring: ``reviews`` judges it at once and ``outputs.supersede`` publishes the
+superseding verdict (or ``outputs.dead_letter`` the refused decision).
 
 Guarantees (the README's "Delivery guarantees" states them for users), and the unit that
 keeps each:
@@ -25,9 +27,10 @@ keeps each:
   stays outside. A finished message stays in flight until its transaction commits.
 - Per-key order (``ordering``). Verdicts for one key (one input partition) are published
   in input order, even though backend calls run concurrently.
-- Bounded memory (``backpressure``, ``span_guard``). At most ``max_in_flight`` messages are
-  read and unfinished; at the cap all partitions are paused, and resumed once half the cap
-  drained. A partition whose uncommitted span (offsets from its lowest unfinished one on)
+- Bounded memory (``backpressure``, ``span_guard``). At most ``max_in_flight`` messages and
+  about ``max_in_flight_bytes`` of input values are read and unfinished; at either cap all
+  partitions are paused, and resumed once both halved (a single larger record passes
+  alone). A partition whose uncommitted span (offsets from its lowest unfinished one on)
   passes ``max_uncommitted_span`` is paused on its own until it halves.
 - Rebalance (here). Revoked partitions are not read any more; their queued work is
   dispatched and may finish within ``revoke_timeout_s``; what finished is committed; the
@@ -48,13 +51,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import TopicPartition
 
-from schemas import Kind
+from schemas import Kind, Verdict
 from worker.backends.base import Backend
 from worker.config import Settings
 from worker.ops import metrics
@@ -67,6 +71,7 @@ from worker.pipeline.decode import Decoder
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outputs import Outputs
 from worker.pipeline.policy import Policy
+from worker.pipeline.reviews import ReviewRefused, ReviewStage
 from worker.pipeline.scoring import Scorer
 from worker.pipeline.shadow import Shadow
 from worker.pipeline.sink import Sink
@@ -76,7 +81,7 @@ from worker.pipeline.statements import StatementBuilder
 from worker.pipeline.topic_limits import output_limit
 from worker.pipeline.transactions import TransactionalSink, TransactionsUnavailable
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
-from worker.pipeline.verdicts import VerdictBuilder
+from worker.pipeline.verdicts import VerdictBuilder, unscored_action
 
 log = structlog.get_logger("worker.app")
 
@@ -131,8 +136,10 @@ class ModerationWorker:
             max_wait_s=settings.batch.max_wait_ms / 1000,
             on_batch=self._dispatch,
         )
-        self._in_flight = InFlight(settings.max_in_flight)
         self._tracker = OffsetTracker()
+        self._in_flight = InFlight(
+            settings.max_in_flight, max_bytes=settings.max_in_flight_bytes, held_bytes=self._tracker.pending_bytes
+        )
         self._span_guard = SpanGuard(settings.max_uncommitted_span)
         self._txns: TransactionalSink | None = None
         """Exactly-once only: the per-partition transactional publisher, in the sink's place."""
@@ -157,13 +164,31 @@ class ModerationWorker:
                 on_error=self._on_sink_error,
                 on_dropped=self._abandon,
             )
+        verdicts = VerdictBuilder(
+            policy=policy,
+            backend_name=backend.name,
+            include_text=settings.include_text,
+            unscored_action=unscored_action(settings.scoring.fail_policy),
+        )
+        self._reviews: ReviewStage | None = None
+        """Reviews on: human review decisions become superseding verdicts (``reviews``)."""
+        if settings.reviews.enabled:
+            self._reviews = ReviewStage(
+                policy=policy,
+                verdicts=verdicts,
+                recent_events=settings.reviews.recent_events,
+                recent_reviews=settings.reviews.recent_reviews,
+            )
         self._outputs = Outputs(
             settings,
             sink=self._sink,
-            verdicts=VerdictBuilder(policy=policy, backend_name=backend.name, include_text=settings.include_text),
+            verdicts=verdicts,
             on_finished=self._finish,
             on_abandoned=self._abandon,
-            on_verdict=shadow.offer if shadow is not None else None,
+            on_verdict=_each(
+                shadow.offer if shadow is not None else None,
+                self._reviews.remember if self._reviews is not None else None,
+            ),
             statements=StatementBuilder(policy.dsa) if settings.dsa.enabled and policy.dsa is not None else None,
         )
         self._scorer = Scorer(
@@ -213,6 +238,11 @@ class ModerationWorker:
         return self._in_flight.count
 
     @property
+    def in_flight_bytes(self) -> int:
+        """Input bytes of the messages read and not yet finished (owned partitions)."""
+        return self._in_flight.bytes
+
+    @property
     def partitions(self) -> Source:
         return self.source
 
@@ -220,6 +250,11 @@ class ModerationWorker:
     def stuck_partitions(self) -> dict[TopicPartition, int]:
         """Partitions held by the span guard, with the offset each is stuck at."""
         return self._span_guard.stuck
+
+    @property
+    def held_partitions(self) -> dict[TopicPartition, tuple[str, ...]]:
+        """Partitions held paused (``Source.hold``), with their reasons."""
+        return self.source.holds()
 
     @property
     def policy_version(self) -> str:
@@ -238,7 +273,8 @@ class ModerationWorker:
             backend=self.backend.name,
             policy_version=self.policy.version,
             group_id=self.settings.group_id,
-            topics=[self.settings.content_topic, self.settings.conversation_topic],
+            topics=[self.settings.content_topic, self.settings.conversation_topic]
+            + ([self.settings.reviews.topic] if self._reviews is not None else []),
         )
         try:
             await self.backend.start()
@@ -302,7 +338,13 @@ class ModerationWorker:
                 self.last_loop_at = time.monotonic()
                 records = await self._poll_unless_stopped(stopping, min(in_flight.room, max_poll))
                 self._rewound.clear()
-                for record in records:
+                budget = in_flight.byte_budget()
+                for index, record in enumerate(records):
+                    if budget is not None:
+                        if budget <= 0:  # the byte cap: the rest is read again after the pause
+                            self._push_back(records[index:])
+                            break
+                        budget -= len(record.value) if record.value is not None else 0
                     self._accept(record)
                 in_flight.apply(self.source)
                 self._span_guard.apply(self._tracker.slots(), self.source)
@@ -322,20 +364,35 @@ class ModerationWorker:
             await poll
         return []
 
+    def _push_back(self, records: list[Record]) -> None:
+        """Leave ``records`` unread: each partition's position goes back to the first of them
+        (a partition sent back for an offset reset keeps that seek)."""
+        first: dict[TopicPartition, int] = {}
+        for record in records:
+            first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        for tp, offset in first.items():
+            if tp not in self._rewound:
+                self.source.seek(tp, offset)
+
     def _accept(self, record: Record) -> None:
         tp = TopicPartition(record.topic, record.partition)
         if tp in self._rewound:  # sent back to an earlier offset: this record comes again
             return
         slot = self._tracker.slot(tp)
+        size = len(record.value) if record.value is not None else 0
         try:
-            slot.track(record.offset)
+            slot.track(record.offset, size)
         except ValueError:  # the consumer's position went backwards (an offset reset)
             reset = self._offset_reset(tp, slot, record.offset)
             if reset is None:
                 return
             slot = reset
-            slot.track(record.offset)
+            slot.track(record.offset, size)
         self._in_flight.count += 1
+        self._in_flight.observe(size)
+        if self._reviews is not None and record.topic == self.settings.reviews.topic:
+            self._accept_review(record, slot)
+            return
         decoded = self._decoder.decode(record, slot)
         if isinstance(decoded, DecodeFailure):
             self._outputs.dead_letter(
@@ -346,6 +403,25 @@ class ModerationWorker:
         self._conversations.accept(decoded)  # context from the conversation state, the turn into it
         self._outputs.expect(decoded)
         self._batcher.add(decoded)
+
+    def _accept_review(self, record: Record, slot: PartitionOffsets) -> None:
+        """A human review decision: no backend, its superseding verdict published now."""
+        assert self._reviews is not None
+        reviews = self._reviews
+        review = self._decoder.decode_review(record, slot)
+        if isinstance(review, DecodeFailure):
+            self._outputs.dead_letter(
+                slot, record, stage="decode", error_type=review.error_type, message=review.message
+            )
+            return
+        metrics.decoded(record.topic).inc()
+        outcome = reviews.judge(review)
+        if isinstance(outcome, ReviewRefused):
+            self._outputs.dead_letter(
+                slot, record, stage="review", error_type=outcome.error_type, message=outcome.message
+            )
+            return
+        self._outputs.supersede(review, outcome, lambda: reviews.count(outcome))
 
     def _offset_reset(self, tp: TopicPartition, old: PartitionOffsets, offset: int) -> PartitionOffsets | None:
         """The partition's position moved back (log truncated, offsets reset): detach the
@@ -538,6 +614,19 @@ class ModerationWorker:
     def _on_sink_error(self, err: BaseException) -> None:
         reason = access_denied(err, self.settings) or f"{type(err).__name__}: {err}"
         self._fail(WorkerFatal(f"could not publish to Kafka: {reason}"))
+
+
+def _each(*hooks: Callable[[Job, Verdict], None] | None) -> Callable[[Job, Verdict], None] | None:
+    """One ``on_verdict`` hook calling each given one in turn; None when none is given."""
+    given = [hook for hook in hooks if hook]
+    if len(given) <= 1:
+        return given[0] if given else None
+
+    def each(job: Job, verdict: Verdict) -> None:
+        for hook in given:
+            hook(job, verdict)
+
+    return each
 
 
 def _names(tps: list[TopicPartition]) -> list[str]:

@@ -7,7 +7,7 @@ topic is an error, never created); ``schemas export`` writes the JSON Schemas. C
 that talk to Kafka take ``-b/--bootstrap-server``, which wins over every other source.
 Results go to stdout; progress, notes and errors to stderr.
 
-The offline tools' commands (``train``, ``eval``, ``demo``, ``bench``) register themselves
+The offline tools' commands (``train``, ``eval``, ``calibrate``, ``demo``, ``bench``, ``labels``) register themselves
 from the modules in ``COMMAND_MODULES`` (each exposes ``add_command(subparsers)`` and sets
 ``func``); a module is imported only when its command is the one asked for (or for the
 full help), so ``modworker run`` never loads them.
@@ -46,6 +46,7 @@ COMMAND_MODULES: dict[str, str] = {
     "eval": "worker.offline.evaluate",
     "calibrate": "worker.offline.calibrate",
     "demo": "worker.offline.demo",
+    "labels": "worker.offline.labels",
 }
 """Offline commands and the module that adds each."""
 
@@ -187,6 +188,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     reference.set_defaults(func=cmd_config_reference)
 
+    dsa = sub.add_parser("dsa", help="EU DSA statements of reasons")
+    dsa_sub = dsa.add_subparsers(dest="dsa_command", metavar="ACTION")
+    submit = dsa_sub.add_parser(
+        "submit",
+        help="post the statements of reasons topic to the DSA Transparency Database until SIGTERM, committing "
+        "what it took",
+    )
+    submit.add_argument("--config", type=Path, help="YAML settings file (environment variables win over it)")
+    _add_bootstrap_server(submit)
+    submit.set_defaults(func=cmd_dsa_submit)
+
     for name in _offline_commands(argv, builtin=set(sub.choices)):
         importlib.import_module(COMMAND_MODULES[name]).add_command(sub)
     return parser
@@ -257,11 +269,11 @@ def _offline_commands(argv: Sequence[str] | None, *, builtin: set[str]) -> list[
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import ModerationWorker, WorkerFatal
-    from worker.backends import create_backend, create_fallback, default_policy_file
+    from worker.backends import create_backend, create_fallback, load_policy
     from worker.backends.base import BackendStartError
     from worker.ops.event_loop import loop_factory
     from worker.ops.logs import Event, configure_logging
-    from worker.pipeline.policy import Policy, PolicyError
+    from worker.pipeline.policy import PolicyError
     from worker.pipeline.shadow import create_shadow
     from worker.pipeline.statements import dsa_problem
 
@@ -272,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for note in settings.unknown_variables:
         structlog.get_logger("worker.cli").warning(Event.SETTING_UNKNOWN, message=note)
     try:
-        policy = Policy.load(default_policy_file(settings))
+        policy = load_policy(settings)
     except PolicyError as err:
         raise ConfigError(f"MODWORKER_POLICY_FILE: {err}") from None
     if settings.dsa.enabled and (problem := dsa_problem(policy, _policy_origin(settings))) is not None:
@@ -384,7 +396,13 @@ async def _serve(settings: Settings, make_worker: Callable[[], ModerationWorker]
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret value in the settings, for log redaction."""
-    values = [settings.mistral.api_key, settings.openai.api_key, settings.llm.api_key, settings.kafka.sasl_password]
+    values = [
+        settings.mistral.api_key,
+        settings.openai.api_key,
+        settings.llm.api_key,
+        settings.kafka.sasl_password,
+        settings.dsa.api_token,
+    ]
     return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
 
@@ -806,6 +824,30 @@ def cmd_topics(args: argparse.Namespace) -> int:
     if bad:
         print(f"topics: {len(bad)} of {len(reports)} topics not as stated: {', '.join(bad)}", file=sys.stderr)
         return 1
+    return 0
+
+
+# -- dsa -----------------------------------------------------------------------------
+
+
+def cmd_dsa_submit(args: argparse.Namespace) -> int:
+    from worker.ops.dsa_submit import SubmitFailed, check_submit_settings, submit_until_signalled
+    from worker.ops.event_loop import loop_factory
+    from worker.ops.logs import configure_logging
+
+    settings = load_settings(args.config, require_backend=False, **kafka_overrides(args))
+    check_submit_settings(settings)
+    configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=secrets_of(settings))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(submit_until_signalled(settings))
+    except SubmitFailed as err:
+        raise CommandError(str(err)) from None
+    except _KAFKA_START_ERRORS as err:
+        raise CommandError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} ({type(err).__name__}: {err}); check "
+            "KAFKA_BOOTSTRAP_SERVERS and the MODWORKER_KAFKA__SECURITY_* settings"
+        ) from None
     return 0
 
 

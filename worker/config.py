@@ -210,8 +210,8 @@ class HttpSettings(BaseModel):
 
     engine: Literal["aiohttp", "httpx"] = Field(
         default="aiohttp",
-        description="What sends the requests under the httpx API: aiohttp (about half the CPU per request) "
-        "or httpx's own httpcore.",
+        description="What sends the requests: aiohttp, directly (about a quarter of the CPU per request), "
+        "or httpx on its own httpcore.",
     )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
@@ -348,6 +348,12 @@ class ConversationSettings(BaseModel):
         min_length=1,
         description="Compacted topic the state is written to and restored from; one per consumer group.",
     )
+    restore_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A changelog partition that answers no fetch, or whose restore read does not advance, for this "
+        "long fails the restore: the worker stops naming it (the partitions stay unread meanwhile).",
+    )
 
 
 class ExactlyOnceSettings(BaseModel):
@@ -383,6 +389,49 @@ class DsaSettings(BaseModel):
         default="moderation.statements-of-reasons",
         min_length=1,
         description="Output: a StatementOfReasons per restricting verdict, in the verdict's acknowledged group.",
+    )
+    api_url: str = Field(
+        default="https://transparency.dsa.ec.europa.eu",
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="dsa submit: root of the DSA Transparency Database (or its sandbox); statements go to "
+        "{api_url}/api/v1/statements.",
+    )
+    api_token: SecretStr | None = Field(
+        default=None, description="dsa submit: the platform's API token (secret), sent as a Bearer token."
+    )
+    batch_size: int = Field(
+        default=100, ge=1, le=100, description="dsa submit: statements per API call, at most (the API takes 100)."
+    )
+    group_id: str = Field(
+        default="moderation-dsa-submit",
+        min_length=1,
+        description="dsa submit: consumer group reading the statements topic; offsets commit once the API took them.",
+    )
+
+
+class ReviewsSettings(BaseModel):
+    """Human review decisions flowing back: each ReviewDecision becomes a superseding verdict (docs/design.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Consume ReviewDecisions from the reviews topic (same consumer group) and publish a superseding "
+        "Verdict for each; the topic must exist and the worker needs READ on it.",
+    )
+    topic: str = Field(
+        default="moderation.reviews",
+        min_length=1,
+        description="Input: ReviewDecision, key = the verdict's key (the content id or the conversation id).",
+    )
+    recent_events: int = Field(
+        default=100_000,
+        ge=1,
+        description="Events whose verdicts this process remembers (LRU, about 500 bytes each): what tells a "
+        "decision the machine's action and scores, and a verdict_id unknown for the event.",
+    )
+    recent_reviews: int = Field(
+        default=100_000,
+        ge=1,
+        description="review_ids remembered to dead-letter a duplicate (LRU, per process: best-effort).",
     )
 
 
@@ -428,11 +477,19 @@ class Settings(BaseSettings):
     )
     exactly_once: ExactlyOnceSettings = Field(default_factory=ExactlyOnceSettings)
     dsa: DsaSettings = Field(default_factory=DsaSettings)
+    reviews: ReviewsSettings = Field(default_factory=ReviewsSettings)
 
     policy_file: Path | None = Field(default=None, description="Policy YAML; the built-in default when unset.")
     max_text_chars: int = Field(default=100_000, ge=1, description="Longer inputs are dead-lettered as too_long.")
     max_in_flight: int = Field(
         default=5_000, ge=1, description="Messages read but not finished; at the cap, partitions pause."
+    )
+    max_in_flight_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1_024,
+        description="Input value bytes read but not finished; at the cap, partitions pause (with "
+        "MODWORKER_MAX_IN_FLIGHT: whichever is reached first; they resume once both have halved). A single "
+        "larger record still passes, alone.",
     )
     max_uncommitted_span: int = Field(
         default=50_000,

@@ -25,6 +25,20 @@ the second stage alone, per-category precision/recall/F1 of the first stage alon
 second alone and the cascade, macro-F1 (categories with positives), and a curve of
 escalation against macro-F1 for uniform bands, plotted beside the report.
 
+Thresholds from human review (``--labels``):
+
+    modworker calibrate --labels LABELS.jsonl --write-policy CANDIDATE.yaml [--report OUT.json] \\
+        [--policy POLICY.yaml] [--min-support 10]
+
+No backend runs: ``LABELS.jsonl`` (``modworker labels export``) holds the machine's scores
+and the reviewers' categories. Per category, the F1-max threshold against the reviewers
+(``propose_thresholds``), the change in precision, recall and F1, in human workload (share
+of inputs whose action is ``review``) and in agreement with the reviewers' actions, against
+the current policy; ``CANDIDATE.yaml`` is that policy with the moved thresholds (a new
+version), for ``MODWORKER_SHADOW__POLICY_FILE``. Cascade bands are not chosen from reviews
+(they need a second stage's scores): the exported lines that carry text are labelled data
+for the band search above.
+
 ``--then-oracle`` (second stage ``mistral`` only): the second stage is a loopback Mistral
 server (``worker.testing.mistral_server``) that answers with the data's own labels, i.e. a
 second stage that is right by construction: the loss then is exactly what the first
@@ -41,6 +55,7 @@ import contextlib
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,11 +78,22 @@ FRONTIER_LOSSES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
     """Register ``modworker calibrate``."""
-    parser = subparsers.add_parser("calibrate", help="measure a cascade on labelled JSONL and choose its bands")
-    parser.add_argument("data", type=Path, nargs="+", help="labelled JSONL file(s)")
+    parser = subparsers.add_parser(
+        "calibrate", help="choose cascade bands from labelled JSONL, or thresholds from review labels (--labels)"
+    )
+    parser.add_argument("data", type=Path, nargs="*", help="labelled JSONL file(s) (cascade bands)")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="thresholds instead: from a 'modworker labels export' file of human review decisions",
+    )
+    parser.add_argument(
+        "--min-support", type=int, default=10, help="--labels: reviewed positives a category needs to be moved"
+    )
     parser.add_argument("--first", choices=STAGES, default="local", help="first stage (default local)")
     parser.add_argument("--then", choices=STAGES, default="mistral", help="second stage (default mistral)")
-    parser.add_argument("--report", type=Path, required=True, help="where to write the JSON report")
+    parser.add_argument("--report", type=Path, help="where to write the JSON report (required without --labels)")
     parser.add_argument("--policy", type=Path, help="policy YAML (else MODWORKER_POLICY_FILE, else built-in)")
     parser.add_argument("--model", help="local backend: model to load (else MODWORKER_LOCAL__MODEL)")
     parser.add_argument("--max-f1-loss", type=float, default=0.01, help="F1 lost against the second stage alone")
@@ -91,6 +117,14 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from worker.cli import CommandError
+
+    if args.labels is not None:
+        if args.data:
+            raise CommandError("calibrate: give labelled DATA (cascade bands) or --labels FILE (thresholds), not both")
+        return calibrate_from_reviews(args)
+    if not args.data or args.report is None:
+        raise CommandError("calibrate: needs labelled DATA and --report OUT.json (or --labels FILE)")
     return _run(args, search=True)
 
 
@@ -557,6 +591,187 @@ def calibrate(
         for w in CURVE_WIDTHS
     ]
     return report
+
+
+# -- thresholds from human review decisions ----------------------------------------------
+
+
+def calibrate_from_reviews(args: argparse.Namespace) -> int:
+    """``modworker calibrate --labels FILE --write-policy OUT.yaml``: see ``propose_thresholds``."""
+    from worker.backends import load_policy
+    from worker.cli import CommandError
+    from worker.config import ConfigError
+    from worker.offline.labels import LabelsFileError, read_reviews
+    from worker.offline.train import tool_settings
+    from worker.pipeline.policy import Policy, PolicyError
+
+    if args.write_policy is None:
+        raise CommandError("calibrate --labels: give --write-policy CANDIDATE.yaml (where the candidate policy goes)")
+    try:
+        settings = tool_settings(args.config)
+        policy = Policy.load(args.policy) if args.policy else load_policy(settings)
+        reviewed = read_reviews(args.labels)
+    except ConfigError as err:
+        raise CommandError(str(err)) from None
+    except (PolicyError, LabelsFileError) as err:
+        raise CommandError(str(err)) from None
+    if not reviewed:
+        raise CommandError(f"{args.labels}: no reviewed inputs; export some with 'modworker labels export'")
+    report = propose_thresholds(policy, reviewed, min_support=args.min_support)
+    candidate = candidate_policy(policy, report["proposed"])
+    report["candidate_policy"] = {"path": str(args.write_policy), "version": candidate.version}
+    report["labels"] = str(args.labels)
+    write_candidate(args.write_policy, candidate, report)
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"calibrate: report {args.report}", file=sys.stderr)
+    print(format_review_summary(report))
+    print(
+        f"calibrate: candidate policy {args.write_policy} (version {candidate.version}); "
+        "try it with MODWORKER_SHADOW__POLICY_FILE and MODWORKER_SHADOW__SAMPLE",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def propose_thresholds(policy: Policy, reviewed: Sequence[Any], *, min_support: int) -> dict[str, Any]:
+    """Per category, the threshold on the machine's scores that maximises F1 against the
+    reviewers' categories (``eval_metrics.f1_max_threshold``, as ``modworker train`` picks
+    its thresholds, rounded down to 4 decimals), and what it would change.
+
+    ``reviewed``: ``LabelledReview`` records. A category is moved only when it has at least
+    ``min_support`` reviewed positives and its base action is not ``allow`` (an allow rule
+    never decides). Measured per category, under the current policy and under the
+    candidate (``Policy.decide`` with each input's tenant and source, so overrides apply):
+    precision, recall and F1 of "the category is a violation", and over all inputs the
+    human workload (share whose action is ``review``) and the agreement of the policy's
+    action with the reviewer's. The numbers are on the reviewed inputs only: inputs that
+    were sent to review, which is no random sample unless the platform reviews one.
+    """
+    import numpy as np
+
+    from worker.offline.eval_metrics import f1_max_threshold
+    from worker.offline.evaluate import canonical_score
+
+    document = policy.document()
+    rules, default = document.get("categories", {}), document.get("default", {"threshold": 0.5, "action": "flag"})
+    truth_sets = [frozenset(policy.canonical(c) for c in r.categories) for r in reviewed]
+    current = [policy.decide(r.scores, tenant=r.tenant, source=r.source) for r in reviewed]
+    named = sorted({c for t in truth_sets for c in t} | {v.category for d in current for v in d.violations})
+    proposed: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    for category in named:
+        truth = np.array([category in t for t in truth_sets], dtype=bool)
+        rule = rules.get(category, default)
+        if int(truth.sum()) < min_support:
+            notes[category] = f"kept: {int(truth.sum())} reviewed positives, fewer than --min-support {min_support}"
+            continue
+        if rule["action"] == "allow":
+            notes[category] = "kept: its action is allow (monitored only)"
+            continue
+        scores = np.array([canonical_score(policy, r.scores, category) for r in reviewed], dtype=np.float64)
+        threshold, _ = f1_max_threshold(truth, scores)
+        threshold = float(int(threshold * 10_000) / 10_000)  # still admits the score it was chosen at
+        if threshold != rule["threshold"]:
+            proposed[category] = threshold
+    candidate = candidate_policy(policy, proposed)
+    after = [candidate.decide(r.scores, tenant=r.tenant, source=r.source) for r in reviewed]
+
+    def hits(decisions: Sequence[Any], category: str) -> np.ndarray:
+        return np.array([any(v.category == category for v in d.violations) for d in decisions], dtype=bool)
+
+    categories: dict[str, Any] = {}
+    for category in named:
+        truth = np.array([category in t for t in truth_sets], dtype=bool)
+        now, then = prf(truth, hits(current, category)), prf(truth, hits(after, category))
+        categories[category] = {
+            "support": int(truth.sum()),
+            "threshold": {
+                "current": rules.get(category, default)["threshold"],
+                "candidate": proposed.get(category, rules.get(category, default)["threshold"]),
+            },
+            "current": now,
+            "candidate": then,
+            "change": {k: round(then[k] - now[k], 4) for k in now},
+            "note": notes.get(category, "moved" if category in proposed else "kept: already F1-max"),
+        }
+
+    def share(values: Sequence[bool]) -> float:
+        return round(sum(values) / len(values), 4) if values else 0.0
+
+    workload = {
+        "current": share([d.action == "review" for d in current]),
+        "candidate": share([d.action == "review" for d in after]),
+    }
+    agreement = {
+        "current": share([d.action == r.human_action for d, r in zip(current, reviewed, strict=True)]),
+        "candidate": share([d.action == r.human_action for d, r in zip(after, reviewed, strict=True)]),
+    }
+    return {
+        "reviewed": len(reviewed),
+        "with_text": sum(r.text is not None for r in reviewed),
+        "machine_policy_versions": dict(sorted(Counter(r.policy_version for r in reviewed).items())),
+        "current_policy_version": policy.version,
+        "candidate_policy_version": candidate.version,
+        "min_support": min_support,
+        "proposed": proposed,
+        "categories": categories,
+        "workload": {**workload, "change": round(workload["candidate"] - workload["current"], 4)},
+        "action_agreement": {**agreement, "change": round(agreement["candidate"] - agreement["current"], 4)},
+    }
+
+
+def candidate_policy(policy: Policy, thresholds: Mapping[str, float]) -> Policy:
+    """``policy`` with these base thresholds (a category it does not name gets a rule with
+    the default action); overrides, aliases, cascade bands and the dsa section are kept.
+    Its version is the new content's hash, so it differs whenever a threshold moved."""
+    from worker.pipeline.policy import Policy
+
+    document = policy.document()
+    rules = document.setdefault("categories", {})
+    default_action = document.get("default", {}).get("action", "flag")
+    for category, threshold in thresholds.items():
+        rules[category] = {**rules.get(category, {"action": default_action}), "threshold": threshold}
+    return Policy.from_mapping(document)
+
+
+def write_candidate(path: Path, candidate: Policy, report: dict[str, Any]) -> None:
+    """The candidate as a policy file ``Policy.load`` (and so the shadow) reads."""
+    import yaml
+
+    moved = ", ".join(
+        f"{c} {report['categories'][c]['threshold']['current']:g} -> {t:g}" for c, t in report["proposed"].items()
+    )
+    header = (
+        f"# Candidate policy written by 'modworker calibrate --labels' from {report['reviewed']} reviewed inputs:\n"
+        f"# version {candidate.version}, from {report['current_policy_version']}; thresholds moved: {moved or 'none'}.\n"
+        f"# Human workload (sent to review) {report['workload']['current']:.1%} -> "
+        f"{report['workload']['candidate']:.1%} on the reviewed inputs.\n"
+        "# Shadow it first: MODWORKER_SHADOW__POLICY_FILE=<this file> MODWORKER_SHADOW__SAMPLE=0.1\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(candidate.document(), sort_keys=False), encoding="utf-8")
+
+
+def format_review_summary(report: dict[str, Any]) -> str:
+    workload, agreement = report["workload"], report["action_agreement"]
+    lines = [
+        f"{report['reviewed']} reviewed inputs; policy {report['current_policy_version']} -> candidate "
+        f"{report['candidate_policy_version']}: human workload (sent to review) {workload['current']:.1%} -> "
+        f"{workload['candidate']:.1%}, action agrees with the reviewer {agreement['current']:.1%} -> "
+        f"{agreement['candidate']:.1%}",
+        "| category | support | threshold | precision | recall | F1 | note |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for c, e in report["categories"].items():
+        now, then = e["current"], e["candidate"]
+        lines.append(
+            f"| {c} | {e['support']} | {e['threshold']['current']:g} -> {e['threshold']['candidate']:g} | "
+            f"{now['precision']:.3f} -> {then['precision']:.3f} | {now['recall']:.3f} -> {then['recall']:.3f} | "
+            f"{now['f1']:.3f} -> {then['f1']:.3f} | {e['note']} |"
+        )
+    return "\n".join(lines)
 
 
 # -- outputs ----------------------------------------------------------------------------

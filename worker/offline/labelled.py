@@ -25,6 +25,9 @@ Two record shapes, one per line, mixed freely:
   category" that ``texts.jsonl`` gives XSTest's unsafe prompts, which depends only on
   the type.
 
+A record with ``event_id`` but neither ``text`` nor ``messages`` (what ``modworker labels
+export`` writes for a verdict that did not carry its text) is skipped as ``NO_TEXT``.
+
 Records that cannot be used are counted by reason in ``LabelledData.skipped``, never
 silently dropped.
 """
@@ -41,6 +44,9 @@ from pathlib import Path
 from schemas import Turn
 
 SAFE = "safe"
+NO_TEXT = "no text (an exported review: join its event_id with the platform's text)"
+"""Why a record with an ``event_id`` and no text is skipped (``modworker labels export``
+writes such lines for verdicts that did not carry their text)."""
 
 XSTEST_CATEGORIES: dict[str, str] = {
     "contrast_homonyms": "violence_and_threats",
@@ -142,6 +148,9 @@ def _example(record: object, skipped: Counter[str], where: str) -> Example | Non
                 return None
             labels = found
         return Example(turns[-1].content, labels, source, tuple(turns[:-1]), "conversation")
+    if "event_id" in record:  # a 'modworker labels export' line of a verdict without its text
+        skipped[NO_TEXT] += 1
+        return None
     raise LabelledDataError(f"{where}: a record needs 'text' (with 'labels') or 'messages'")
 
 

@@ -117,6 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = read_labelled(args.data, limit=args.limit)
     except LabelledDataError as err:
         raise CommandError(str(err)) from None
+    if data.skipped:
+        notes = ", ".join(f"{n} {reason}" for reason, n in sorted(data.skipped.items()))
+        print(f"train: skipped {sum(data.skipped.values())} records: {notes}", file=sys.stderr)
     counts = Counter(label for example in data.examples for label in example.labels)
     labels = sorted(label for label, n in counts.items() if n >= args.min_support)
     dropped = sorted(set(counts) - set(labels))

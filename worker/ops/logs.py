@@ -48,6 +48,7 @@ class Event:
     MESSAGE_DEAD_LETTERED = "message.dead_lettered"
     MESSAGE_VERDICT = "message.verdict"
     MESSAGE_FLAGGED = "message.flagged"
+    REVIEW_APPLIED = "review.applied"
     BACKEND_UNAVAILABLE = "backend.unavailable"
     BACKEND_DEGRADED = "backend.degraded_verdicts"
     BACKEND_WAITING = "backend.waiting"
@@ -108,6 +109,21 @@ class LlmEvent:
     """Log event names of the llm backend (``worker.backends.llm``)."""
 
     UNPARSEABLE = "backend.llm.unparseable"
+    UNKNOWN_CATEGORIES = "backend.llm.unknown_categories"
+    MISSING_CATEGORIES = "backend.llm.missing_categories"
+
+
+class DsaSubmitEvent:
+    """Log event names of ``modworker dsa submit`` (``worker.ops.dsa_submit``)."""
+
+    STARTED = "dsa.submit.started"
+    BATCH = "dsa.submit.batch"
+    DUPLICATES = "dsa.submit.duplicates"
+    REFUSED = "dsa.submit.refused"
+    API_UNAVAILABLE = "dsa.submit.api_unavailable"
+    DRAIN_TIMEOUT = "dsa.submit.drain_timeout"
+    COMMIT_FAILED = "dsa.submit.commit_failed"
+    STOPPED = "dsa.submit.stopped"
 
 
 class BreakerEvent:

@@ -131,6 +131,11 @@ REBALANCES = Counter(
 IN_FLIGHT = Gauge(
     f"{PREFIX}_in_flight_messages", "Messages read and not yet finished (outputs acknowledged).", registry=REGISTRY
 )
+IN_FLIGHT_BYTES = Gauge(
+    f"{PREFIX}_in_flight_bytes",
+    "Input value bytes of the messages read and not yet finished (against MODWORKER_MAX_IN_FLIGHT_BYTES).",
+    registry=REGISTRY,
+)
 PAUSED_PARTITIONS = Gauge(
     f"{PREFIX}_paused_partitions", "Assigned partitions paused for backpressure.", registry=REGISTRY
 )
@@ -235,6 +240,20 @@ LLM_UNPARSEABLE = Counter(
     ["dialect"],
     registry=REGISTRY,
 )
+LLM_UNKNOWN_CATEGORIES = Counter(
+    f"{PREFIX}_llm_unknown_categories",
+    "Keys of a json-dialect answer naming no category the prompt asked about, ignored, by that key "
+    "(each try; cut to 40 characters, and past 20 distinct keys counted as _other).",
+    ["category"],
+    registry=REGISTRY,
+)
+LLM_MISSING_CATEGORIES = Counter(
+    f"{PREFIX}_llm_missing_categories",
+    "Policy categories a json-dialect answer gave no score for, by category (each try; asked again, and when "
+    "every try leaves one out the verdict is degraded).",
+    ["category"],
+    registry=REGISTRY,
+)
 POISON_SPLITS = Counter(
     f"{PREFIX}_backend_batch_splits",
     "Batches split in halves because they failed while the backend answered other batches (poison search).",
@@ -275,6 +294,21 @@ SHADOW_FAILURES = Counter(
     f"{PREFIX}_shadow_failures",
     "Shadow inputs lost to a failure, by stage (offer, start, score, decide, publish); the live path is unaffected.",
     ["stage"],
+    registry=REGISTRY,
+)
+# -- human review decisions -------------------------------------------------------------
+
+REVIEW_DECISIONS = Counter(
+    f"{PREFIX}_review_decisions",
+    "Review decisions applied, by the machine verdict's action (unknown: not remembered) and the reviewer's.",
+    ["machine_action", "human_action"],
+    registry=REGISTRY,
+)
+REVIEW_CATEGORIES = Counter(
+    f"{PREFIX}_review_categories",
+    "Categories of review decisions against the machine verdict's: confirmed (both), added (the reviewer only) "
+    "or removed (the machine only).",
+    ["category", "outcome"],
     registry=REGISTRY,
 )
 CASCADE_INPUTS = Counter(
@@ -328,12 +362,30 @@ backend_retries = LabelCache(BACKEND_RETRIES)
 llm_tokens = LabelCache(LLM_TOKENS)
 llm_requests = LabelCache(LLM_REQUESTS)
 llm_unparseable = LabelCache(LLM_UNPARSEABLE)
+llm_missing_categories = LabelCache(LLM_MISSING_CATEGORIES)
+_llm_unknown_categories = LabelCache(LLM_UNKNOWN_CATEGORIES)
+_UNKNOWN_CATEGORY_CHARS = 40
+_UNKNOWN_CATEGORY_NAMES = 20
+
+
+def llm_unknown_category(key: str) -> Counter:
+    """The counter child of an unknown answer key: the key comes from a model's answer, so its
+    label is cut and the distinct labels are capped (the rest are ``_other``)."""
+    label = key[:_UNKNOWN_CATEGORY_CHARS]
+    known = _llm_unknown_categories._children
+    if (label,) not in known and len(known) >= _UNKNOWN_CATEGORY_NAMES:
+        label = "_other"
+    return _llm_unknown_categories(label)
+
+
 outputs_trimmed = LabelCache(OUTPUTS_TRIMMED)
 conversation_evictions = LabelCache(CONVERSATION_EVICTIONS)
 shadow_decisions = LabelCache(SHADOW_DECISIONS)
 shadow_categories = LabelCache(SHADOW_CATEGORIES)
 shadow_failures = LabelCache(SHADOW_FAILURES)
 cascade_inputs = LabelCache(CASCADE_INPUTS)
+review_decisions = LabelCache(REVIEW_DECISIONS)
+review_categories = LabelCache(REVIEW_CATEGORIES)
 
 
 def observe_backend_request(api: str, path: str, status: str, seconds: float) -> None:
@@ -352,6 +404,7 @@ def bind_worker(worker: WorkerStatus, *, version: str, group_id: str) -> None:
     that run several workers in one process see the latest).
     """
     IN_FLIGHT.set_function(lambda: worker.in_flight)
+    IN_FLIGHT_BYTES.set_function(lambda: worker.in_flight_bytes)
     ASSIGNED_PARTITIONS.set_function(lambda: len(worker.partitions.assignment()))
     PAUSED_PARTITIONS.set_function(lambda: len(worker.partitions.paused_partitions()))
     _backend_state.cache = worker.backend if hasattr(worker.backend, "cache_stats") else None

@@ -1,8 +1,8 @@
 """The topics the worker reads and writes, created or checked against what is stated.
 
 ``modworker topics create`` states partitions, replication factor, ``min.insync.replicas``
-and retention once for every topic the configuration names: the two inputs, the three
-outputs (plus the shadow topic when shadowing is on, and the statements of reasons' when DSA is) and the conversation state's
+and retention once for every topic the configuration names: the two inputs (and the
+reviews topic when reviews are on), the three outputs (plus the shadow topic when shadowing is on, and the statements of reasons' when DSA is) and the conversation state's
 changelog (compacted, no retention, as many partitions as the conversation topic, since
 changelog partition = input partition). Missing topics are created; existing ones are
 compared with the statement, and every difference is named. Nothing existing is altered:
@@ -100,6 +100,8 @@ def planned_topics(
         spec(settings.violation_topic, "output", output),
         spec(settings.dead_letter_topic, "output", output),
     ]
+    if settings.reviews.enabled:
+        topics.append(spec(settings.reviews.topic, "input", {**retained, **durable}))
     if settings.shadow.enabled:
         topics.append(spec(settings.shadow.topic, "output", output))
     if settings.dsa.enabled:

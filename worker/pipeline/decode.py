@@ -6,7 +6,8 @@ when validation fails is the failure classified, so the common path stays cheap.
 Contract: ``Decoder.decode`` never raises for bad input; every record yields either a
 ``Job`` or a ``DecodeFailure`` whose ``error_type`` is one of ``not_utf8``, ``not_json``,
 ``schema``, ``empty_text``, ``too_long`` or ``unknown_topic``. A value nested deeper than
-a parser can follow is ``not_json``.
+a parser can follow is ``not_json``. ``Decoder.decode_review`` does the same for a record of
+the reviews topic: a ``Review`` or a ``DecodeFailure`` (``not_utf8``, ``not_json``, ``schema``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas import ContentEvent, ConversationEvent, Kind
-from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
+from schemas import ContentEvent, ConversationEvent, Kind, ReviewDecision
+from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record, Review
 
 
 class Decoder:
@@ -56,6 +57,17 @@ class Decoder:
                 f"text is {text_len} characters; the limit is {self._max_text_chars} (MODWORKER_MAX_TEXT_CHARS)",
             )
         return Job(record=record, slot=slot, kind=kind, event=event, size=len(value))
+
+    @staticmethod
+    def decode_review(record: Record, slot: PartitionOffsets) -> Review | DecodeFailure:
+        """``record`` (of the reviews topic) as a ``Review`` tracked in ``slot``, or why not. Never raises."""
+        if record.value is None:
+            return DecodeFailure(record, "not_json", "record has no value (tombstone)")
+        try:
+            decision = ReviewDecision.model_validate_json(record.value)
+        except ValidationError as err:
+            return Decoder._classify(record, err)
+        return Review(record=record, slot=slot, decision=decision)
 
     @staticmethod
     def _classify(record: Record, err: ValidationError) -> DecodeFailure:

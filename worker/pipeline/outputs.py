@@ -27,6 +27,11 @@ its verdict or dead letter, so its offset finishes only once the change is ackno
 So is a restricting verdict's statement of reasons (DSA on, ``statements``), or, when that
 statement is not valid, the input as a dead letter (stage ``statement``) beside the verdict.
 
+A human review decision (``supersede``) is published at once, in input order (it waits for no
+backend, and its partition holds only decisions): its superseding verdict, its violation when
+it restricts, and its statement of reasons (DSA on) as one group that finishes the review
+record's offset once acknowledged.
+
 Contract: ``conclude`` never raises for any outcome; a job whose partition is no longer
 owned is not published (``on_abandoned`` is called instead: the new owner redoes it).
 """
@@ -47,10 +52,11 @@ from worker.ops.logs import Event
 from worker.pipeline.acks import VerdictGroup
 from worker.pipeline.encode import verdict_bytes, violation_bytes
 from worker.pipeline.ordering import KeySequencer
+from worker.pipeline.reviews import Superseding
 from worker.pipeline.scoring import Degraded
 from worker.pipeline.sink import dead_letter_record, record_size
 from worker.pipeline.statements import StatementBuilder, StatementRejected, statement_bytes
-from worker.pipeline.types import Job, OutRecord, PartitionOffsets, Record
+from worker.pipeline.types import Job, OutRecord, PartitionOffsets, Record, Review
 from worker.pipeline.verdicts import VerdictBuilder
 
 log = structlog.get_logger("worker.pipeline.outputs")
@@ -167,6 +173,7 @@ class Outputs:
             self._groups = None
         for slot, group in groups.values():
             self._sink.publish(group.records, group.acked, slot, group.messages)
+            group.records = []  # the sink holds them until sent; the callback needs only the entries
 
     def dead_letter(
         self,
@@ -202,6 +209,85 @@ class Outputs:
             metrics.outputs_trimmed("dead_letter").inc()
         offset = record.offset
         self._sink.publish([out] if also is None else [out, also], lambda: self._on_finished(slot, offset), slot)
+
+    # -- review decisions -----------------------------------------------------------
+
+    def supersede(self, review: Review, outcome: Superseding, on_acked: Callable[[], None]) -> None:
+        """Publish a review decision's superseding verdict, its violation and (DSA on, when it
+        restricts) its statement of reasons as one group; once acknowledged, finish the
+        review's offset and call ``on_acked``. A group too big for the output limit is a dead
+        letter (``output_too_large``) instead."""
+        slot, record, verdict, key = review.slot, review.record, outcome.verdict, review.key
+        records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict), OUTPUT_HEADERS)]
+        violation = self._verdicts.violation(verdict)
+        if violation is not None:
+            records.append(OutRecord(self._violation_topic, key, violation_bytes(violation), OUTPUT_HEADERS))
+        if any(record_size(out) > self._max_bytes for out in records):
+            self.dead_letter(
+                slot,
+                record,
+                stage="output",
+                error_type="output_too_large",
+                message=f"its verdict would exceed the output limit of {self._max_bytes} bytes",
+            )
+            return
+        if self._statements is not None and self._statements.restricts(verdict):
+            records.append(self._review_statement(review, outcome))
+        log.info(
+            Event.REVIEW_APPLIED,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=verdict.event_id,
+            supersedes=verdict.supersedes,
+            action=verdict.action,
+            machine_action=outcome.machine.action if outcome.machine is not None else None,
+        )
+        offset = record.offset
+
+        def acked() -> None:
+            self._on_finished(slot, offset)
+            on_acked()
+
+        self._sink.publish(records, acked, slot)
+
+    def _review_statement(self, review: Review, outcome: Superseding) -> OutRecord:
+        """The superseding verdict's statement of reasons, or the decision as a dead letter
+        (stage ``statement``) when it is not valid or too big: either way in its group."""
+        assert self._statements is not None
+        try:
+            statement = self._statements.review_statement(
+                outcome.verdict, content_date=outcome.content_date, confirmed=outcome.confirmed
+            )
+        except StatementRejected as err:
+            reason = str(err)
+        else:
+            out = OutRecord(self._statement_topic, review.key, statement_bytes(statement), OUTPUT_HEADERS)
+            if record_size(out) <= self._max_bytes:
+                return out
+            reason = f"its statement of reasons would exceed the output limit of {self._max_bytes} bytes"
+        return self._invalid_statement(review.record, outcome.verdict, reason)
+
+    def _invalid_statement(self, record: Record, verdict: Verdict, reason: str) -> OutRecord:
+        log.warning(
+            Event.MESSAGE_DEAD_LETTERED,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage="statement",
+            error_type="invalid_statement",
+            reason=reason,
+            verdict_id=verdict.verdict_id,
+        )
+        metrics.dead_lettered(record.topic, "statement", "invalid_statement").inc()
+        return dead_letter_record(
+            record,
+            topic=self._dead_letter_topic,
+            stage="statement",
+            error_type="invalid_statement",
+            message=reason,
+            max_bytes=self._max_bytes,
+        )
 
     # -- verdicts -------------------------------------------------------------------
 
@@ -276,26 +362,7 @@ class Outputs:
             if record_size(out) <= self._max_bytes:
                 return out
             reason = f"its statement of reasons would exceed the output limit of {self._max_bytes} bytes"
-        record = job.record
-        log.warning(
-            Event.MESSAGE_DEAD_LETTERED,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            stage="statement",
-            error_type="invalid_statement",
-            reason=reason,
-            verdict_id=verdict.verdict_id,
-        )
-        metrics.dead_lettered(record.topic, "statement", "invalid_statement").inc()
-        return dead_letter_record(
-            record,
-            topic=self._dead_letter_topic,
-            stage="statement",
-            error_type="invalid_statement",
-            message=reason,
-            max_bytes=self._max_bytes,
-        )
+        return self._invalid_statement(job.record, verdict, reason)
 
     def _release(self, records: list[OutRecord], job: Job, verdict: Verdict) -> None:
         """Publish a verdict whose turn has come: into its partition's group of the
@@ -310,3 +377,4 @@ class Outputs:
         group = VerdictGroup(self._on_finished)
         group.add(records, job, verdict)
         self._sink.publish(group.records, group.acked, job.slot, group.messages)
+        group.records = []

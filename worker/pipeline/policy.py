@@ -493,6 +493,12 @@ class Policy:
         """The canonical name of a raw category name (itself when it has no alias)."""
         return self._aliases.get(category, category)
 
+    def threshold(self, category: str, *, tenant: str | None = None, source: str | None = None) -> float:
+        """The threshold of ``category`` (canonical) for an input of ``tenant`` and ``source``:
+        its rule's with the matching overrides applied, else the default rule's."""
+        rules = self._for_context.get((tenant, source)) or self._rules_for(tenant, source)
+        return rules.categories.get(category, rules.default).threshold
+
     def cascade_band(self, category: str) -> tuple[float, float] | None:
         """``(below, above)`` of the cascade's uncertainty band for a canonical category: its
         own under ``cascade.bands``, else ``cascade.default``; None when the document gives
@@ -629,15 +635,43 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, 
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            duplicate = key in seen
+            seen.add(key)  # a set key passes the test above ('in' takes it as a frozenset), not this
+        except TypeError:  # a list, mapping or set as a key (YAML's '? [a, b]'): refused as PyYAML would
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, "found an unhashable key", key_node.start_mark
+            ) from None
+        if duplicate:
             raise yaml.constructor.ConstructorError(
                 "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
             )
-        seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _scalar_or_yaml_error(kind: str) -> Any:
+    """SafeLoader's constructor of ``kind`` scalars, raising ``ConstructorError`` where PyYAML's
+    raises ValueError, KeyError or AttributeError: a date that does not exist (``2026-13-45``)
+    or an explicit tag on a value that is not one (``!!int abc``, ``!!timestamp x``)."""
+    tag = f"tag:yaml.org,2002:{kind}"
+    construct = yaml.SafeLoader.yaml_constructors[tag]
+
+    def checked(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, AttributeError, OverflowError):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {kind}", node.start_mark
+            ) from None
+
+    return checked
+
+
+for _kind in ("bool", "int", "float", "timestamp"):
+    _UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{_kind}", _scalar_or_yaml_error(_kind))
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

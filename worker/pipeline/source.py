@@ -61,6 +61,8 @@ def access_denied(err: BaseException, settings: Settings) -> KafkaAccessDenied |
     principal = f"User:{settings.kafka.sasl_username}" if settings.kafka.sasl_username else "the worker's principal"
     if isinstance(err, errors.TopicAuthorizationFailedError):
         inputs = {settings.content_topic, settings.conversation_topic}
+        if settings.reviews.enabled:
+            inputs.add(settings.reviews.topic)
         known = inputs | {settings.verdict_topic, settings.violation_topic, settings.dead_letter_topic}
         named = sorted({str(t) for arg in err.args for t in (arg if isinstance(arg, set | list | tuple) else [arg])})
         topics = [t for t in named if t in known or t == settings.conversation.changelog_topic]
@@ -149,6 +151,8 @@ class Source:
         kafka = settings.kafka
         self._kafka = kafka
         self._topics = [settings.content_topic, settings.conversation_topic]
+        if settings.reviews.enabled:
+            self._topics.append(settings.reviews.topic)
         self._listener = _Listener(on_assign, on_revoke)
         self._consumer = AIOKafkaConsumer(
             **client_options(kafka),
@@ -235,6 +239,10 @@ class Source:
         if not self.paused and freed:
             assigned = self._consumer.assignment()
             self._consumer.resume(*(tp for tp in freed if tp in assigned))
+
+    def holds(self) -> dict[TopicPartition, tuple[str, ...]]:
+        """The partitions held now (``hold``), each with its reasons, sorted."""
+        return {tp: tuple(sorted(reasons)) for tp, reasons in self._held.items()}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """Read ``tp`` from ``offset`` on, from the next poll."""

@@ -19,7 +19,14 @@
 - ``puid`` is the ``verdict_id``; ``decision_facts`` lists the violated categories with
   their scores and thresholds, the model and the policy version.
 
-Contract: ``statement`` validates the result against the model and raises
+A human review decision's superseding verdict (``review_statement``) gets the same statement
+but for: ``automated_decision`` ``AUTOMATED_DECISION_PARTIALLY`` when the reviewer confirmed
+the machine verdict's action, else ``AUTOMATED_DECISION_NOT_AUTOMATED`` (a person decided);
+``automated_detection`` stays ``Yes`` (the machine flagged it for review); ``decision_facts``
+says a person reviewed it; ``content_date`` is given by the caller; ``puid`` is the new
+verdict's id.
+
+Contract: ``statement`` and ``review_statement`` validate the result against the model and raises
 ``StatementRejected`` (a one-line reason) when it does not hold; it raises nothing else.
 ``dsa_problem(policy)`` says in one line what the policy lacks for ``MODWORKER_DSA__ENABLED``.
 """
@@ -79,6 +86,18 @@ class StatementBuilder:
     def statement(self, job: Job, verdict: Verdict) -> StatementOfReasons:
         """The statement of reasons for a restricting ``verdict`` of ``job``; raises
         ``StatementRejected`` when it would not be valid."""
+        return self._statement(
+            verdict, _content_date(job, verdict), "AUTOMATED_DECISION_FULLY", decision_facts(verdict)
+        )
+
+    def review_statement(self, verdict: Verdict, *, content_date: date, confirmed: bool) -> StatementOfReasons:
+        """The statement of reasons for a restricting superseding ``verdict`` (a reviewer's
+        decision); ``confirmed``: the reviewer kept the machine verdict's action. Raises
+        ``StatementRejected`` when it would not be valid."""
+        automated = "AUTOMATED_DECISION_PARTIALLY" if confirmed else "AUTOMATED_DECISION_NOT_AUTOMATED"
+        return self._statement(verdict, content_date, automated, review_facts(verdict, confirmed))
+
+    def _statement(self, verdict: Verdict, content_date: date, automated: str, facts: str) -> StatementOfReasons:
         section = self._section
         first = verdict.violations[0]
         mapping = section.mapping(first.category)
@@ -102,13 +121,13 @@ class StatementBuilder:
             "category_addition": additions or None,
             "category_specification": list(dict.fromkeys(keywords)) or None,
             "content_type": ["CONTENT_TYPE_TEXT"],
-            "content_date": _content_date(job, verdict),
+            "content_date": content_date,
             "application_date": verdict.decided_at.astimezone(UTC).date(),
             "territorial_scope": section.territorial_scope.of(verdict.tenant),
-            "decision_facts": decision_facts(verdict),
+            "decision_facts": facts,
             "source_type": section.source_type,
             "automated_detection": "Yes",
-            "automated_decision": "AUTOMATED_DECISION_FULLY",
+            "automated_decision": automated,
             "puid": verdict.verdict_id,
         }
         try:
@@ -162,6 +181,22 @@ def decision_facts(verdict: Verdict) -> str:
         f"{'conversation turn' if verdict.kind == 'conversation' else 'content'} and found it to violate: {found}. "
         f"A score is the classifier's confidence from 0 to 1 that the content belongs to the category; the policy "
         f"acts at or above the threshold. Resulting action: {verdict.action}. No person took part in this decision."
+    )
+    return text if len(text) <= _MAX_FACTS else text[: _MAX_FACTS - 1] + "…"
+
+
+def review_facts(verdict: Verdict, confirmed: bool) -> str:
+    """The facts of a reviewer's decision, written for the person it concerns."""
+    found = "; ".join(hit.category for hit in verdict.violations)
+    how = (
+        "confirmed the action an automated classifier proposed"
+        if confirmed
+        else "decided the action in place of an automated classifier's"
+    )
+    text = (
+        f"A person reviewed this {'conversation turn' if verdict.kind == 'conversation' else 'content'}, {how}, "
+        f"and found it to violate: {found} (moderation policy version {verdict.policy_version}). "
+        f"Resulting action: {verdict.action}."
     )
     return text if len(text) <= _MAX_FACTS else text[: _MAX_FACTS - 1] + "…"
 

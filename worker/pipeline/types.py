@@ -3,6 +3,8 @@
 - ``PartitionOffsets``: one owned input partition during one assignment period (the
   *slot*): which of its offsets are tracked and finished, and whether it is still owned.
 - ``Job``: one decoded input with its record and its slot, from decode to the sink.
+- ``Review``: one decoded human review decision with its record and its slot (it skips
+  the backend: ``worker.pipeline.reviews``).
 - ``DecodeFailure``: a record that could not become a ``Job``; it is dead-lettered.
 - ``OutRecord``: one record for an output topic.
 
@@ -18,7 +20,7 @@ from typing import TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import ContentEvent, ConversationEvent, Kind, Turn
+from schemas import ContentEvent, ConversationEvent, Kind, ReviewDecision, Turn
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 """An input record as aiokafka delivers it (``key`` and ``value`` may also be None)."""
@@ -36,7 +38,7 @@ class PartitionOffsets:
     partition is revoked: later results for it must never be committed by this member.
     """
 
-    __slots__ = ("_committed", "_done", "_next", "_order", "finished_total", "owned", "tp")
+    __slots__ = ("_committed", "_done", "_next", "_order", "_sizes", "finished_total", "owned", "pending_bytes", "tp")
 
     def __init__(self, tp: TopicPartition) -> None:
         self.tp = tp
@@ -45,19 +47,28 @@ class PartitionOffsets:
         self._done: set[int] = set()  # finished offsets not yet at the head
         self._next: int | None = None  # one past the highest offset tracked
         self._committed: int | None = None
+        self._sizes: dict[int, int] = {}  # unfinished offsets tracked with a size -> that size
         self.finished_total = 0
         """Messages finished in this slot so far (``worker.pipeline.transactions`` counts by it)."""
+        self.pending_bytes = 0
+        """Sizes (``track``'s) of the offsets tracked and not yet finished: input bytes in flight."""
 
-    def track(self, offset: int) -> None:
-        """Record an offset as read. Offsets must increase (raises ``ValueError`` otherwise)."""
+    def track(self, offset: int, size: int = 0) -> None:
+        """Record an offset as read, with its input's ``size`` in bytes (for the byte cap of
+        backpressure). Offsets must increase (raises ``ValueError`` otherwise)."""
         if self._next is not None and offset < self._next:
             raise ValueError(f"{self.tp}: offset {offset} tracked after {self._next - 1}; offsets must increase")
         self._order.append(offset)
         self._next = offset + 1
+        if size:
+            self._sizes[offset] = size
+            self.pending_bytes += size
 
     def finish(self, offset: int) -> None:
         """Mark a tracked offset finished (its outputs are acknowledged)."""
         self.finished_total += 1
+        if self._sizes:
+            self.pending_bytes -= self._sizes.pop(offset, 0)
         order = self._order
         if order and order[0] == offset:
             order.popleft()
@@ -150,6 +161,24 @@ class Job:
             return key
         event = self.event
         return (event.id if isinstance(event, ContentEvent) else event.conversation_id).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """One human review decision read from the reviews topic, tracked in ``slot``."""
+
+    record: Record
+    slot: PartitionOffsets
+    decision: ReviewDecision
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key for its outputs: the record's key, else the key the machine verdict has."""
+        key: bytes | None = self.record.key
+        if key is not None:
+            return key
+        decision = self.decision
+        return (decision.conversation_id or decision.event_id).encode()
 
 
 @dataclass(frozen=True, slots=True)
