@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from worker.cli import build_parser, settings_table
 from worker.config import settings_reference
@@ -145,3 +146,15 @@ def test_the_policy_page_s_complete_example_decides_as_the_page_says(tmp_path):
         assert policy.decide(scores, tenant=tenant, source=source).action == action, (scores, tenant, source)
     top_keys = set(re.findall(r"^([a-z_]+):", block, re.M))
     assert top_keys == {"categories", "aliases", "default", "overrides", "cascade"}  # every key of the format
+
+
+def test_the_readme_s_dsa_example_is_a_complete_dsa_section_of_the_built_in_policy():
+    from worker.pipeline.policy import Policy
+    from worker.pipeline.statements import dsa_problem
+
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", README, re.S) if b.startswith("dsa:"))
+    document = Policy.load(None).document()
+    document["dsa"] = yaml.safe_load(block)["dsa"]
+    policy = Policy.from_mapping(document)
+    assert dsa_problem(policy) is None
+    assert policy.dsa is not None and len(policy.dsa.territorial_scope.of(None)) == 27

@@ -4,9 +4,12 @@
 speak the hosted API's exact wire format, with deterministic scores (``fake_scores``),
 scripted faults (``worker.testing.faults``), a rate-limit window and a request log. They
 need only the standard library at import time; validating bodies against the OpenAPI
-document (``worker.testing.openapi``) needs the ``test`` extra.
+document (``worker.testing.openapi``) needs the ``test`` extra. ``DsaTransparencyServer`` stands
+in for the EU DSA Transparency Database's submission API (its validation errors, duplicate
+``puid`` refusals and a record of what it stored).
 """
 
+from worker.testing.dsa_server import DsaTransparencyServer
 from worker.testing.faults import Fault, FaultPlan, combine, every, first, when_input_contains
 from worker.testing.llm_server import LlmServer
 from worker.testing.loopback import RateLimit, RecordedRequest
@@ -17,6 +20,7 @@ __all__ = [
     "CATEGORIES_2411",
     "CATEGORIES_2603",
     "OPENAI_CATEGORIES",
+    "DsaTransparencyServer",
     "Fault",
     "FaultPlan",
     "LlmServer",
