@@ -186,6 +186,25 @@ def test_statefulset_runs_the_worker_as_configured(rendered, monkeypatch):
     assert worker["args"] == ["run"]
 
 
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
+def test_the_work_in_flight_and_the_conversation_state_fit_the_memory_limit(rendered, monkeypatch):
+    """The worker holds about twice the input bytes in flight (docs/operations.md, measured),
+    beside the conversation state and its own ~70 MiB: all of it under the pod's limit, and
+    the byte cap binds before the message cap would let max-size inputs exceed it."""
+    settings = settings_of(rendered, monkeypatch)
+    limit = _quantity_bytes(container(rendered)["resources"]["limits"]["memory"])
+    baseline = 128 << 20
+    assert 2 * settings.max_in_flight_bytes + settings.conversation.max_bytes + baseline <= limit
+    assert settings.max_in_flight_bytes < settings.max_in_flight * settings.max_text_chars
+
+
 def test_each_pod_is_a_static_group_member_named_after_its_stable_pod_name(rendered, monkeypatch):
     """Static membership needs an instance id that survives a pod's replacement: a
     StatefulSet's pod name (a Deployment's pods get new names on every rollout)."""

@@ -191,16 +191,73 @@ async def test_unparseable_after_the_retries_is_rejected_as_llm_unparseable_and_
     assert len(bad_requests) == 3
 
 
-async def test_answers_out_of_range_or_with_unknown_labels_are_unparseable(
-    api_key: str, settings_for: SettingsFor
-) -> None:
-    answers = iter(['{"scores": {"spam": 7, "off_topic": 0, "hate_and_discrimination": 0}}', '{"scores": {"ham": 1}}'])
+async def test_answers_with_a_score_out_of_range_are_unparseable(api_key: str, settings_for: SettingsFor) -> None:
+    answers = iter(
+        ['{"scores": {"spam": 7, "off_topic": 0, "hate_and_discrimination": 0}}', '{"scores": {"spam": "x"}}']
+    )
     with LlmServer(api_key=api_key, answer=lambda request, default: next(answers)) as srv:
         async with started(LlmBackend(llm_settings(settings_for, srv), policy=FORUM)) as backend:
             (outcome,) = await backend.score_texts(["x"])
         assert srv.request_count == 2
     assert isinstance(outcome, Rejected) and outcome.error_type == "llm_unparseable"
-    assert "unknown category 'ham'" in outcome.reason and '{"scores": {"ham": 1}}' in outcome.reason
+    assert "not a number" in outcome.reason and '{"scores": {"spam": "x"}}' in outcome.reason
+
+
+def _with(default: str, **changes: float | None) -> str:
+    """The server's answer with categories added (a value) or left out (None)."""
+    scores = json.loads(default)["scores"]
+    for name, value in changes.items():
+        if value is None:
+            scores.pop(name, None)
+        else:
+            scores[name] = value
+    return json.dumps({"scores": scores})
+
+
+async def test_a_chatty_judge_naming_extra_categories_is_scored_and_the_extras_counted(
+    api_key: str, settings_for: SettingsFor
+) -> None:
+    before = metrics.LLM_UNKNOWN_CATEGORIES.labels("medical_advice")._value.get()
+    with LlmServer(api_key=api_key, answer=lambda request, default: _with(default, medical_advice=0.7)) as srv:
+        async with started(LlmBackend(llm_settings(settings_for, srv), policy=FORUM)) as backend:
+            (outcome,) = await backend.score_texts(["<<spam:0.9>> buy"])
+        assert srv.request_count == 1, "an extra key is no reason to ask again"
+    assert isinstance(outcome, Scored) and outcome.unscored == ()
+    assert set(outcome.scores) == set(FORUM_CATEGORIES) and outcome.scores["spam"] == pytest.approx(0.9)
+    assert metrics.LLM_UNKNOWN_CATEGORIES.labels("medical_advice")._value.get() == before + 1
+
+
+async def test_an_answer_leaving_a_category_out_is_asked_again_within_the_parse_retries(
+    api_key: str, settings_for: SettingsFor
+) -> None:
+    def off_topic_forgotten_once(request: RecordedRequest, default: str) -> str:
+        return _with(default, off_topic=None) if request.index == 0 else default
+
+    before = metrics.LLM_MISSING_CATEGORIES.labels("off_topic")._value.get()
+    with LlmServer(api_key=api_key, answer=off_topic_forgotten_once) as srv:
+        async with started(LlmBackend(llm_settings(settings_for, srv, parse_retries=1), policy=FORUM)) as backend:
+            (outcome,) = await backend.score_texts(["hello"])
+        assert srv.request_count == 2
+    assert isinstance(outcome, Scored) and outcome.unscored == ()
+    assert set(outcome.scores) == set(FORUM_CATEGORIES)
+    assert outcome.details is not None and outcome.details.requests == 2
+    assert metrics.LLM_MISSING_CATEGORIES.labels("off_topic")._value.get() == before + 1
+
+
+async def test_a_category_left_out_of_every_try_is_unscored_not_zero_and_not_cached(
+    api_key: str, settings_for: SettingsFor
+) -> None:
+    with LlmServer(api_key=api_key, answer=lambda request, default: _with(default, off_topic=None)) as srv:
+        settings = llm_settings(settings_for, srv, parse_retries=2)
+        async with started(create_backend(settings, FORUM)) as backend:
+            assert isinstance(backend, CachingBackend)
+            (outcome,) = await backend.score_texts(["hello <<spam:0.2>>"])
+            (again,) = await backend.score_texts(["hello <<spam:0.2>>"])
+        assert srv.request_count == 6, "three tries each time: a partial answer is not reused from the cache"
+    for scored in (outcome, again):
+        assert isinstance(scored, Scored)
+        assert scored.unscored == ("off_topic",)
+        assert "off_topic" not in scored.scores and scored.scores["spam"] == pytest.approx(0.2)
 
 
 async def test_an_answer_cut_at_max_tokens_is_unparseable(api_key: str, settings_for: SettingsFor) -> None:

@@ -75,8 +75,6 @@ def test_json_answer_parsed_including_a_fenced_one() -> None:
     [
         ("I can't help with that.", "not JSON"),
         ('{"spam": 0.9}', 'no "scores"'),
-        ('{"scores": {"spam": 0.9, "off_topic": 0.1}}', "no score for 'sexual'"),
-        ('{"scores": {"spam": 0.9, "off_topic": 0.1, "sexual": 0, "hate": 0.2}}', "unknown category 'hate'"),
         ('{"scores": {"spam": 1.5, "off_topic": 0.1, "sexual": 0}}', "outside [0, 1]"),
         ('{"scores": {"spam": -0.1, "off_topic": 0.1, "sexual": 0}}', "outside [0, 1]"),
         ('{"scores": {"spam": "high", "off_topic": 0.1, "sexual": 0}}', "not a number"),
@@ -88,6 +86,24 @@ def test_json_answers_that_break_the_contract_are_unparseable(content: str, prob
     with pytest.raises(Unparseable) as raised:
         JsonDialect(CATEGORIES).parse(Reply(content))
     assert problem in raised.value.problem
+
+
+def test_json_answer_keys_naming_no_asked_category_are_ignored_and_reported() -> None:
+    content = '{"scores": {"spam": 0.9, "off_topic": 0.1, "sexual": 0, "hate": 0.2, "weird": "not a number"}}'
+    judged = JsonDialect(CATEGORIES).parse(Reply(content))
+    assert judged.scores == {"spam": 0.9, "off_topic": 0.1, "sexual": 0.0}
+    assert judged.unknown == ("hate", "weird")
+    assert judged.missing == ()
+
+
+def test_json_answer_leaving_categories_out_reports_them_missing_never_as_zero() -> None:
+    judged = JsonDialect(CATEGORIES).parse(Reply('{"scores": {"spam": 0.9, "extra": 1}}'))
+    assert judged.scores == {"spam": 0.9}
+    assert "off_topic" not in judged.scores and "sexual" not in judged.scores
+    assert judged.missing == ("off_topic", "sexual")
+    assert judged.unknown == ("extra",)
+    empty = JsonDialect(CATEGORIES).parse(Reply('{"scores": {}}'))
+    assert empty.scores == {} and empty.missing == ("spam", "off_topic", "sexual")
 
 
 def test_an_answer_cut_off_at_max_tokens_is_unparseable_even_if_it_happens_to_parse() -> None:

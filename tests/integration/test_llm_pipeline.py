@@ -275,3 +275,39 @@ async def test_policy_as_prompt_guards_judge_the_forum_policy_of_their_own_examp
     assert json.loads(record.value)["id"] == "c-7"
     assert headers[DeadLetterHeaders.ERROR_TYPE] == "llm_unparseable"
     assert f"the {dialect} answer" in headers[DeadLetterHeaders.MESSAGE]
+
+
+async def test_a_chatty_judge_is_judged_and_a_category_it_leaves_out_gives_a_degraded_review(
+    broker, topics, api_key, spawn_worker
+) -> None:
+    """Every answer names a category the prompt did not ask about (ignored); for texts marked
+    ``<<forget>>`` the judge leaves ``off_topic`` out of every try: a degraded review naming it,
+    never a dead letter and never an allow."""
+
+    def chatty(request, default: str) -> str:
+        scores = json.loads(default)["scores"]
+        scores["medical_advice"] = 0.4
+        if "<<forget>>" in request.body["messages"][-1]["content"]:
+            scores.pop("off_topic")
+        return json.dumps({"scores": scores})
+
+    events = [
+        content(0, "how long do I rest a brisket?"),
+        content(1, "CHEAP ROLEX at example.com <<spam:0.95>>"),
+        content(2, "nice weather <<forget>>"),
+        content(3, "CHEAP ROLEX <<spam:0.95>> <<forget>>"),
+    ]
+    with LlmServer(api_key=api_key, answer=chatty) as server:
+        verdicts, _ = await run(
+            broker, topics, spawn_worker, server, api_key, events, [], dead=0, MODWORKER_POLICY_FILE=str(FORUM_POLICY)
+        )
+        forgetful = [r for r in server.requests if "<<forget>>" in json.dumps(r.body)]
+    assert len(forgetful) == 4, "the default one retry: two tries for each input that left a category out"
+    for verdict in verdicts.values():
+        jsonschema.validate(verdict, VERDICT_SCHEMA)
+        assert "medical_advice" not in verdict["scores"]
+    assert verdicts["c-0"]["action"] == "allow" and not verdicts["c-0"]["degraded"]
+    assert violations_of(verdicts["c-1"]) == {"spam": "block"} and not verdicts["c-1"]["degraded"]
+    assert verdicts["c-2"]["action"] == "review" and verdicts["c-2"]["degraded"]
+    assert "off_topic" in verdicts["c-2"]["degraded_reason"] and "off_topic" not in verdicts["c-2"]["scores"]
+    assert verdicts["c-3"]["action"] == "block" and verdicts["c-3"]["degraded"], "the stricter decision stands"

@@ -91,16 +91,52 @@ async def test_livez_fails_naming_a_stuck_partition_and_its_offset():
             return {TP}
 
     class Worker:
-        started, draining, in_flight, policy_version = True, False, 0, "v"
+        started, draining, in_flight, in_flight_bytes, policy_version = True, False, 0, 0, "v"
         partitions = Partitions()
         backend = type("B", (), {"name": "fake"})()
 
         def __init__(self) -> None:
             self.last_loop_at = 100.0
             self.stuck_partitions = {TP: 1234}
+            self.held_partitions = {TP: ("uncommitted-span",)}
 
     server = HealthServer(Worker(), Settings(http_port=0), clock=lambda: 100.0)
     check = await server.liveness()
     assert not check.ok
     assert "ugc.content-0 at offset 1234" in check.reason
     assert check.details["stuck_partitions"] == {"ugc.content-0": 1234}
+
+
+async def test_livez_names_the_held_and_the_paused_partitions_and_why():
+    from worker.config import Settings
+    from worker.ops.health import HealthServer
+
+    restoring = TopicPartition("ugc.conversations", 3)
+
+    class Partitions:
+        def assignment(self):
+            return {TP, OTHER, restoring}
+
+        def paused_partitions(self):
+            return {OTHER, restoring}
+
+        async def position(self, tp):
+            return 0
+
+        def highwater(self, tp):
+            return 0
+
+    class Worker:
+        started, draining, in_flight, in_flight_bytes, policy_version = True, False, 0, 0, "v"
+        partitions = Partitions()
+        backend = type("B", (), {"name": "fake"})()
+
+        def __init__(self) -> None:
+            self.last_loop_at = 100.0
+            self.stuck_partitions: dict[TopicPartition, int] = {}
+            self.held_partitions = {restoring: ("conversation-restore",)}
+
+    check = await HealthServer(Worker(), Settings(http_port=0), clock=lambda: 100.0).liveness()
+    assert check.ok, "a restore has its own bound: holding is not a liveness failure"
+    assert check.details["held_partitions"] == {"ugc.conversations-3": ["conversation-restore"]}
+    assert check.details["paused_partitions"] == ["ugc.content-1"]

@@ -28,7 +28,7 @@ class Partitions:
 class Worker:
     """The ``WorkerStatus`` a started, not draining worker shows."""
 
-    in_flight, policy_version = 3, "policy-v1"
+    in_flight, in_flight_bytes, policy_version = 3, 300, "policy-v1"
     partitions = Partitions()
 
     def __init__(self, backend: MistralBackend) -> None:
@@ -36,6 +36,7 @@ class Worker:
         self.started, self.draining = True, False
         self.last_loop_at = 0.0
         self.stuck_partitions: dict[TopicPartition, int] = {}
+        self.held_partitions: dict[TopicPartition, tuple[str, ...]] = {}
 
 
 def open_circuit(backend: MistralBackend) -> None:

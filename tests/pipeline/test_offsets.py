@@ -85,3 +85,21 @@ def test_a_reset_detaches_the_old_state_and_tracks_afresh_from_a_lower_offset():
     new.finish(0)
     old.finish(50)  # late results for the old positions are never committed
     assert tracker.committable() == {TP: 1}
+
+
+def test_pending_bytes_count_the_sizes_of_unfinished_offsets_of_owned_partitions():
+    tracker = OffsetTracker()
+    a = tracker.slot(TopicPartition("t", 0))
+    b = tracker.slot(TopicPartition("t", 1))
+    a.track(0, 100)
+    a.track(1, 50)
+    a.track(2)  # no size given: counts no bytes
+    b.track(7, 1_000)
+    assert a.pending_bytes == 150 and tracker.pending_bytes() == 1_150
+    a.finish(1)  # out of order
+    a.finish(2)
+    assert a.pending_bytes == 100
+    tracker.revoke([TopicPartition("t", 1)])  # its work is abandoned: no longer in flight here
+    assert tracker.pending_bytes() == 100
+    a.finish(0)
+    assert tracker.pending_bytes() == 0

@@ -44,6 +44,15 @@ def default_policy_file(settings: Settings) -> Path | None:
     return None
 
 
+def load_policy(settings: Settings) -> Policy:
+    """The policy ``modworker run`` applies with ``settings`` (``default_policy_file``, else
+    the built-in default). The one resolution: the worker, ``config check``, the llm backend
+    and the offline commands (``eval``, ``calibrate``) all call it. Raises ``PolicyError``."""
+    from worker.pipeline.policy import Policy
+
+    return Policy.load(default_policy_file(settings))
+
+
 def create_backend(settings: Settings, policy: Policy | None = None) -> Backend:
     """The backend ``settings.backend`` names, not yet started (``await backend.start()``).
 

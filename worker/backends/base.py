@@ -55,6 +55,9 @@ class Scored:
     (a cascade stage, or the fallback backend). ``stages``: every stage's scores, when a
     composite backend ran several. ``degraded_reason``: set when these scores came from a
     stand-in (the fallback backend) because the configured backend was down.
+    ``unscored``: categories the backend was asked about and could not score (a judge that
+    left them out of every try); ``scores`` lacks them, and the verdict is degraded
+    (``worker.pipeline.verdicts``), never an allow by their absence.
     """
 
     scores: dict[str, float]
@@ -63,6 +66,7 @@ class Scored:
     decided_by: str | None = None
     stages: tuple[StageScores, ...] = ()
     degraded_reason: str | None = None
+    unscored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,7 @@ class CachingBackend(Backend):
             for indexes, answer in zip(pending.values(), answers, strict=True):
                 for index in indexes:
                     outcomes[index] = answer
-                if isinstance(answer, Scored):
+                if isinstance(answer, Scored) and not answer.unscored:  # a partial answer is asked again
                     self._cache[keys[indexes[0]]] = answer
         if use is not None:
             if pending:

@@ -179,9 +179,11 @@ class CascadeBackend(Backend):
             return second
         stages = [StageScores("first", self.first.name, first.model, first.scores)] if isinstance(first, Scored) else []
         stages.append(StageScores("then", self.then.name, second.model, second.scores))
-        return Scored(second.scores, second.model, decided_by=self.then.name, stages=tuple(stages))
+        return Scored(
+            second.scores, second.model, decided_by=self.then.name, stages=tuple(stages), unscored=second.unscored
+        )
 
     def _confident(self, outcome: Outcome) -> bool:
-        if not isinstance(outcome, Scored):
-            return False  # rejected (or unavailable) by the first stage: the second may judge it
+        if not isinstance(outcome, Scored) or outcome.unscored:
+            return False  # rejected, unavailable or partly scored by the first stage: the second may judge it
         return not self.bands.uncertain(outcome.scores)

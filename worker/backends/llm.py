@@ -27,6 +27,12 @@ Failures, per input:
 - an answer that does not parse is asked again, ``llm.parse_retries`` more times; then the
   input is ``Rejected`` with ``error_type`` ``llm_unparseable`` and the answer's first
   characters in the reason (dead-lettered: never a crash, never an allow);
+- json dialect: keys of the answer that name no category asked about are ignored (counted
+  in ``llm_unknown_categories``, logged at debug); an answer that leaves a category out is
+  asked again within the same ``llm.parse_retries``, and when every try leaves some out the
+  fullest answer is kept with the rest as ``Scored.unscored`` (a degraded verdict: never an
+  allow by omission; the missing scores of one piece of a long input are unscored for the
+  input);
 - 400/413/422 (e.g. an input over the model's context) rejects that input alone;
 - everything else is ``RemoteApi``'s: retries with Retry-After, rate limits, the breaker;
   ``BackendUnavailable`` and ``BackendAuthError`` end the whole batch, as for every backend.
@@ -97,10 +103,9 @@ def make_dialect(settings: Settings, policy: Policy | None) -> Dialect:
     if llm.dialect == "qwen3guard":
         return Qwen3GuardDialect(logprobs=llm.logprobs)
     if policy is None:
-        from worker.backends import default_policy_file
-        from worker.pipeline.policy import Policy
+        from worker.backends import load_policy
 
-        policy = Policy.load(default_policy_file(settings))
+        policy = load_policy(settings)
     categories = policy.category_descriptions()
     if llm.dialect == "shieldstral":
         return ShieldstralDialect(categories, logprobs=llm.logprobs)
@@ -200,11 +205,13 @@ class LlmBackend(ApiBackend):
         if rejected is not None:
             return rejected
         scores: dict[str, float] = {}
+        unscored: list[str] = []
         kinds: set[str] = set()
         prompt_tokens = completion_tokens = requests = 0
         model = ""
         for answer in (answer for answer in answers if isinstance(answer, _Answer)):
             scores |= answer.judgement.scores
+            unscored += answer.judgement.missing
             kinds.add(answer.judgement.score_kind)
             prompt_tokens += answer.prompt_tokens
             completion_tokens += answer.completion_tokens
@@ -216,7 +223,7 @@ class LlmBackend(ApiBackend):
             completion_tokens=completion_tokens,
             requests=requests,
         )
-        return Scored(scores=scores, model=model or self.model, details=details)
+        return Scored(scores=scores, model=model or self.model, details=details, unscored=tuple(unscored))
 
     async def _ask(self, question: Question) -> _Answer | Rejected:
         """One question, asked again while its answer does not parse (``llm.parse_retries``)."""
@@ -230,6 +237,8 @@ class LlmBackend(ApiBackend):
         tokens = estimate_conversation_tokens([Turn(role="user", content=m["content"]) for m in question.messages])
         prompt_tokens = completion_tokens = 0
         problem = answer_text = ""
+        partial: Judgement | None = None  # the fullest answer that left categories out
+        model = ""
         for attempt in range(1, self.tries + 1):
             try:
                 answer = await self.api.post(PATH, body, tokens=tokens)
@@ -254,13 +263,44 @@ class LlmBackend(ApiBackend):
                     answer=answer_text[:ANSWER_EXCERPT_CHARS],
                 )
                 continue
+            self._note_unknown(judgement)
+            if judgement.missing:
+                self._note_missing(judgement, attempt)
+                if partial is None or len(judgement.missing) <= len(partial.missing):
+                    partial = judgement
+                continue
             return _Answer(judgement, model, prompt_tokens, completion_tokens, attempt)
+        if partial is not None:  # scored what it gave; the verdict is degraded for the rest
+            return _Answer(partial, model, prompt_tokens, completion_tokens, self.tries)
         asked = f" (category {question.category!r})" if question.category else ""
         return Rejected(
             reason=f"the {self.dialect.name} answer{asked} could not be parsed after {self.tries} "
             f"tr{'y' if self.tries == 1 else 'ies'}: {problem}; "
             f"the answer began {answer_text[:ANSWER_EXCERPT_CHARS]!r}",
             error_type="llm_unparseable",
+        )
+
+    def _note_unknown(self, judgement: Judgement) -> None:
+        """Keys naming no category asked about: ignored, counted, logged at debug."""
+        if not judgement.unknown:
+            return
+        for key in judgement.unknown:
+            metrics.llm_unknown_category(key).inc()
+        log.debug(
+            LlmEvent.UNKNOWN_CATEGORIES,
+            dialect=self.dialect.name,
+            categories=[key[:ANSWER_EXCERPT_CHARS] for key in judgement.unknown[:10]],
+        )
+
+    def _note_missing(self, judgement: Judgement, attempt: int) -> None:
+        for category in judgement.missing:
+            metrics.llm_missing_categories(category).inc()
+        log.warning(
+            LlmEvent.MISSING_CATEGORIES,
+            dialect=self.dialect.name,
+            missing=list(judgement.missing),
+            attempt=attempt,
+            of=self.tries,
         )
 
     def _count(self, prompt: int, completion: int) -> None:
@@ -324,7 +364,7 @@ def _logprobs(value: Any) -> tuple[TokenLogprob, ...] | None:
         for item in content:
             top = tuple((str(alt["token"]), float(alt["logprob"])) for alt in item.get("top_logprobs") or ())
             tokens.append(TokenLogprob(token=str(item["token"]), logprob=float(item["logprob"]), top=top))
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: an int beyond floats
         return None
     return tuple(tokens)
 
@@ -341,7 +381,13 @@ def _merge(outcomes: list[Outcome], owners: list[int], count: int) -> list[Outco
             scores = dict(current.scores)
             for category, value in outcome.scores.items():
                 scores[category] = max(value, scores.get(category, value))
-            merged[owner] = Scored(scores=scores, model=current.model, details=_add(current.details, outcome.details))
+            unscored = (*current.unscored, *(c for c in outcome.unscored if c not in current.unscored))
+            merged[owner] = Scored(
+                scores=scores,
+                model=current.model,
+                details=_add(current.details, outcome.details),
+                unscored=unscored,
+            )
     if any(outcome is None for outcome in merged):
         raise AssertionError("every input yields at least one piece")
     return [outcome for outcome in merged if outcome is not None]

@@ -49,9 +49,14 @@ the server returned them (``score_kind`` ``probability``), else the label itself
 unsafe, 0.5 controversial (``score_kind`` ``label``). For Qwen3Guard it is
 ``P(Unsafe) + 0.5 * P(Controversial)``. A safe answer names no category: every score is 0.0.
 
-Anything else (not JSON, a missing or unknown category or label, a score outside [0, 1],
-an answer cut off by ``max_tokens``) raises ``Unparseable`` with the problem; the backend
-retries and finally dead-letters the input.
+The json dialect is lenient about the keys of ``scores``: a key naming no category it
+asked about is ignored (``Judgement.unknown``, the backend counts it), and a category the
+answer left out is reported as ``Judgement.missing``, never read as a score of 0 (the
+backend asks again, then the verdict is degraded: ``worker.backends.llm``).
+
+Anything else (not JSON, for the other dialects a missing or unknown category or label, a
+score outside [0, 1], an answer cut off by ``max_tokens``) raises ``Unparseable`` with the
+problem; the backend retries and finally dead-letters the input.
 """
 
 from __future__ import annotations
@@ -92,10 +97,17 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
-    """Raw scores parsed from one answer."""
+    """Raw scores parsed from one answer.
+
+    ``missing``: categories asked about that the answer gave no score for (``scores`` lacks
+    them; never read as 0). ``unknown``: keys of the answer that name no category asked
+    about (ignored). Only the json dialect reports either; the others refuse such answers.
+    """
 
     scores: dict[str, float]
     score_kind: ScoreKind
+    missing: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,18 +205,18 @@ class JsonDialect(Dialect):
         if not isinstance(answer, dict) or not isinstance(answer.get("scores"), dict):
             raise Unparseable('the answer has no "scores" object')
         scores: dict[str, float] = {}
+        unknown: list[str] = []
         for category, value in answer["scores"].items():
-            if category not in self.categories:
-                raise Unparseable(f"unknown category {category!r} in the answer")
+            if category not in self.categories:  # a chatty judge's extra: ignored, reported
+                unknown.append(category)
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise Unparseable(f"the score of {category!r} is not a number: {value!r}")
             if not 0.0 <= value <= 1.0:
                 raise Unparseable(f"the score of {category!r} is outside [0, 1]: {value!r}")
             scores[category] = float(value)
-        missing = [category for category in self.categories if category not in scores]
-        if missing:
-            raise Unparseable(f"no score for {', '.join(repr(c) for c in missing)}")
-        return Judgement(scores=scores, score_kind="probability")
+        missing = tuple(category for category in self.categories if category not in scores)
+        return Judgement(scores=scores, score_kind="probability", missing=missing, unknown=tuple(unknown))
 
 
 def build_system_prompt(categories: Mapping[str, str | None]) -> str:
@@ -380,7 +392,8 @@ def label_probabilities(
     with ``last``: a reasoning model's logprobs start with its reasoning). Each
     alternative token counts for the one label it is a prefix of (case-insensitive, after
     any text the token shares before the label), and the probabilities are normalised over
-    the labels. ``None`` when the reply has no logprobs or they say nothing about the labels.
+    the labels; a log probability that is not a finite number is left out. ``None`` when the
+    reply has no logprobs or they say nothing about the labels.
     """
     if not reply.logprobs:
         return None
@@ -402,8 +415,10 @@ def label_probabilities(
     lead = text[start:offset].lstrip()
     alternatives = dict(token.top)
     alternatives.setdefault(token.token, token.logprob)
-    mass = dict.fromkeys(labels, 0.0)
+    counted: list[tuple[str, float]] = []
     for candidate, logprob in alternatives.items():
+        if not math.isfinite(logprob):  # a broken server's number says nothing (-inf: no mass)
+            continue
         piece = candidate.lstrip()
         if lead:
             if not piece.startswith(lead):
@@ -412,10 +427,16 @@ def label_probabilities(
         piece = piece.strip().lower()
         matches = [label for label in labels if piece and label.startswith(piece)]
         if len(matches) == 1:
-            mass[matches[0]] += math.exp(logprob)
-    total = sum(mass.values())
-    if total <= 0.0:
+            counted.append((matches[0], logprob))
+    if not counted:
         return None
+    # Shifted by the largest: exp() cannot overflow (a server's logprob of 1000) and the
+    # normalised ratios are the same.
+    largest = max(logprob for _, logprob in counted)
+    mass = dict.fromkeys(labels, 0.0)
+    for label, logprob in counted:
+        mass[label] += math.exp(logprob - largest)
+    total = sum(mass.values())
     return {label: value / total for label, value in mass.items()}
 
 

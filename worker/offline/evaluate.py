@@ -29,7 +29,9 @@ each category's ``f1`` with the baseline's (any earlier report, or a file holdin
 by more than ``--tolerance`` (absolute F1, default ``GATE_TOLERANCE``), or is in one and
 not the other. A golden set per policy plus its baseline gates policy and prompt changes.
 
-Policy: ``--policy FILE``, else ``MODWORKER_POLICY_FILE``, else the built-in default.
+Policy: ``--policy FILE``, else the one ``modworker run`` applies with the same settings
+(``worker.backends.load_policy``: ``MODWORKER_POLICY_FILE``, else the starter model's own
+for the bundled local model, else the built-in default).
 Needs the ``local`` extra (numpy, scikit-learn, matplotlib; torch for local models and
 for the embeddings plot).
 """
@@ -77,7 +79,7 @@ def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--model",
         help="local backend: model to load (else MODWORKER_LOCAL__MODEL); llm: model name (else MODWORKER_LLM__MODEL)",
     )
-    parser.add_argument("--policy", type=Path, help="policy YAML (else MODWORKER_POLICY_FILE, else built-in)")
+    parser.add_argument("--policy", type=Path, help="policy YAML (else the one 'modworker run' would apply)")
     parser.add_argument("--target-precision", type=float, default=0.9)
     parser.add_argument("--holdout", type=Path, help="head directory: evaluate only its validation split")
     parser.add_argument("--plots", type=Path, help="directory for PNG plots (default: beside the report)")
@@ -178,11 +180,12 @@ def f1_drift(measured: dict[str, float], baseline: dict[str, float], tolerance: 
 def load_policy_and_data(args: argparse.Namespace, settings: Settings) -> tuple[Policy, LabelledData]:
     """The policy (``--policy`` or the settings') and the labelled data (``--limit``,
     ``--holdout``) an offline command measures; ``CommandError`` naming what is wrong."""
+    from worker.backends import load_policy
     from worker.cli import CommandError
     from worker.pipeline.policy import Policy, PolicyError
 
     try:
-        policy = Policy.load(args.policy or settings.policy_file)
+        policy = Policy.load(args.policy) if args.policy else load_policy(settings)
     except PolicyError as err:
         raise CommandError(str(err)) from None
     try:

@@ -14,7 +14,12 @@ synchronous work does not answer at all, which a probe counts as a failure too.
   consumer that no longer fetches), or a partition's committed offset is stuck (its
   uncommitted span passed ``max_uncommitted_span``; the reason names the partition and
   offset: see ``worker.pipeline.span_guard``). Before the worker started (model loading, joining the
-  group) and while it drains it counts as live: both have bounds of their own.
+  group) and while it drains it counts as live: both have bounds of their own. Its body
+  names the partitions not being read and why: ``held_partitions`` (kept paused for a
+  reason: ``conversation-restore`` while the conversation state is read back, whose
+  restore has its own bound and stops the worker when a partition makes no progress;
+  ``uncommitted-span``; ``transactions-fenced``) and ``paused_partitions`` (paused by
+  backpressure, resumed as in-flight work drains).
 - ``/readyz`` (count me as available): 200 once the worker started (its backend started,
   a local model loaded and warmed up; subscribed: partitions assigned or awaited) and
   while it is not shutting down. It turns 503 as soon as SIGTERM starts the drain. It
@@ -179,6 +184,12 @@ class HealthServer:
         bound = self._liveness_timeout_s
         idle_s = now - worker.last_loop_at
         details: dict[str, Any] = {"phase": "running", "loop_idle_s": round(idle_s, 3), "bound_s": bound}
+        held = worker.held_partitions
+        if held:
+            details["held_partitions"] = {f"{tp.topic}-{tp.partition}": list(why) for tp, why in sorted(held.items())}
+        paused = worker.partitions.paused_partitions() - held.keys()
+        if paused:
+            details["paused_partitions"] = sorted(f"{tp.topic}-{tp.partition}" for tp in paused)
         if idle_s > bound:
             return Check(False, f"the consume loop has not iterated for {idle_s:.1f}s (bound {bound:g}s)", details)
         stuck = worker.stuck_partitions
@@ -213,6 +224,7 @@ class HealthServer:
             "group_id": self._settings.group_id,
             "policy_version": worker.policy_version,
             "in_flight": worker.in_flight,
+            "in_flight_bytes": worker.in_flight_bytes,
             "backend": worker.backend.name,
         }
         if worker.started:

@@ -51,11 +51,20 @@ class WorkerStatus(Protocol):
         """Messages read and not yet finished."""
 
     @property
+    def in_flight_bytes(self) -> int:
+        """Input value bytes of the messages read and not yet finished."""
+
+    @property
     def partitions(self) -> PartitionView: ...
 
     @property
     def stuck_partitions(self) -> dict[TopicPartition, int]:
         """Partitions paused because their committed offset is stuck, with that offset."""
+
+    @property
+    def held_partitions(self) -> dict[TopicPartition, tuple[str, ...]]:
+        """Partitions kept paused whatever backpressure does (a state restore, a stuck span,
+        a fenced producer), each with its reasons."""
 
     @property
     def backend(self) -> BackendStatus: ...

@@ -61,6 +61,11 @@ class OffsetTracker:
         """The state of every owned partition."""
         return list(self._partitions.values())
 
+    def pending_bytes(self) -> int:
+        """Input bytes of the offsets tracked and not finished, over every owned partition
+        (a revoked or reset slot's work is abandoned: it no longer counts)."""
+        return sum(state.pending_bytes for state in self._partitions.values())
+
     def pending(self, tps: Iterable[TopicPartition] | None = None) -> int:
         states = (
             self._partitions.values() if tps is None else (self._partitions[tp] for tp in tps if tp in self._partitions)

@@ -9,11 +9,18 @@ this module only ensures the topic and reads partitions back.
 Reading stops at each partition's highwater mark as the first fetch response reports it,
 not at ``end_offsets()``: the embedded test broker reports end offsets wrongly
 (../shared/BROKER.md), the highwater mark is right there and on Kafka.
+
+A restore is bounded: a partition that gives no fetch response, or whose read does not
+advance, for ``stall_timeout_s`` (``MODWORKER_CONVERSATION__RESTORE_TIMEOUT_S``) ends the
+read with ``ChangelogUnavailable`` naming it (its leader unavailable, the partition missing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -43,11 +50,23 @@ class ChangelogUnavailable(Exception):
 class StateChangelog:
     """The changelog ``topic`` of the conversation ``source_topic``'s state."""
 
-    def __init__(self, kafka: KafkaSettings, *, topic: str, source_topic: str, read_committed: bool = False) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        topic: str,
+        source_topic: str,
+        read_committed: bool = False,
+        stall_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.topic = topic
         self.read_committed = read_committed
         """Exactly-once: restore only what committed transactions wrote, up to the last stable offset."""
         self.source_topic = source_topic
+        self.stall_timeout_s = stall_timeout_s
+        """How long one partition may go without a fetch response or progress before ``read`` gives up."""
+        self._clock = clock
         self._kafka = kafka
         self._ensured = False
         self._lock = asyncio.Lock()
@@ -111,7 +130,11 @@ class StateChangelog:
 
     async def read(self, partitions: list[int]) -> tuple[dict[int, dict[str, bytes | None]], int]:
         """The latest value per key of each partition, read from the beginning up to its
-        highwater mark at the time of the first fetch; and the number of records read."""
+        highwater mark at the time of the first fetch; and the number of records read.
+
+        Raises ``ChangelogUnavailable`` naming the partitions that gave no fetch response, or
+        did not advance towards their highwater mark, for ``stall_timeout_s``.
+        """
         consumer = AIOKafkaConsumer(
             **client_options(self._kafka),
             group_id=None,
@@ -122,32 +145,71 @@ class StateChangelog:
         )
         latest: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
         read = 0
-        await consumer.start()
+        bound = self.stall_timeout_s
+        try:
+            async with asyncio.timeout(bound):  # start and seek: bounded by request timeouts too
+                await consumer.start()
+        except TimeoutError:
+            await consumer.stop()
+            raise self._stalled([f"{self.topic}-{p} (no connection to the cluster)" for p in partitions]) from None
         try:
             tps = [TopicPartition(self.topic, p) for p in partitions]
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            moved: dict[TopicPartition, float] = dict.fromkeys(tps, self._clock())  # when each last made progress
+            # The seek waits for every partition's offset lookup (up to request_timeout_ms);
+            # one that never completes is named below, through its missing fetch responses.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(bound):
+                    await consumer.seek_to_beginning(*tps)
             targets: dict[TopicPartition, int] = {}
             remaining = set(tps)
+            positions: dict[TopicPartition, int] = {}
             while remaining:
                 batches = await consumer.getmany(*remaining, timeout_ms=_FETCH_WAIT_MS * 2)
+                now = self._clock()
                 for tp, records in batches.items():
                     values = latest[tp.partition]
                     for record in records:
                         if record.key is not None:
                             values[record.key.decode("utf-8", "replace")] = record.value
                     read += len(records)
+                    if records:
+                        moved[tp] = now
                 for tp in list(remaining):
                     highwater = consumer.last_stable_offset(tp) if self.read_committed else consumer.highwater(tp)
                     if highwater is None:  # no fetch response yet
                         continue
                     target = targets.setdefault(tp, highwater)
-                    if await consumer.position(tp) >= target:
+                    position = await consumer.position(tp)
+                    if positions.get(tp) != position:  # the first fetch response, or the read advanced
+                        positions[tp] = position
+                        moved[tp] = now
+                    if position >= target:
                         remaining.discard(tp)
                         consumer.pause(tp)
+                stalled = sorted((tp for tp in remaining if now - moved[tp] > bound), key=lambda tp: tp.partition)
+                if stalled:
+                    raise self._stalled(
+                        [
+                            f"{tp.topic}-{tp.partition} "
+                            + (
+                                f"(read to {positions[tp]} of {targets[tp]})"
+                                if tp in targets
+                                else "(no fetch response)"
+                            )
+                            for tp in stalled
+                        ]
+                    )
         finally:
             await consumer.stop()
         return latest, read
+
+    def _stalled(self, partitions: list[str]) -> ChangelogUnavailable:
+        return ChangelogUnavailable(
+            f"conversation state: restore of changelog partition{'s' if len(partitions) > 1 else ''} "
+            f"{', '.join(partitions)} made no progress for {self.stall_timeout_s:g}s; check that the partitions "
+            "exist and have a leader (kafka-topics --describe), or raise MODWORKER_CONVERSATION__RESTORE_TIMEOUT_S"
+        )
 
 
 def _describe(answer: Any, topic: str) -> dict[str, Any]:
