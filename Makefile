@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 KAFKA_JARS := build/kafka/lib/.pom-sha256
 
-.PHONY: demo test check bench chaos schemas clean kafka-jars
+.PHONY: demo test check bench chaos fuzz schemas clean kafka-jars
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,12 @@ test: check kafka-jars
 chaos: $(STAMP) kafka-jars
 	$(PY) -m pytest -q -rxXs -m chaos tests/chaos $(PYTEST_ARGS)
 	$(PY) -m tests.chaos.report --write docs/reliability.md
+
+# Each fuzz target (tests/fuzz) for FUZZ_SECONDS from its kept corpus; the new inputs that add
+# coverage are merged into tests/fuzz/corpus (review and commit them). `make test` fuzzes 15 s each.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.run --grow $(FUZZ_SECONDS)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check worker schemas tests demo

@@ -189,7 +189,7 @@ def parse_duration(value: str | None) -> float | None:
     i = 0
     while i < len(text):
         char = text[i]
-        if char.isdigit() or char == ".":
+        if char in "0123456789.":  # not str.isdigit: it takes digits float() refuses (superscripts)
             number += char
             i += 1
             continue
@@ -199,4 +199,4 @@ def parse_duration(value: str | None) -> float | None:
         total += float(number) * units[unit]
         number = ""
         i += len(unit)
-    return total if not number else None
+    return total if not number and math.isfinite(total) else None
