@@ -125,3 +125,19 @@ def test_a_bench_of_both_delivery_modes_on_apache_kafka_ends_with_their_ratios(t
         assert scenario["completed"] and scenario["exit_code"] == 0 and scenario["outputs"] == EVENTS
     ratio = eos["worker_msgs_per_s"] / alo["worker_msgs_per_s"]
     assert f"exactly-once / at-least-once, {alo['name']}: msg/s {ratio:.2f}x" in out
+
+
+def test_a_profile_sample_belongs_to_the_innermost_stage_its_stack_names():
+    from worker.offline.bench.profile import stage_of
+
+    root = ["_run_module_as_main (<frozen runpy>)", "Runner.run (asyncio/runners.py)"]
+    conclude = [
+        *root,
+        "Outputs.conclude_all (worker/pipeline/outputs.py)",
+        "Outputs._verdict (worker/pipeline/outputs.py)",
+    ]
+    assert stage_of([*conclude, "VerdictBuilder.scored (worker/pipeline/verdicts.py)"]) == "verdict assembly and id"
+    assert stage_of([*conclude, "Policy.decide (worker/pipeline/policy.py)"]) == "policy"
+    assert stage_of([*conclude, "PrintLogger.msg (structlog/_output.py)"]) == "logging (structlog)"
+    assert stage_of(conclude) == "outputs (the rest)"
+    assert stage_of(root) == "event loop, start-up and the rest"

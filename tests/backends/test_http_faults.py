@@ -294,7 +294,8 @@ async def test_the_api_key_appears_in_no_log_line_or_error(
             except BackendAuthError as err:
                 errors.append(f"{err!s} {err!r}")
 
-    assert errors and events and caplog.records, "the scenario must have produced output to check"
+    # The default engine (aiohttp) writes no standard-library records per request; httpx's did.
+    assert errors and events, "the scenario must have produced output to check"
     assert {e["event"] for e in events} >= {"backend.http.retry", "backend.http.rejected", "backend.http.auth_failed"}
     output = "\n".join([repr(e) for e in events] + [r.getMessage() for r in caplog.records] + errors)
     assert api_key not in output

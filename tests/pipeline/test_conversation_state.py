@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings, strategies
+from pydantic_core import to_json
 
 from schemas import Turn
 from worker.pipeline.conversation_state import (
@@ -191,3 +193,51 @@ def test_context_turns_equal_validated_turns():
     validated = Turn(role="assistant", content="hello there")
     assert built == validated and built.model_dump() == validated.model_dump()
     assert built.model_fields_set == validated.model_fields_set
+
+
+def test_a_turn_with_its_own_context_changes_the_state_exactly_as_one_without():
+    with_context, without = state(), state()
+    turns = [("t0", "user", "first"), ("t1", "assistant", "second"), ("t2", "user", "third"), ("t1", "assistant", "x")]
+    for turn_id, role, content in turns:
+        given = with_context.observe(0, "c", turn_id, role, content)
+        skipped = without.observe(0, "c", turn_id, role, content, with_context=False)
+        assert skipped.context == ()
+        assert skipped.change == given.change  # the replay of t1 too: no change
+    assert without.bytes == with_context.bytes
+    assert pairs(without.observe(0, "c", "t3", "user", "fourth").context) == [
+        ("user", "first"),
+        ("assistant", "second"),
+        ("user", "third"),
+    ]
+
+
+_text = strategies.text(strategies.characters(exclude_categories=("Cs",)), max_size=40)  # no lone surrogates
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    conversation_id=_text.filter(bool),
+    turns=strategies.lists(
+        strategies.tuples(_text, strategies.sampled_from(["user", "assistant"]), _text), min_size=1, max_size=20
+    ),
+    updated_at=strategies.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_a_changelog_value_is_what_pydantic_core_writes_for_the_window(conversation_id, turns, updated_at):
+    """The structs msgspec writes give the bytes ``to_json`` gave for the same window as dicts."""
+    s = state(Clock(updated_at), max_turns=30)
+    change = None
+    for turn_id, role, content in turns:
+        change = s.observe(0, conversation_id, turn_id, role, content).change or change
+    assert change is not None and change.value is not None
+    (window,) = s._lru.values()
+    expected = to_json(
+        {
+            "v": 1,
+            "conversation_id": conversation_id,
+            "updated_at": updated_at,
+            "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in window.turns],
+        }
+    )
+    assert change.value == expected
+    restored = state(Clock(updated_at), max_turns=30)
+    assert restored.load(0, {conversation_id: change.value}) == (1, 0)

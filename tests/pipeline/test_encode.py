@@ -121,3 +121,28 @@ def test_what_orjson_cannot_write_falls_back_to_pydantic() -> None:
     assert verdict.metadata == {"huge": 2**70}
     assert verdict_bytes(verdict) == verdict.model_dump_json().encode()
     assert json.loads(verdict_bytes(verdict))["metadata"]["huge"] == 2**70
+
+
+def test_verdict_bytes_hold_no_more_memory_than_their_length() -> None:
+    """orjson's result keeps its working buffer (~10x the output); a verdict is held until the
+    broker acknowledges it, so what is held must be about its own length."""
+    import tracemalloc
+
+    rng = random.Random(3)
+    builder = VerdictBuilder(policy=Policy.load(None), backend_name="mistral", include_text=True)
+    verdicts = [
+        builder.scored(
+            _job(i, rng, conversation=False, metadata=None, text="x" * 700), Scored(scores={"pii": 0.1}, model="m")
+        )
+        for i in range(200)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [verdict_bytes(verdict) for verdict in verdicts]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    length = sum(map(len, held))
+    assert length > 200 * 700
+    assert grown < 1.2 * length, f"{grown} bytes held for {length} bytes of verdicts"

@@ -85,6 +85,7 @@ class ConversationStage:
             topic=config.changelog_topic,
             source_topic=self.topic,
             read_committed=settings.delivery == "exactly_once",
+            stall_timeout_s=config.restore_timeout_s,
         )
         self._publish = publish
         self._source = source
@@ -105,7 +106,9 @@ class ConversationStage:
         event = job.event
         assert isinstance(event, ConversationEvent)
         partition = job.record.partition
-        observed = self.state.observe(partition, event.conversation_id, event.id, event.role, event.content)
+        observed = self.state.observe(
+            partition, event.conversation_id, event.id, event.role, event.content, with_context=not event.context
+        )
         if not event.context:
             job.context = observed.context
         if observed.change is not None:

@@ -1,6 +1,6 @@
 """CPU per backend call of each HTTP engine (``MODWORKER_HTTP__ENGINE``), the rest alike.
 
-Not a test: it answers "what does the engine under httpx cost". The real Mistral backend
+Not a test: it answers "what does each engine cost per call". The real Mistral backend
 (retries, breaker, pacing, JSON) scores ``--calls`` batches of ``--batch`` texts from the
 bench's workload against the bench's loopback server (a process of its own, 0 ms), at
 most 8 calls at once, on uvloop; it prints this process's CPU per call and per text for

@@ -159,6 +159,10 @@ class _Topics:
         self.verdict = f"bench.{tag}.verdicts"
         self.violation = f"bench.{tag}.violations"
         self.dead_letter = f"bench.{tag}.dead-letter"
+        # Each scenario's own conversation state: with the default changelog topic a worker
+        # would first restore every conversation earlier runs left there (CPU and memory that
+        # are not the drain's).
+        self.changelog = f"bench.{tag}.conversation-state"
         self.group = f"bench-{tag}"
 
     @property
@@ -226,7 +230,7 @@ async def run_worker(
 ) -> ScenarioResult:
     """One worker scenario: drain its backlog, then (optionally) the paced latency phase."""
     topics = _Topics(f"{ctx.run_id}-{index}")
-    names = [*topics.inputs, topics.verdict, topics.violation, topics.dead_letter]
+    names = [*topics.inputs, topics.verdict, topics.violation, topics.dead_letter, topics.changelog]
     await create_topics(ctx.cluster, names)
     ctx.server.latency_s = scenario.backend_latency_ms / 1000
     log_path = ctx.log_dir / f"{index:02d}-{scenario.name}.log"
@@ -293,6 +297,7 @@ def _worker_settings(ctx: BenchContext, scenario: Scenario, topics: _Topics) -> 
         "MODWORKER_VERDICT_TOPIC": topics.verdict,
         "MODWORKER_VIOLATION_TOPIC": topics.violation,
         "MODWORKER_DEAD_LETTER_TOPIC": topics.dead_letter,
+        "MODWORKER_CONVERSATION__CHANGELOG_TOPIC": topics.changelog,
         "MODWORKER_BACKEND": "mistral",
         "MISTRAL_API_KEY": ctx.api_key,
         "MODWORKER_MISTRAL__BASE_URL": ctx.server.base_url,
