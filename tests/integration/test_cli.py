@@ -81,6 +81,7 @@ def test_schemas_export_writes_the_checked_in_files(tmp_path: Path):
         "violation.schema.json",
         "shadow_verdict.schema.json",
         "statement_of_reasons.schema.json",
+        "review_decision.schema.json",
     }
 
 
