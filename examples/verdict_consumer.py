@@ -13,7 +13,9 @@ What it shows (docs/contract.md explains the rules):
   consumer restarted before its commit) and is dropped;
 - a new verdict id for an event already judged supersedes the earlier verdict when it was
   decided later (a policy, model or context change, or a re-judgement): keep the newest.
-  An older one arriving late is stale and dropped.
+  An older one arriving late is stale and dropped;
+- a reviewer's verdict (``supersedes`` names a verdict id) replaces the verdict it names
+  whatever the times (a reviewer's clock is not the worker's).
 
 On exit (``--max-messages``, ``--idle-timeout-s`` or Ctrl-C) it prints one JSON object:
 the newest verdict id and action per event and the counts. A real service would act in
@@ -67,6 +69,10 @@ class VerdictStore:
             kept = self.newest.get(event)
             if kept is None:
                 outcome = "new"
+            elif verdict.supersedes == kept.verdict_id:  # a reviewer's verdict: whatever the times
+                outcome = "supersedes"
+            elif kept.supersedes == verdict.verdict_id:  # what the reviewer replaced, arriving late
+                outcome = "stale"
             elif (verdict.decided_at, verdict.verdict_id) > (kept.decided_at, kept.verdict_id):
                 outcome = "supersedes"
             else:

@@ -58,6 +58,8 @@ export class VerdictStore {
       const event = `${verdict.kind}:${verdict.event_id}`;
       const kept = this.newest.get(event);
       if (kept === undefined) outcome = "new";
+      else if (verdict.supersedes === kept.verdict_id) outcome = "supersedes"; // a reviewer's: whatever the times
+      else if (kept.supersedes === verdict.verdict_id) outcome = "stale"; // what the reviewer replaced, late
       else if (later(verdict, kept)) outcome = "supersedes";
       else outcome = "stale";
       if (outcome !== "stale") this.newest.set(event, verdict);

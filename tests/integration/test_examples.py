@@ -41,10 +41,16 @@ RECORDS = [
     (b"e1", verdict("a0", "e1", "block", -10), OUTPUT_HEADERS),  # an older verdict arriving late: stale
     (b"e3", verdict("c1", "e3", "flag", 2, a_field_added_later={"x": 1}), OUTPUT_HEADERS),  # additive change
     (b"e4", verdict("d1", "e4", "block", 3), [("modworker-contract", b"3")]),  # a major version it does not know
+    (b"e5", verdict("m5", "e5", "block", 30), OUTPUT_HEADERS),
+    # a reviewer's verdict, its clock behind the worker's: it replaces the one it names all the same
+    (b"e5", verdict("h5", "e5", "allow", 25, supersedes="m5", decided_by="human", reviewer_id="r1"), OUTPUT_HEADERS),
 ]
 EXPECTED = {
-    "newest": {"content:e1": ["a2", "review"], "content:e2": ["b1", "block"], "content:e3": ["c1", "flag"]},
-    "counts": {"new": 3, "supersedes": 1, "duplicate": 1, "stale": 1, "unknown_version": 1},
+    "newest": {
+        "content:e1": ["a2", "review"], "content:e2": ["b1", "block"], "content:e3": ["c1", "flag"],
+        "content:e5": ["h5", "allow"],
+    },  # fmt: skip
+    "counts": {"new": 4, "supersedes": 2, "duplicate": 1, "stale": 1, "unknown_version": 1},
 }
 
 
