@@ -47,9 +47,11 @@ RECORDS = [
 ]
 EXPECTED = {
     "newest": {
-        "content:e1": ["a2", "review"], "content:e2": ["b1", "block"], "content:e3": ["c1", "flag"],
+        "content:e1": ["a2", "review"],
+        "content:e2": ["b1", "block"],
+        "content:e3": ["c1", "flag"],
         "content:e5": ["h5", "allow"],
-    },  # fmt: skip
+    },
     "counts": {"new": 4, "supersedes": 2, "duplicate": 1, "stale": 1, "unknown_version": 1},
 }
 
