@@ -243,3 +243,54 @@ async def test_a_position_moved_back_above_unfinished_inputs_is_read_again_from_
         assert w.in_flight == 0
     finally:
         await w.close()
+
+
+class SlowMetadataProducer(MemoryProducer):
+    """``MemoryProducer`` whose first round waits for ``metadata`` (a slow leader lookup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metadata = asyncio.Event()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        await self.metadata.wait()
+        return {0}
+
+
+async def test_outputs_still_queued_at_shutdown_are_dropped_and_nothing_is_sent_after_leaving_the_group() -> None:
+    """The drain ended (its timeout) with e0's verdict being sent and e1's queued behind it.
+    Neither offset is committed any more, so e1's verdict is dropped unsent (the next owner
+    redoes e1), and the sink is closed before the consumer leaves the group: nothing is
+    published for a partition another member may already own."""
+    w = Worker()
+    producer = w.sink._producer = w.producer = SlowMetadataProducer()
+    left_with: list[int] = []  # the sends made when the consumer left the group
+    real_stop = w.worker.source.stop
+
+    async def stop() -> None:
+        left_with.append(len(producer.sent))
+        await real_stop()
+
+    w.worker.source.stop = stop  # type: ignore[method-assign]
+    try:
+        await w.sink.start()
+        w.backend.gate.set()
+        w.read(0, key=b"k0")
+        await w.dispatch()
+        await w.processed()  # e0's verdict: taken by the sink, waiting for the metadata
+        w.read(1, key=b"k1")
+        await w.dispatch()
+        await w.processed()  # e1's verdict: queued behind it
+        assert w.sink.unacked == 2 and producer.sent == []
+
+        closing = asyncio.create_task(w.worker._close_quietly())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        producer.metadata.set()
+        await asyncio.wait_for(closing, timeout=5)
+
+        verdicts = [json.loads(v or b"{}")["event_id"] for _, v in producer.published(w.settings.verdict_topic)]
+        assert verdicts == ["e0"], "the verdict still queued was dropped, not sent"
+        assert left_with == [len(producer.sent)], "nothing was sent after the consumer left the group"
+    finally:
+        await w.close()

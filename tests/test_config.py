@@ -498,3 +498,14 @@ def test_exactly_once_is_off_by_default_and_refuses_a_non_idempotent_producer(mo
     monkeypatch.setenv("MODWORKER_DELIVERY", "exactly-once")
     with pytest.raises(ConfigError, match="MODWORKER_DELIVERY: "):
         load_settings()
+
+
+def test_one_poison_attempt_is_refused_as_an_outage_could_dead_letter_healthy_inputs():
+    with pytest.raises(ConfigError) as caught:
+        load_settings(kafka={"bootstrap_servers": "broker:9092"}, scoring={"poison_attempts": 1}, require_backend=False)
+    message = str(caught.value)
+    assert "MODWORKER_SCORING__POISON_ATTEMPTS" in message and "greater than or equal to 2" in message
+    settings = load_settings(
+        kafka={"bootstrap_servers": "broker:9092"}, scoring={"poison_attempts": 2}, require_backend=False
+    )
+    assert settings.scoring.poison_attempts == 2

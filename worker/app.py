@@ -39,7 +39,9 @@ keeps each:
   dropped unsent, and those already sent are waited for (``Sink.settle``), so nothing is
   published for them once the listener returned.
 - Shutdown (here; ``stop()``, wired to SIGTERM/SIGINT): stop reading, dispatch what is
-  queued, wait up to ``drain_timeout_s`` for in-flight work, commit, leave the group.
+  queued, wait up to ``drain_timeout_s`` for in-flight work, commit; drop the outputs still
+  queued in the sink (their offsets stay uncommitted: the next owner redoes them), close
+  the sink, then leave the group: nothing is published once this member left.
 - Backend outage (``scoring``). The fail policy decides once the backend gives up: ``wait``
   retries the batch until it succeeds, ``review``/``allow`` publish degraded verdicts.
   ``BackendAuthError`` and an undeliverable output stop the worker (``WorkerFatal``)
@@ -587,9 +589,17 @@ class ModerationWorker:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Nothing more is committed: outputs still queued (after a drain cut short by its
+        # timeout or a failed publish) are dropped unsent, as on revoke, and the sink closes
+        # before the consumer leaves the group, so nothing is published for a partition
+        # another member may own by then. The new owner redoes their inputs.
+        owned = self._tracker.owned()
+        for _ in range(self._outputs.forget(owned)):
+            self._abandon()
+        self._tracker.revoke(owned)
         # Nothing is pending any more: a revoke fired by leaving the group must not wait.
         self._tracker = self._committer.tracker = OffsetTracker()
-        closers = [self._conversations.close, self.source.stop, self._sink.close, self.backend.close]
+        closers = [self._conversations.close, self._sink.close, self.source.stop, self.backend.close]
         closers += [part.close for part in (self.fallback, self.shadow) if part is not None]
         for close in closers:
             try:

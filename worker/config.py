@@ -266,9 +266,11 @@ class ScoringSettings(BaseModel):
     )
     poison_attempts: int = Field(
         default=3,
-        ge=1,
+        ge=2,
         description="Under wait: an input that fails alone this many times while the backend answers other "
-        "batches is dead-lettered as backend_failed (a failing batch is split in halves to find it).",
+        "batches is dead-lettered as backend_failed (a failing batch is split in halves to find it). At least 2: "
+        "one failure alone can race an outage's start (another call answered just before it); a second needs an "
+        "answer to a call sent after the first.",
     )
 
 

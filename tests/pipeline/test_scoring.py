@@ -234,7 +234,8 @@ async def test_the_number_of_tries_alone_is_configurable():
     harness.scorer._poison_attempts = 5
     (result,) = await score_under_traffic(harness, [make_job("POISON")])
     assert isinstance(result, Rejected) and result.error_type == "backend_failed"
-    assert backend.batches.count(["POISON"]) == 5
+    # The first failure has no evidence yet: the call in flight with it started before it failed.
+    assert backend.batches.count(["POISON"]) == 1 + 5
 
 
 async def test_a_poison_input_is_found_when_no_other_traffic_answers_by_probing_with_a_scored_input():
@@ -462,8 +463,10 @@ class RefusedThenHealthy(ScriptedBackend):
         self.sizes: list[int] = []  # inputs per call for the batch under test
 
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
-        await asyncio.sleep(0)  # a real call yields: others run meanwhile
-        if texts[0].startswith("t"):
+        under_test = texts[0].startswith("t")
+        for _ in range(3 if under_test else 1):  # a real call yields: others start and answer meanwhile
+            await asyncio.sleep(0)
+        if under_test:
             self.sizes.append(len(texts))
             if self.errors:
                 raise self.errors.pop(0)
@@ -729,3 +732,95 @@ async def test_an_outage_before_the_first_success_is_still_waited_out_whole():
     jobs = [make_job(f"t{i}", offset=i) for i in range(4)]
     results = await harness.scorer.score("content", jobs)
     assert results == [Scored({"len": 0.02}, "m")] * 4, "nothing dead-lettered: it was an outage"
+
+
+class FirstStageWithOutage(FirstStage):
+    """``FirstStage`` that raises ``BackendUnavailable`` while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        await asyncio.sleep(0)
+        if self.down:
+            raise unavailable()
+        return await super().score_texts(texts)
+
+
+class HeldSecondStage(ScriptedBackend):
+    """A second stage whose calls each finish only when released, in the order they came."""
+
+    name = "then"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[asyncio.Event] = []
+
+    async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        release = asyncio.Event()
+        self.held.append(release)
+        await release.wait()
+        return [Scored({"sexual": 0.9}, "then-model") for _ in texts]
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_cascade_call_whose_first_stage_answered_before_an_outage_is_no_evidence_against_it():
+    """Three cascade calls pass the first stage, then it goes down; while it is down they
+    finish one by one at the second stage. Those answers come from calls started before the
+    batch failed, so they say nothing of the first stage now: the healthy input waits out
+    the outage and is scored, never dead-lettered."""
+    from worker.backends.cascade import CascadeBackend, UncertaintyBands
+    from worker.pipeline.policy import Policy
+
+    policy = Policy.from_mapping({"categories": {"sexual": {"threshold": 0.5, "action": "block"}}})
+    first, second = FirstStageWithOutage(), HeldSecondStage()
+    cascade = CascadeBackend(first, second, UncertaintyBands(policy, default_band=0.1))
+    harness = Harness(cascade, max_concurrency=5, sleeps_end=False)
+    early = [
+        asyncio.create_task(harness.scorer.score("content", [make_job(f"early {n}?", offset=n)])) for n in range(3)
+    ]
+    await settle()
+    assert len(second.held) == 3, "the early calls passed the first stage"
+    first.down = True
+    healthy = asyncio.create_task(harness.scorer.score("content", [make_job("healthy", offset=10)]))
+    await settle()
+    for release in second.held:  # each finishes after the healthy input failed again
+        release.set()
+        await settle()
+    assert not healthy.done(), "the healthy input was given an outcome during the outage"
+
+    first.down = False
+    assert await harness.scorer.score("content", [make_job("later", offset=11)]) is not None
+    await settle()
+    assert healthy.done()
+    (result,) = healthy.result()
+    assert isinstance(result, Scored) and result.decided_by == "first"
+    assert all(task.done() for task in early)
+
+
+async def test_a_second_stage_poison_input_alone_before_that_stage_ever_answered_is_found_by_probing_the_stage():
+    """Nothing reached the cascade's second stage before a poison input for it, which waits
+    alone (at the in-flight cap nothing else comes). No input known to reach that stage is
+    left to probe it with, so the probe sends one the cascade answered to the stage itself:
+    it answers, and the poison input is dead-lettered instead of waiting for ever."""
+    from worker.backends.cascade import CascadeBackend, UncertaintyBands
+    from worker.pipeline.policy import Policy
+
+    policy = Policy.from_mapping({"categories": {"sexual": {"threshold": 0.5, "action": "block"}}})
+    second = PoisonSecondStage(unavailable())
+    cascade = CascadeBackend(FirstStage(), second, UncertaintyBands(policy, default_band=0.1))
+    harness = Harness(cascade)  # every wait ends on its own: nothing else wakes it
+    assert await harness.scorer.score("content", [make_job("earlier", offset=0)]) is not None
+    assert second.batches == [], "decided by the first stage"
+
+    scoring = harness.scorer.score("content", [make_job("sure", offset=1), make_job("a POISON?", offset=2)])
+    results = await asyncio.wait_for(scoring, timeout=10)  # without the stage probe: waits for ever
+
+    assert results is not None and isinstance(results[0], Scored) and results[0].decided_by == "first"
+    assert isinstance(results[1], Rejected) and results[1].error_type == "backend_failed"
+    assert ["sure"] in second.batches, "the stage itself was probed with an input the cascade answered last"

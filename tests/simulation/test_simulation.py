@@ -36,30 +36,10 @@ from worker.pipeline.types import OutRecord, PartitionOffsets
 SEEDS = int(os.environ.get("MODWORKER_SIM_SEEDS", "2000"))
 STEPS = 200
 
-KNOWN: dict[int, str] = {
-    **dict.fromkeys([240, 473, 610, 688, 927, 1407, 1828, 1895, 1991], "revoked-silent"),
-    **dict.fromkeys([780, 1195, 1583, 1834], "outage-dead-letters"),
-}
-"""Seeds that find a defect not fixed yet, with the invariant each breaks.
-
-``revoked-silent``: outputs still queued in the sink when the shutdown's drain ends (by
-its timeout, or at once after a failed publish) are sent by ``Sink.close`` after the
-consumer left the group: duplicates, possibly behind the new owner's outputs for the same
-key (nothing is lost: their offsets are not committed).
-
-``outage-dead-letters``: during an outage of the cascade's first stage, a cascade call
-whose first stage answered before the outage finishes at the second stage; the scorer
-counts that as the backend answering (source ``(kind, None)``), which is its evidence
-against the batches failing at the first stage: a healthy input is dead-lettered.
-
-Replay one with ``python -m tests.simulation --seed N`` (it prints the shrunk steps)."""
-
 
 async def test_no_invariant_breaks_under_random_faults_for_any_seed() -> None:
     failures = []
     for seed in range(SEEDS):
-        if seed in KNOWN:
-            continue
         try:
             await simulate(seed, steps=STEPS)
         except InvariantBroken as err:
@@ -68,14 +48,6 @@ async def test_no_invariant_breaks_under_random_faults_for_any_seed() -> None:
             if len(failures) >= 3:
                 break
     assert not failures, "\n\n".join(failures)
-
-
-@pytest.mark.parametrize(("seed", "invariant"), sorted(KNOWN.items()))
-async def test_a_known_defect_is_still_found_by_its_seed(seed: int, invariant: str) -> None:
-    """Fails once the defect is fixed: then take the seed out of ``KNOWN``."""
-    with pytest.raises(InvariantBroken) as broken:
-        await simulate(seed, steps=STEPS)
-    assert broken.value.invariant == invariant
 
 
 async def test_the_same_seed_replays_the_same_run() -> None:
@@ -165,8 +137,7 @@ async def test_a_broken_invariant_names_the_seed_and_how_to_replay_it() -> None:
 
 async def test_offset_resets_only_to_at_most_the_committed_offset_hold_too() -> None:
     for seed in range(50):
-        if seed not in KNOWN:
-            await simulate(seed, steps=STEPS, faults=Faults(reset_above_committed=False))
+        await simulate(seed, steps=STEPS, faults=Faults(reset_above_committed=False))
 
 
 def _verdict(topic: str, partition: int, offset: int, **fields: object) -> OutRecord:

@@ -147,6 +147,11 @@ class Backend(abc.ABC):
         """True when the backend can take work (for the readiness probe)."""
         return True
 
+    def stage(self, name: str) -> Backend | None:
+        """The stage of a composite backend that ``Unavailable.source`` names ``name``, for
+        the scorer to probe it directly; ``None`` when there is no such stage (the default)."""
+        return None
+
     @abc.abstractmethod
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
         """Score each text independently; one outcome per text, in order."""

@@ -136,6 +136,9 @@ class CachingBackend(Backend):
     async def ready(self) -> bool:
         return await self.inner.ready()
 
+    def stage(self, name: str) -> Backend | None:
+        return self.inner.stage(name)  # uncached: a probe wants the stage's own answer
+
     def cache_stats(self) -> CacheStats:
         return CacheStats(hits=self._hits, misses=self._misses, size=len(self._cache), max_entries=self._max_entries)
 

@@ -17,7 +17,8 @@ inputs when the second stage raised ``BackendUnavailable``: the pipeline's fail 
 applies to those inputs only, while the confident ones of the same batch are published.
 Each such ``Unavailable`` names the second stage (``source``), and says whether its open
 circuit refused the call (``refused``): the scorer's poison search then works on the
-escalated inputs, with the second stage's answers to other inputs as its evidence.
+escalated inputs, with the second stage's answers to other inputs as its evidence
+(``stage`` hands it either stage, to probe one directly).
 Why per-input ``Unavailable`` rather than raising for the batch: raising would make the
 fail policy degrade (or hold back) the confident inputs too, and a sub-batch exception
 would need the same per-input bookkeeping in the scorer anyway.
@@ -124,6 +125,9 @@ class CascadeBackend(Backend):
 
     async def ready(self) -> bool:
         return await self.first.ready() and await self.then.ready()
+
+    def stage(self, name: str) -> Backend | None:
+        return self.then if name == self.then.name else self.first if name == self.first.name else None
 
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
         return await self._cascade(texts, self.first.score_texts, self.then.score_texts)

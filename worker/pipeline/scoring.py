@@ -12,8 +12,11 @@ bug must not kill the stream silently) the fail policy decides:
   moderation resumes without sleeping out the table). Nothing passes unmoderated and
   nothing is lost; reading pauses through the in-flight cap meanwhile.
 
-  *Poison inputs.* A failed try during which the backend answered some other batch says
-  the trouble is this batch, not the backend (an outage fails everything). Such a batch
+  *Poison inputs.* A failed try after which the backend answered some other batch says
+  the trouble is this batch, not the backend (an outage fails everything). Only calls
+  started after the failure count (before a batch's first failure: started after its first
+  try began): a call started earlier may have passed a cascade's first stage before an
+  outage of that stage and finish, at its second stage, during it. Such a batch
   is split in halves, each scored (recursively) in turn, the results joined in order; so
   a failing input is soon alone. An input that fails alone, while the backend answers
   others, ``poison_attempts`` times gets ``Rejected`` (``error_type`` ``backend_failed``,
@@ -52,8 +55,11 @@ others keep their outcomes and the fail policy applies to those inputs alone: th
 of ``wait`` re-send only them. The ``Unavailable`` names its stage (``source``): that
 stage deciding other inputs meanwhile is the evidence, and the poison search above runs on
 the left inputs (a poison input for the cascade's second stage is dead-lettered). Its
-probe's canary is an input that stage decided last. ``refused`` (the stage's circuit is
-open) is no evidence, as above. An ``Unavailable`` naming no stage is never blamed: it waits.
+probe's canary is an input that stage decided last; before that stage's first answer, a
+batch left with one input for it (no other input known to reach the stage) probes the
+stage itself (``Backend.stage``) with the backend's canary. ``refused`` (the stage's
+circuit is open) is no evidence, as above. An ``Unavailable`` naming no stage is never
+blamed: it waits.
 
 Contract: ``score`` returns one outcome per job, in order, or ``None`` when the batch was
 given up (a fatal error reported through ``on_fatal``, the worker failed, or every job's
@@ -133,9 +139,14 @@ class Scorer:
         self._failed = failed
         self._poison_attempts = poison_attempts
         self._sleep = sleep
-        self._answers: dict[Source, int] = {}
-        """Per source, how many calls it answered: a batch that noted the count at its last
-        failure and finds it grown knows that source answered others since."""
+        self._calls = 0
+        """Calls started so far: a call's ticket is this count when it starts."""
+        self._answered_from: dict[Source, int] = {}
+        """Per source, the latest-started call (its ticket) that source answered: a batch
+        that noted the count of calls at its last failure and finds a call started since
+        answered knows that source answered others after the failure. A call started before
+        the failure says nothing: a cascade's first stage may have answered it before the
+        outage that fails this batch, its second stage finishing the call during it."""
         self._woken: dict[Source, asyncio.Event] = {}
         """Per source, set (and replaced by a fresh one) whenever it answers: a batch waiting
         on the source it failed on wakes at once."""
@@ -157,7 +168,8 @@ class Scorer:
         # A split half inherits its parent's evidence: its first failure on the same source
         # counts as one after which that source answered others.
         top_level = inherited is None
-        counted = dict(self._answers)  # per source, its answers when this batch last failed on it
+        started = self._calls  # this batch's first try: a call started since answering is evidence
+        since: dict[Source, int] = {}  # per source, the first ticket after this batch last failed on it
         last: Source | None = inherited  # the source of the last failure
         evidence = inherited is not None
         results: list[Result | None] = [None] * len(jobs)
@@ -168,7 +180,8 @@ class Scorer:
             refused = False
             # Evidence in hand (the source the batch last failed on answered others since):
             # the call blames the batch, and its failures must not open the circuit.
-            suspected = evidence or (last is not None and self._answered_since(last, counted))
+            suspected = evidence or (last is not None and self._answered_since(last, since, started))
+            ticket = self._ticket()
             try:
                 with suspect_input() if suspected else contextlib.nullcontext(), watch_cache() as cache:
                     outcomes = await self._call(kind, batch)
@@ -198,7 +211,7 @@ class Scorer:
                     )
                     return None
                 if cache.backend_asked:  # answered from the dedup cache alone: no news of the backend
-                    self._note_answers(kind, batch, outcomes)
+                    self._note_answers(kind, batch, outcomes, ticket)
                 left = [(i, o) for i, o in zip(pending, outcomes, strict=True) if isinstance(o, Unavailable)]
                 for i, outcome in zip(pending, outcomes, strict=True):
                     results[i] = outcome
@@ -232,9 +245,9 @@ class Scorer:
                 return _filled(results)
             # Only the source that failed answering others is evidence: one kind's endpoint (or
             # a cascade's first stage) answering says nothing of another that is down.
-            answered_others = (evidence and source == last) or self._answered_since(source, counted)
+            answered_others = (evidence and source == last) or self._answered_since(source, since, started)
             evidence, last = False, source
-            counted[source] = self._answers.get(source, 0)
+            since[source] = self._calls
             woken = self._woken_event(source)
             if refused:
                 # A refused call tested nothing: neither split nor counted; it waits for the
@@ -298,8 +311,16 @@ class Scorer:
             error_type="backend_failed",
         )
 
-    def _answered_since(self, source: Source, counted: dict[Source, int]) -> bool:
-        return self._answers.get(source, 0) > counted.get(source, 0)
+    def _ticket(self) -> int:
+        """The ticket of a call starting now (see ``_answered_from``)."""
+        ticket = self._calls
+        self._calls += 1
+        return ticket
+
+    def _answered_since(self, source: Source, since: dict[Source, int], started: int) -> bool:
+        """Whether ``source`` answered a call started after the batch last failed on it (or,
+        before its first failure on it, after its first try began)."""
+        return self._answered_from.get(source, -1) >= since.get(source, started)
 
     def _woken_event(self, source: Source) -> asyncio.Event:
         event = self._woken.get(source)
@@ -307,8 +328,8 @@ class Scorer:
             event = self._woken[source] = asyncio.Event()
         return event
 
-    def _note_answers(self, kind: Kind, batch: Sequence[Job], outcomes: Sequence[Outcome]) -> set[Source]:
-        """Count the sources that answered this call and wake their waiters; returns them.
+    def _note_answers(self, kind: Kind, batch: Sequence[Job], outcomes: Sequence[Outcome], ticket: int) -> set[Source]:
+        """Note the sources that answered the call ``ticket`` and wake their waiters; returns them.
 
         The backend as called answered every input not left ``Unavailable``; a stage of a
         composite answered those it decided (``Scored.decided_by``)."""
@@ -321,39 +342,62 @@ class Scorer:
                 answered.setdefault((kind, outcome.decided_by), []).append(job)
         for source, jobs in answered.items():
             self._scored_last[source] = jobs
-            self._answers[source] = self._answers.get(source, 0) + 1
-            event = self._woken.pop(source, None)
-            if event is not None:
-                event.set()
+            self._answered(source, ticket)
         return set(answered)
+
+    def _answered(self, source: Source, ticket: int) -> None:
+        """``source`` answered the call ``ticket``: note it and wake its waiters."""
+        self._answered_from[source] = max(ticket, self._answered_from.get(source, -1))
+        event = self._woken.pop(source, None)
+        if event is not None:
+            event.set()
 
     async def _probe(self, source: Source, own: Sequence[Job], turn: int) -> None:
         """Score the canary of ``source`` once (or join the probe in flight); its answer counts
         as that source answering. Before the source's first answer there is no canary: the
         waiting batch's own inputs take turns (``turn``), shortest first, so a batch holding
-        a poison input finds one that answers, while in an outage every probe fails."""
+        a poison input finds one that answers, while in an outage every probe fails. A batch
+        of one waiting on a composite's stage probes that stage directly instead, with the
+        canary of the backend as called."""
         probe = self._probes.get(source)
         if probe is None or probe.done():
+            stage: Backend | None = None
             scored = self._scored_last.get(source)
             if scored is not None:
                 canary = min(scored, key=_probe_size)
             elif len(own) > 1:  # (a batch of one probing itself would only repeat its own try)
                 canary = sorted(own, key=_probe_size)[turn % len(own)]
+            elif (
+                source[1]
+                and (whole := self._scored_last.get((source[0], None))) is not None
+                and (stage := self.backend.stage(source[1])) is not None
+            ):
+                # A composite's stage that never answered, failing on one input alone: no
+                # input known to reach that stage is left, so probe the stage itself with
+                # one the backend answered (else, at the in-flight cap, nothing would).
+                canary = min(whole, key=_probe_size)
             else:
                 return
-            probe = self._probes[source] = asyncio.ensure_future(self._probe_once(source, canary))
+            probe = self._probes[source] = asyncio.ensure_future(self._probe_once(source, canary, stage))
         await asyncio.shield(probe)
 
-    async def _probe_once(self, source: Source, canary: Job) -> None:
+    async def _probe_once(self, source: Source, canary: Job, stage: Backend | None = None) -> None:
+        """Call the backend (or ``stage`` of it directly) with ``canary``; note the answer."""
         kind = source[0]
+        ticket = self._ticket()
         try:
             with watch_cache(bypass=True):  # the backend's own answer, never the cache's
-                outcomes = await self._call(kind, [canary])
+                outcomes = await self._call(kind, [canary], backend=stage)
         except Exception as err:  # noqa: BLE001 - a failed probe is the answer: the backend is down
             metrics.BACKEND_PROBES.labels(result="failed").inc()
             log.debug(Event.BACKEND_PROBE, answered=False, error=f"{type(err).__name__}: {err}")
             return
-        answered = len(outcomes) == 1 and source in self._note_answers(kind, [canary], outcomes)
+        if stage is None:
+            answered = len(outcomes) == 1 and source in self._note_answers(kind, [canary], outcomes, ticket)
+        else:  # the stage's own answer; the canary stays no canary of it (it would not reach it)
+            answered = len(outcomes) == 1 and isinstance(outcomes[0], Scored)
+            if answered:
+                self._answered(source, ticket)
         metrics.BACKEND_PROBES.labels(result="answered" if answered else "failed").inc()
         log.debug(Event.BACKEND_PROBE, answered=answered)
 

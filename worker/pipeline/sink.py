@@ -145,7 +145,10 @@ class Sink:
         return self._unacked
 
     async def close(self) -> None:
-        """Send what is queued, wait for acknowledgements, stop the producer."""
+        """Send what is queued, wait for acknowledgements, stop the producer.
+
+        Groups of slots no longer owned are dropped, as in every round: at shutdown the app
+        detaches every slot first, so only groups without ``origin`` are still sent."""
         if self._task is not None:
             self._queue.put_nowait(None)
             await self._task
