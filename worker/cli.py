@@ -452,8 +452,8 @@ MAX_REPORTED_LINES = 20
 
 def invalid_lines(settings: Settings, topic: str, lines: Sequence[tuple[int, bytes]]) -> list[tuple[int, str]]:
     """``(line number, reason)`` of each line the worker would dead-letter when read from
-    ``topic``: judged by the worker's own decoder on its input topics; on any other topic
-    a line only has to be JSON."""
+    ``topic``: judged by the worker's own decoder on its input topics and its reviews topic
+    (as ``ReviewDecision``); on any other topic a line only has to be JSON."""
     from aiokafka.structs import ConsumerRecord, TopicPartition
 
     from worker.pipeline.decode import Decoder
@@ -468,6 +468,12 @@ def invalid_lines(settings: Settings, topic: str, lines: Sequence[tuple[int, byt
     slot = PartitionOffsets(TopicPartition(topic, 0))
     invalid = []
     for number, value in lines:
+        if topic == settings.reviews.topic:
+            record = ConsumerRecord(topic, 0, number, 0, 0, None, value, None, 0, len(value), ())
+            review = Decoder.decode_review(record, slot)
+            if isinstance(review, DecodeFailure):
+                invalid.append((number, f"{review.error_type}: {review.message}"))
+            continue
         if topic not in inputs:
             try:
                 json.loads(value)
@@ -504,14 +510,15 @@ async def _produce(settings: Settings, values: Sequence[bytes], topic: str, key_
 
 
 def key_of(value: bytes, key_field: str | None) -> bytes | None:
-    """The event's natural key: ``key_field``, else ``conversation_id``, else ``id``."""
+    """The event's natural key: ``key_field``, else ``conversation_id``, else ``id``, else
+    ``event_id`` (a content ``ReviewDecision``: the key of the verdict it decides on)."""
     try:
         event = json.loads(value)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(event, dict):
         return None
-    for field in (key_field,) if key_field else ("conversation_id", "id"):
+    for field in (key_field,) if key_field else ("conversation_id", "id", "event_id"):
         found = event.get(field)
         if isinstance(found, str):
             return found.encode()

@@ -307,6 +307,32 @@ async def test_produce_refuses_invalid_lines_naming_each_and_publishes_nothing(b
     assert len(await read_all(bootstrap, topics.content, expected=5, idle_s=0.5)) == 5
 
 
+async def test_produce_checks_review_decisions_against_their_contract_and_keys_them_as_their_verdict(
+    broker, topics, tmp_path: Path
+):
+    bootstrap = broker.bootstrap_servers
+    reviews = topics.content + ".reviews"
+    await kafka_support.create_topics(bootstrap, [reviews], partitions=1)
+    decided = '"reviewer_id": "r-1", "decided_at": "2026-12-01T10:00:00Z"'
+    source = tmp_path / "reviews.jsonl"
+    source.write_text(
+        f'{{"review_id": "rv-1", "verdict_id": "v-1", "event_id": "post-1", "action": "allow", {decided}}}\n'
+        f'{{"review_id": "rv-2", "verdict_id": "v-2", "event_id": "turn-7", "kind": "conversation", '
+        f'"conversation_id": "conv-3", "action": "block", "categories": ["hate"], {decided}}}\n'
+        f'{{"review_id": "rv-3", "event_id": "post-2", "action": "allow", {decided}}}\n'
+    )
+    env = clean_env(**topics.env(), MODWORKER_REVIEWS__TOPIC=reviews)
+    refused = modworker("produce", str(source), "--topic", reviews, "-b", bootstrap, env=env)
+    err = refused.stderr.decode()
+    assert refused.returncode == 1, err
+    assert err.splitlines()[0] == f"{source}:3: schema: schema violation: verdict_id: Field required"
+
+    allowed = modworker("produce", str(source), "--topic", reviews, "-b", bootstrap, "--allow-invalid", env=env)
+    assert allowed.returncode == 0, allowed.stderr.decode()
+    records = await read_all(bootstrap, reviews, expected=3, idle_s=0.5)
+    assert [r.key for r in records] == [b"post-1", b"conv-3", b"post-2"]  # the machine verdict's key
+
+
 def test_a_malformed_config_file_or_a_misspelled_setting_is_one_line(tmp_path: Path):
     env = clean_env(KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1", MISTRAL_API_KEY="k")
     malformed = tmp_path / "settings.yaml"
