@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiokafka.structs import TopicPartition
+from pydantic_core import to_json
 
 from tests.pipeline.conftest import CONVERSATION_TOPIC, DECODER, make_record
+from worker.backends.base import Rejected, Scored
 from worker.config import Settings
 from worker.pipeline.conversation_stage import ConversationStage
+from worker.pipeline.outputs import Outputs
+from worker.pipeline.policy import Policy
 from worker.pipeline.source import Source
 from worker.pipeline.types import Job, OutRecord, PartitionOffsets
+from worker.pipeline.verdicts import VerdictBuilder
 
 SETTINGS = Settings(
     conversation_topic=CONVERSATION_TOPIC,
@@ -49,9 +55,11 @@ def stage(clock: Clock, recorder: Recorder, enabled: bool = True) -> Conversatio
     return ConversationStage(settings, publish=recorder.publish, source=recorder, on_fatal=print, clock=clock)
 
 
-def turn_job(conversation: str, i: int, *, partition: int = 2, offset: int = 0, **extra) -> Job:
+def turn_job(
+    conversation: str, i: int, *, partition: int = 2, offset: int = 0, slot: PartitionOffsets | None = None, **extra
+) -> Job:
     value = {"id": f"{conversation}-{i}", "conversation_id": conversation, "role": "user", "content": f"m{i}", **extra}
-    slot = PartitionOffsets(TopicPartition(CONVERSATION_TOPIC, partition))
+    slot = slot or PartitionOffsets(TopicPartition(CONVERSATION_TOPIC, partition))
     slot.track(offset)
     raw = json.dumps(value).encode()
     job = DECODER.decode(make_record(raw, topic=CONVERSATION_TOPIC, partition=partition, offset=offset), slot)
@@ -66,10 +74,73 @@ def test_turns_get_context_and_carry_their_change_for_the_input_partition():
     s.accept(first)
     s.accept(second)
     assert first.context == () and [t.content for t in second.context] == ["m0"]
-    change = second.changelog
-    assert change is not None and change.topic == "state" and change.key == b"c" and change.partition == 2
+    assert second.changelog is not None
+    change = second.changelog.record()
+    assert change.topic == "state" and change.key == b"c" and change.partition == 2
     assert [t["id"] for t in json.loads(change.value)["turns"]] == ["c-0", "c-1"]
     assert recorder.published == [], "changes travel with their verdicts, not on their own"
+
+
+def window_json(s: ConversationStage, partition: int, conversation: str) -> bytes:
+    """The changelog value of the conversation's window now, written as dicts by ``to_json``."""
+    window = s.state._lru[(partition, conversation)]
+    return to_json(
+        {
+            "v": 1,
+            "conversation_id": conversation,
+            "updated_at": window.last_active,
+            "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in window.turns],
+        }
+    )
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.published: list[list[OutRecord]] = []
+        self.acks: list[Callable[[], None]] = []
+
+    def publish(self, records, on_acked, origin=None, messages=1) -> None:
+        self.published.append(list(records))
+        self.acks.append(on_acked)
+
+
+def test_a_turns_change_is_its_window_as_of_that_turn_even_when_published_after_later_turns():
+    """Every turn of a conversation is accepted (the window moves on, its oldest turns drop
+    out) before any is concluded, the later ones first: each turn's changelog record still
+    carries the bytes of the window right after its own turn, in input order, each in the
+    group that finishes its offset."""
+    clock, sink = Clock(), RecordingSink()
+    s = stage(clock, Recorder())
+    slot = PartitionOffsets(TopicPartition(CONVERSATION_TOPIC, 2))
+    finished: list[int] = []
+    outputs = Outputs(
+        SETTINGS,
+        sink=sink,
+        verdicts=VerdictBuilder(policy=Policy.load(None), backend_name="test", include_text=False),
+        on_finished=lambda slot, offset: finished.append(offset),
+        on_abandoned=lambda: None,
+    )
+    jobs, expected = [], []
+    for i in range(14):  # max_turns 4 keeps 10 turns: the first four drop out of the window
+        clock.now += 1.5
+        job = turn_job("c", i, offset=i, slot=slot)
+        s.accept(job)
+        outputs.expect(job)
+        jobs.append(job)
+        expected.append(window_json(s, 2, "c"))
+    assert expected[-1] != expected[0]
+    outcomes = [Rejected("API said 400") if i == 5 else Scored({"sexual": 0.0}, "m") for i in range(14)]
+    for job, outcome in reversed(list(zip(jobs, outcomes, strict=True))):
+        outputs.conclude(job, outcome)
+    changes = [r for records in sink.published for r in records if r.topic == "state"]
+    assert [r.value for r in changes] == expected, "a change was encoded from another turn's window"
+    assert {(r.key, r.partition) for r in changes} == {(b"c", 2)}
+    assert [[r.topic for r in records][-1] for records in sink.published] == ["state"] * 14
+    assert [json.loads(r.value)["turns"][-1]["id"] for r in changes] == [f"c-{i}" for i in range(14)]
+    assert finished == [], "no offset finishes before its group, state change included, is acknowledged"
+    for on_acked in sink.acks:
+        on_acked()
+    assert sorted(finished) == list(range(14))
 
 
 def test_a_turn_with_its_own_context_keeps_it_and_still_enters_the_state():

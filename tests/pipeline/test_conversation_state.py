@@ -13,6 +13,7 @@ from worker.pipeline.conversation_state import (
     CONVERSATION_OVERHEAD_BYTES,
     REPLAY_MARGIN_TURNS,
     TURN_OVERHEAD_BYTES,
+    Change,
     ConversationState,
 )
 
@@ -221,23 +222,42 @@ _text = strategies.text(strategies.characters(exclude_categories=("Cs",)), max_s
         strategies.tuples(_text, strategies.sampled_from(["user", "assistant"]), _text), min_size=1, max_size=20
     ),
     updated_at=strategies.floats(min_value=0, max_value=4e9, allow_nan=False),
+    max_turns=strategies.integers(min_value=1, max_value=30),
 )
-def test_a_changelog_value_is_what_pydantic_core_writes_for_the_window(conversation_id, turns, updated_at):
-    """The structs msgspec writes give the bytes ``to_json`` gave for the same window as dicts."""
-    s = state(Clock(updated_at), max_turns=30)
-    change = None
+def test_a_changelog_value_is_what_pydantic_core_writes_for_the_window_as_of_its_turn(
+    conversation_id, turns, updated_at, max_turns
+):
+    """The structs msgspec writes give the bytes ``to_json`` gave for the same window as dicts,
+    the window as it was right after the change's turn, even when the value is read after
+    later turns changed the window (a small ``max_turns`` makes turns drop out of it)."""
+    clock = Clock(updated_at)
+    s = state(clock, max_turns=max_turns)
+    written: list[tuple[Change, bytes]] = []
     for turn_id, role, content in turns:
-        change = s.observe(0, conversation_id, turn_id, role, content).change or change
-    assert change is not None and change.value is not None
-    (window,) = s._lru.values()
-    expected = to_json(
-        {
-            "v": 1,
-            "conversation_id": conversation_id,
-            "updated_at": updated_at,
-            "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in window.turns],
-        }
-    )
-    assert change.value == expected
-    restored = state(Clock(updated_at), max_turns=30)
-    assert restored.load(0, {conversation_id: change.value}) == (1, 0)
+        change = s.observe(0, conversation_id, turn_id, role, content).change
+        (window,) = s._lru.values()
+        expected = to_json(
+            {
+                "v": 1,
+                "conversation_id": conversation_id,
+                "updated_at": clock.now,
+                "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in window.turns],
+            }
+        )
+        if change is not None:
+            written.append((change, expected))
+        clock.now += 0.25
+    assert written, "the first turn always changes the state"
+    for change, expected in written:
+        assert change.value == expected
+    restored = state(Clock(clock.now), max_turns=max_turns)
+    assert restored.load(0, {conversation_id: written[-1][0].value}) == (1, 0)
+
+
+def test_a_change_read_after_later_turns_still_holds_the_turns_they_pushed_out():
+    s = state(max_turns=1)  # keeps 1 + 1 + REPLAY_MARGIN_TURNS turns
+    first = s.observe(0, "c", "t0", "user", "first").change
+    for i in range(1, 20):
+        s.observe(0, "c", f"t{i}", "user", f"turn {i}")
+    assert first is not None and first.value is not None
+    assert [t["id"] for t in json.loads(first.value)["turns"]] == ["t0"]

@@ -12,6 +12,8 @@ from tests.pipeline.conftest import make_job, make_record
 from worker.backends.base import Rejected, Scored
 from worker.config import Settings
 from worker.ops import metrics
+from worker.pipeline.conversation_stage import StateRecord
+from worker.pipeline.conversation_state import Change, StoredTurn
 from worker.pipeline.outputs import Outputs
 from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Degraded
@@ -239,12 +241,14 @@ def test_a_verdict_that_cannot_fit_at_all_is_dead_lettered_not_fatal():
 
 def test_a_turns_state_change_is_published_with_its_verdict_or_dead_letter():
     h = Harness()
-    change = OutRecord("state", b"conv", b"{}", partition=3)
+    change = StateRecord("state", Change(3, "conv", (StoredTurn("t0", "user", "hi"),), 5.0))
     judged, refused = h.job(0), h.job(1, key=b"other")
     judged.changelog = refused.changelog = change
     h.outputs.conclude(judged, Scored({"sexual": 0.99}, "m"))
     h.outputs.conclude(refused, Rejected("API said 400"))
     assert h.publisher.topics == [["v", "x", "state"], ["d", "state"]]
+    written = [records[-1] for records, _ in h.publisher.published]
+    assert {(r.key, r.partition, r.value) for r in written} == {(b"conv", 3, change.record().value)}
     assert h.finished == [], "nothing finishes before its group, state change included, is acknowledged"
     h.publisher.ack_all()
     assert h.finished == [0, 1]

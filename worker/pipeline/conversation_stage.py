@@ -6,11 +6,13 @@ Hooks the worker calls (``worker.app``), and what each guarantees:
 - ``accept(job)`` after decode, before ordering and batching, in input order: a
   conversation turn without ``context`` gets ``Job.context`` from the state; every turn
   enters the state (``ConversationState.observe``), and the change goes on the job
-  (``Job.changelog``, a record for changelog partition = the input's partition), which
-  ``outputs`` publishes with the turn's verdict or dead letter: the input offset is
-  committed only once the change is acknowledged. Forgotten conversations' tombstones are
-  published at once (nothing waits for them: a lost tombstone only brings the
-  conversation back until it is forgotten again).
+  (``Job.changelog``, a ``StateRecord`` for changelog partition = the input's partition),
+  which ``outputs`` encodes and publishes with the turn's verdict or dead letter: the
+  input offset is committed only once the change is acknowledged. Until then the job holds
+  the window as of its turn by reference (~300 bytes), not as JSON (~13 KB for 16 turns of
+  750 characters). Forgotten conversations' tombstones are published at once (nothing
+  waits for them: a lost tombstone only brings the conversation back until it is
+  forgotten again).
 - ``assigned(tps)`` (rebalance callback; must not block: aiokafka sends no heartbeats
   while it runs): holds the assigned conversation partitions (paused, whatever
   backpressure does) and restores their state from the changelog in a task; releases
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -56,6 +59,20 @@ PublishFunction = Callable[[list[OutRecord], Callable[[], None]], None]
 
 def _nothing() -> None:
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord:
+    """A state change for the changelog ``topic``, keyed by conversation id, in the input's
+    partition; its value is encoded by ``record()`` (the change is a snapshot: the same
+    bytes at every call, whatever later turns did to the window)."""
+
+    topic: str
+    change: Change
+
+    def record(self) -> OutRecord:
+        change = self.change
+        return OutRecord(self.topic, change.conversation_id.encode(), change.value, partition=change.partition)
 
 
 class ConversationStage:
@@ -112,21 +129,16 @@ class ConversationStage:
         if not event.context:
             job.context = observed.context
         if observed.change is not None:
-            job.changelog = self._record(observed.change)
+            job.changelog = StateRecord(self.changelog.topic, observed.change)
         if self._clock() >= self._next_sweep:
             self._next_sweep = self._clock() + self._sweep_every_s
             self.state.expire()
         self._publish_forgotten()
 
-    def _record(self, change: Change) -> OutRecord:
-        return OutRecord(
-            self.changelog.topic, change.conversation_id.encode(), change.value, partition=change.partition
-        )
-
     def _publish_forgotten(self) -> None:
         forgotten = self.state.take_forgotten()
         if forgotten:
-            self._publish([self._record(change) for change in forgotten], _nothing)
+            self._publish([StateRecord(self.changelog.topic, change).record() for change in forgotten], _nothing)
 
     # -- rebalance ------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ Contract of ``observe`` (one call per decoded turn, in input order per partition
   first, both roles, together at most ``max_context_chars`` characters (the oldest one
   given is cut to its end to fit; the judged turn itself is never cut). It then enters the
   state, whatever its verdict will be, and ``Observed.change`` carries the new window for
-  the changelog.
+  the changelog: a snapshot (the window's turns as of this turn, by reference), encoded
+  only when its value is read, so that a turn waiting for its verdict holds ~300 bytes
+  instead of its window's JSON, and later turns of its conversation do not change it.
 - A turn whose id is already stored (a replay after a crash or rebalance) changes nothing
   and is judged with the turns stored before it: the same context as the first time,
   hence the same verdict id, as long as at most ``REPLAY_MARGIN_TURNS`` later turns of
@@ -77,7 +79,7 @@ class _ChangelogValue(msgspec.Struct, gc=False):
     v: int
     conversation_id: str
     updated_at: float
-    turns: list[StoredTurn]
+    turns: tuple[StoredTurn, ...]
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -85,11 +87,22 @@ _ENCODER = msgspec.json.Encoder()
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A state change for the changelog: the conversation's window, or ``None`` (forgotten)."""
+    """A state change for the changelog: the conversation's window as of one turn, or a
+    tombstone (``turns`` None: forgotten)."""
 
     partition: int
     conversation_id: str
-    value: bytes | None
+    turns: tuple[StoredTurn, ...] | None
+    """The window's turns right after the turn was stored (immutable: the window moves on,
+    this does not)."""
+    updated_at: float = 0.0
+    """The conversation's last activity as of that turn."""
+
+    @property
+    def value(self) -> bytes | None:
+        """The changelog value (None: a tombstone), encoded at each read (~2 µs for 16
+        turns): the same bytes whenever it is read."""
+        return None if self.turns is None else _encode(self.conversation_id, self.updated_at, self.turns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +187,7 @@ class ConversationState:
         self.bytes += _turn_size(kept)
         window.last_active = now
         self._lru.move_to_end(key)
-        change = Change(partition, conversation_id, _encode(conversation_id, window))
+        change = Change(partition, conversation_id, tuple(window.turns), now)
         self._fit(keep=key)
         return Observed(context, change)
 
@@ -309,17 +322,15 @@ def _turn_size(turn: StoredTurn) -> int:
     return TURN_OVERHEAD_BYTES + len(turn.id) + len(turn.content)
 
 
-def _encode(conversation_id: str, window: _Window) -> bytes:
+def _encode(conversation_id: str, updated_at: float, turns: tuple[StoredTurn, ...]) -> bytes:
     """The changelog value: the conversation's stored turns and last activity, as JSON.
 
     msgspec writes the structs straight (a third of building the dicts and ``to_json``'s
     CPU, once per turn for its whole window) and its result is copied to its own length (it
-    keeps ~1.5x the output, held until the broker acknowledges it). A string msgspec will
-    not write (a lone surrogate) goes through ``to_json``, as before."""
+    keeps ~1.5x the output, held until the sink has sent it). A string msgspec will not
+    write (a lone surrogate) goes through ``to_json``, as before."""
     try:
-        value = _ENCODER.encode(
-            _ChangelogValue(CHANGELOG_VERSION, conversation_id, window.last_active, list(window.turns))
-        )
+        value = _ENCODER.encode(_ChangelogValue(CHANGELOG_VERSION, conversation_id, updated_at, turns))
     except (msgspec.EncodeError, UnicodeEncodeError):
         pass
     else:
@@ -328,7 +339,7 @@ def _encode(conversation_id: str, window: _Window) -> bytes:
         {
             "v": CHANGELOG_VERSION,
             "conversation_id": conversation_id,
-            "updated_at": window.last_active,
-            "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in window.turns],
+            "updated_at": updated_at,
+            "turns": [{"id": t.id, "role": t.role, "content": t.content} for t in turns],
         }
     )

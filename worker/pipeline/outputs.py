@@ -23,7 +23,8 @@ is dead-lettered as ``output_too_large``; a dead letter over it has its value tr
 (``sink.dead_letter_record``).
 
 A conversation turn's state change (``Job.changelog``) is published in the same group as
-its verdict or dead letter, so its offset finishes only once the change is acknowledged.
+its verdict or dead letter, so its offset finishes only once the change is acknowledged;
+its value is encoded when the group is released (in key order), not before.
 So is a restricting verdict's statement of reasons (DSA on, ``statements``), or, when that
 statement is not valid, the input as a dead letter (stage ``statement``) beside the verdict.
 
@@ -56,7 +57,7 @@ from worker.pipeline.reviews import Superseding
 from worker.pipeline.scoring import Degraded
 from worker.pipeline.sink import dead_letter_record, record_size
 from worker.pipeline.statements import StatementBuilder, StatementRejected, statement_bytes
-from worker.pipeline.types import Job, OutRecord, PartitionOffsets, Record, Review
+from worker.pipeline.types import Job, OutRecord, PartitionOffsets, PendingRecord, Record, Review
 from worker.pipeline.verdicts import VerdictBuilder
 
 log = structlog.get_logger("worker.pipeline.outputs")
@@ -183,7 +184,7 @@ class Outputs:
         stage: str,
         error_type: str,
         message: str,
-        also: OutRecord | None = None,
+        also: PendingRecord | None = None,
     ) -> None:
         """Publish ``record`` unchanged to the dead-letter topic with the reason headers
         (and ``also``, a conversation state change, in the same acknowledged group)."""
@@ -208,7 +209,9 @@ class Outputs:
         if out.headers and any(k == DeadLetterHeaders.TRUNCATED for k, _ in out.headers):
             metrics.outputs_trimmed("dead_letter").inc()
         offset = record.offset
-        self._sink.publish([out] if also is None else [out, also], lambda: self._on_finished(slot, offset), slot)
+        self._sink.publish(
+            [out] if also is None else [out, also.record()], lambda: self._on_finished(slot, offset), slot
+        )
 
     # -- review decisions -----------------------------------------------------------
 
@@ -321,8 +324,6 @@ class Outputs:
                 ),
             )
             return
-        if job.changelog is not None:  # the turn's state change: acknowledged before its offset finishes
-            records.append(job.changelog)
         record = job.record
         if verdict.flagged:
             log.info(
@@ -367,6 +368,8 @@ class Outputs:
     def _release(self, records: list[OutRecord], job: Job, verdict: Verdict) -> None:
         """Publish a verdict whose turn has come: into its partition's group of the
         ``conclude_all`` under way, else as a group of its own."""
+        if job.changelog is not None:  # the turn's state change: acknowledged before its offset finishes
+            records.append(job.changelog.record())
         groups = self._groups
         if groups is not None:
             entry = groups.get(id(job.slot))

@@ -114,6 +114,8 @@ class Sink:
     ) -> None:
         """Enqueue records (sent in call order); ``on_acked`` runs when all are acknowledged.
 
+        The sink takes ``records``: the list is emptied once they are in their batches.
+
         With ``origin`` (the input partition's slot), the group is dropped unsent if the
         slot is no longer owned when its round takes it (see the module docstring);
         ``on_dropped(messages)`` then says how many input messages the group concluded.
@@ -215,6 +217,9 @@ class Sink:
                     futures.append(await producer.send_batch(batch, topic, partition=partition))  # full
                     batch = batches[slot] = producer.create_batch()
                     batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers)
+            # In their batches now. ``send_batch`` waits for each partition's previous batch,
+            # so a round of up to 2,000 groups would otherwise hold its values until it ends.
+            records.clear()
         for (topic, partition), batch in batches.items():
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         return futures

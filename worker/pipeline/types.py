@@ -6,7 +6,8 @@
 - ``Review``: one decoded human review decision with its record and its slot (it skips
   the backend: ``worker.pipeline.reviews``).
 - ``DecodeFailure``: a record that could not become a ``Job``; it is dead-lettered.
-- ``OutRecord``: one record for an output topic.
+- ``OutRecord``: one record for an output topic; ``PendingRecord``: one whose value is
+  written only when it is published.
 
 No stage owns these; stages import them from here, so data flows one way.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
@@ -131,7 +132,7 @@ class Job:
     context: tuple[Turn, ...] | None = None
     """Context given by the conversation state (``worker.pipeline.conversation_stage``) to a
     turn published without any; None: the event's own ``context`` is used."""
-    changelog: OutRecord | None = None
+    changelog: PendingRecord | None = None
     """The conversation state change this turn made, published with its outcome (so its
     offset is committed only once the change is acknowledged); None: no change."""
 
@@ -201,3 +202,13 @@ class OutRecord:
     headers: Headers | None = None
     partition: int | None = None
     """An explicit partition (a changelog's matches its input's); None: chosen by key hash."""
+
+
+class PendingRecord(Protocol):
+    """An output record written only when it is published: a conversation turn's state
+    change (``worker.pipeline.conversation_stage.StateRecord``) holds references to its
+    window's turns while the turn waits for its verdict, not the window's JSON."""
+
+    def record(self) -> OutRecord:
+        """The record to publish: the same bytes at every call."""
+        ...
