@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import replace
 
 import structlog
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument(
         "--resets-to-committed-only", action="store_true", help="offset resets land at most at the committed offset"
     )
+    parser.add_argument("--no-reviews", action="store_true", help="no seed has a reviews partition")
     args = parser.parse_args()
     if not args.verbose:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -58,6 +60,8 @@ def main() -> None:
         seeds = range(start, stop)
     keep = [int(i) for i in args.keep.split(",") if i] if args.keep is not None else None
     faults = Faults(reset_above_committed=not args.resets_to_committed_only, bug=args.bug)
+    if args.no_reviews:
+        faults = replace(faults, reviews=0.0)
     sys.exit(asyncio.run(_run(seeds, args.steps, faults, keep, shrinking=not args.no_shrink)))
 
 

@@ -11,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 from aiokafka.structs import TopicPartition
 
-from schemas import Turn
+from schemas import DeadLetterHeaders, Turn
 from tests.simulation.world import (
     CONTENT,
+    REVIEWS,
     STACKED_POLICY,
     Faults,
     InvariantBroken,
     MemoryBatch,
     Sent,
     World,
+    WrittenReview,
     script,
     shrink,
     simulate,
@@ -85,6 +88,26 @@ async def test_the_simulation_exercises_what_it_claims() -> None:
     assert any(c.context for w in worlds for c in w.shadow_backend.judged), "the shadow judged no turn with context"
     assert any(w.broker.restored for w in worlds), "no conversation state was ever restored"
     assert any(w.cascade and w.policy.thresholds("sexual") == (0.1, 0.5) for w in worlds), "no stacked overrides"
+
+
+async def test_the_simulation_exercises_the_reviews_path() -> None:
+    """Guard against review seeds that never reach the interesting answers."""
+    worlds = [await simulate(seed, steps=STEPS) for seed in range(30)]
+    reviewing = [w for w in worlds if w.reviews]
+    assert reviewing and len(reviewing) < len(worlds), "reviews in a share of the seeds, not in all"
+    assert all(TopicPartition(REVIEWS, 0) not in w.tps for w in worlds if not w.reviews)
+    answers = Counter((shape, answer) for w in reviewing for _, shape, answer in w.review_answers)
+    seen = {answer for _, answer in answers}
+    refusals = {"unknown_category", "invalid_review", "duplicate_review", "unknown_verdict"}
+    assert {"applied"} | refusals <= seen, f"answers seen: {sorted(seen)}"
+    assert {"not_json", "schema"} <= seen, "no malformed review decision was dead-lettered at decode"
+    assert answers["valid", "applied"] > 0 and answers["unseen", "applied"] > 0, "no decision was applied"
+    assert answers["duplicate", "applied"] > 0, "no repeated review_id was applied again (a restart, the bound)"
+    assert answers["unknown_verdict", "applied"] > 0, "no decision on a verdict not remembered was applied"
+    redelivered = [w for w in reviewing if max(Counter(p for p, _, _ in w.review_answers).values(), default=0) > 1]
+    assert redelivered, "no review record was answered twice (after a revoke, an offset reset or a restart)"
+    assert any(w.restarts for w in redelivered), "no review seed restarted its worker"
+    assert any(w.superseding for w in reviewing), "no superseding verdict was published"
 
 
 def _tp(world: World, position: tuple[str, int, int]) -> TopicPartition:
@@ -155,6 +178,10 @@ def _two_outputs_in_one_ownership(world: World) -> None:
     world._check_publish([_verdict(CONTENT, 0, 2)], slot)
 
 
+def _an_output_published_without_its_slot(world: World) -> None:
+    world._check_publish([_verdict(CONTENT, 0, 2)], None)
+
+
 def _a_key_out_of_order(world: World) -> None:
     slot = PartitionOffsets(TopicPartition(CONTENT, 0))
     world._check_publish([_verdict(CONTENT, 0, 3), _verdict(CONTENT, 0, 2)], slot)
@@ -189,6 +216,69 @@ def _the_shadow_without_the_live_context(world: World) -> None:
     world.shadow_backend.judged.append(Conversation(Turn(role="user", content=text), (Turn(role="user", content="x"),)))
 
 
+def _review(world: World, *, action: str = "block", categories: tuple[str, ...] = ("sexual",)) -> None:
+    """Append a decision on a verdict this process never saw (applied as it stands)."""
+    decision = {
+        "review_id": "r1",
+        "verdict_id": "v1",
+        "event_id": "e1",
+        "kind": "content",
+        "reviewer_id": "reviewer-1",
+        "action": action,
+        "categories": list(categories),
+        "decided_at": "2026-01-02T03:04:05Z",
+    }
+    world._append_review(b"k1", json.dumps(decision).encode(), WrittenReview("valid", decision))
+
+
+def _superseding(verdict_id: str, action: str = "allow", categories: tuple[str, ...] = ()) -> OutRecord:
+    violations = [{"category": name} for name in categories]
+    return _verdict(
+        REVIEWS, 0, 0, verdict_id=verdict_id, decided_by="human", supersedes="v1", action=action, violations=violations
+    )
+
+
+def _a_restricting_review_applied_without_its_violation(world: World) -> None:
+    _review(world)
+    world._check_publish([_superseding("h1", "block", ("sexual",))], PartitionOffsets(TopicPartition(REVIEWS, 0)))
+
+
+def _a_review_refused_though_it_applies(world: World) -> None:
+    _review(world)
+    headers = [
+        (DeadLetterHeaders.ORIGIN_TOPIC, REVIEWS.encode()),
+        (DeadLetterHeaders.ORIGIN_PARTITION, b"0"),
+        (DeadLetterHeaders.ORIGIN_OFFSET, b"0"),
+        (DeadLetterHeaders.STAGE, b"review"),
+        (DeadLetterHeaders.ERROR_TYPE, b"unknown_verdict"),
+    ]
+    dead = OutRecord("moderation.dead-letter", b"k1", b"{}", headers)
+    world._check_publish([dead], PartitionOffsets(TopicPartition(REVIEWS, 0)))
+
+
+def _a_redelivered_review_superseding_under_another_id(world: World) -> None:
+    _review(world, action="allow", categories=())
+    world._check_publish([_superseding("h1")], PartitionOffsets(TopicPartition(REVIEWS, 0)))
+    world._check_publish([_superseding("h2")], PartitionOffsets(TopicPartition(REVIEWS, 0)))
+
+
+def _a_commit_past_an_unanswered_review(world: World) -> None:
+    _review(world)
+    world._check_commit({TopicPartition(REVIEWS, 0): 1})
+
+
+def _a_review_answer_sent_for_a_partition_not_owned(world: World) -> None:
+    batch = MemoryBatch()
+    record = _superseding("h1")
+    batch.append(key=record.key, value=record.value, timestamp=None, headers=None)
+    world._check_send(Sent("moderation.verdicts", 0, batch, asyncio.get_running_loop().create_future()))
+
+
+def _a_review_at_the_backend(world: World) -> None:
+    _review(world)
+    world.called.append((world.broker.logs[TopicPartition(REVIEWS, 0)][0].value or b"").decode())
+
+
 def _the_first_stage_deciding_near_a_stacked_threshold(world: World) -> None:
     world.policy = Policy.from_mapping(STACKED_POLICY)
     slot = PartitionOffsets(TopicPartition(CONTENT, 0))
@@ -202,15 +292,22 @@ def _the_first_stage_deciding_near_a_stacked_threshold(world: World) -> None:
         (_commit_past_an_unacknowledged_output, "commit-acked"),
         (_two_outputs_in_one_ownership, "one-output"),
         (_a_key_out_of_order, "key-order"),
+        (_an_output_published_without_its_slot, "output-slot"),
         (_sent_for_a_partition_not_owned, "revoked-silent"),
         (_a_healthy_input_dead_lettered, "outage-dead-letters"),
         (_a_turn_judged_with_another_conversation, "context"),
         (_the_shadow_without_the_live_context, "shadow-context"),
         (_the_first_stage_deciding_near_a_stacked_threshold, "cascade-band"),
+        (_a_restricting_review_applied_without_its_violation, "review-answer"),
+        (_a_review_refused_though_it_applies, "review-answer"),
+        (_a_redelivered_review_superseding_under_another_id, "review-redelivery"),
+        (_a_commit_past_an_unanswered_review, "commit-acked"),
+        (_a_review_answer_sent_for_a_partition_not_owned, "revoked-silent"),
+        (_a_review_at_the_backend, "backend-inputs"),
     ],
 )
 async def test_each_invariant_fails_on_its_breach(breach: Callable[[World], None], invariant: str) -> None:
-    world = World(5)
+    world = World(5, faults=Faults(reviews=1.0))
     try:
         breach(world)
         with pytest.raises(InvariantBroken) as broken:

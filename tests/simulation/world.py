@@ -31,6 +31,14 @@ Faults: backend outages per endpoint, poison inputs (for the one stage, or the c
 second), malformed inputs, eager rebalances, offset resets, failed commits, failed
 publishes (fatal to the worker, as designed: it shuts down and a new worker starts from
 the committed offsets) and SIGTERM (the worker's graceful shutdown, then a new worker).
+
+Reviews: a share of the seeds turns the worker's review stage on, with a reviews partition
+that starts empty. A ``review`` step appends one record to it: a ``ReviewDecision`` on a
+verdict the world saw published (or on an event it never saw), or a refusal in the making
+(malformed, an unknown category, an invalid action, a repeated ``review_id``, an unknown
+``verdict_id``). The partition takes every fault the others take. ``ReviewMemory`` models
+what the stage's documented, bounded memories hold per worker process, so the world knows
+which answer each delivery must get.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import asyncio
 import heapq
 import json
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +57,7 @@ from aiokafka.errors import CommitFailedError, KafkaTimeoutError
 from aiokafka.structs import TopicPartition
 
 import worker.app
-from schemas import DeadLetterHeaders, Kind, Turn
+from schemas import DeadLetterHeaders, Kind, Turn, Verdict
 from worker.app import ModerationWorker
 from worker.backends.base import Backend, BackendUnavailable, Conversation, Outcome, Scored
 from worker.backends.cascade import CascadeBackend, UncertaintyBands
@@ -57,11 +66,12 @@ from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import Scorer
 from worker.pipeline.shadow import Shadow
 from worker.pipeline.sink import Sink
-from worker.pipeline.types import OutRecord, PartitionOffsets
+from worker.pipeline.types import Job, OutRecord, PartitionOffsets
 
 CONTENT = "ugc.content"
 CONVERSATIONS = "ugc.conversations"
 TOPICS: dict[str, Kind] = {CONTENT: "content", CONVERSATIONS: "conversation"}
+REVIEWS = "moderation.reviews"
 POISON = "POISON1"
 """Fails every call it is in, at the (first) stage."""
 POISON2 = "POISON2"
@@ -311,12 +321,18 @@ class ScriptedBackend(Backend):
     name = "one"
 
     def __init__(
-        self, endpoints: dict[Kind, Endpoint], calls: list[Call], contexts: dict[str, set[tuple[Turn, ...]]]
+        self,
+        endpoints: dict[Kind, Endpoint],
+        calls: list[Call],
+        contexts: dict[str, set[tuple[Turn, ...]]],
+        called: list[str] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.calls = calls
         self.contexts = contexts
         """Per turn, every context it was judged with (shared by the world)."""
+        self.called = called if called is not None else []
+        """Every text a call carried, in call order (shared by the world)."""
 
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
         return await self._call("content", list(texts))
@@ -328,6 +344,7 @@ class ScriptedBackend(Backend):
 
     async def _call(self, kind: Kind, texts: list[str]) -> list[Outcome]:
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        self.called += texts
         self.calls.append(Call(self.endpoints[kind], texts, future))
         return await future
 
@@ -410,8 +427,10 @@ class ShadowBackend(Backend):
 
     def __init__(self) -> None:
         self.judged: list[Conversation] = []
+        self.texts: list[str] = []  # the content texts it scored
 
     async def score_texts(self, texts: Sequence[str]) -> list[Outcome]:
+        self.texts += texts
         return [Scored(_clear(text), "shadow-model") for text in texts]
 
     async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
@@ -438,6 +457,10 @@ class Faults:
     sigterm: float = 0.004
     cascade: float = 0.5
     """The share of seeds whose worker runs on the cascade."""
+    reviews: float = 0.5
+    """The share of seeds with a reviews partition (the worker's review stage on)."""
+    review: float = 0.06
+    """In those seeds, the share of steps that append a review decision to it."""
     reset_above_committed: bool = True
     """Let an offset reset move the position back to above the committed offset (as a
     truncation with a reset to ``latest`` can), not only to at most the committed offset."""
@@ -465,8 +488,11 @@ def script(seed: int, steps: int, faults: Faults) -> list[Step]:
     """The seed's steps, in order. Each is drawn on its own, so any subset replays.
 
     Swarm testing: each seed runs every fault at its rate, a fifth of it, or not at all, so
-    some seeds hold an outage through a long calm, others rebalance through it."""
+    some seeds hold an outage through a long calm, others rebalance through it. In the
+    seeds with reviews (``reviewing``), some steps append a review decision instead, drawn
+    apart so that the other seeds' scripts stay as they are."""
     rng = random.Random(f"script-{seed}")
+    arrivals = random.Random(f"review-steps-{seed}") if reviewing(seed, faults)[0] else None
     rates = {
         "rebalance": faults.rebalance,
         "offset_reset": faults.offset_reset,
@@ -485,8 +511,18 @@ def script(seed: int, steps: int, faults: Faults) -> list[Step]:
                 action = fault if fault != "outage" else f"outage:{rng.choice(down)}"
                 break
             roll -= weight
+        if arrivals is not None and arrivals.random() < faults.review:
+            action = "review"
         out.append(Step(action, rng.getrandbits(32)))
     return out
+
+
+def reviewing(seed: int, faults: Faults) -> tuple[bool, int, int]:
+    """Whether the seed has a reviews partition, and the review stage's bounds: events
+    remembered, review ids remembered (the defaults, or small enough to be passed)."""
+    swarm = random.Random(f"reviews-{seed}")
+    on = swarm.random() < faults.reviews
+    return on, swarm.choice([100_000, 6]), swarm.choice([100_000, 3])
 
 
 def _records(
@@ -518,6 +554,127 @@ def _records(
     return out
 
 
+# -- reviews ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeenVerdict:
+    """A machine verdict the world saw published: what a reviewer decides on."""
+
+    kind: str
+    event_id: str
+    verdict_id: str
+    key: bytes | None
+    conversation_id: str | None
+    tenant: str | None
+    source: str | None
+
+
+@dataclass(frozen=True)
+class WrittenReview:
+    """A record the world appended to the reviews partition."""
+
+    shape: str
+    """What it was made as: ``valid``, ``unseen`` (an event never seen), ``duplicate`` (an
+    earlier decision sent again), ``unknown_verdict``, ``unknown_category``, ``invalid`` or
+    ``malformed``."""
+    decision: dict[str, Any] | None
+    """The decision as written; None when the record does not decode."""
+
+
+REVIEW_SHAPES = ("valid",) * 5 + ("unseen", "duplicate", "unknown_verdict", "unknown_category", "invalid", "malformed")
+MALFORMED_REVIEWS: tuple[bytes | None, ...] = (b"{nope", b'{"review_id": "r"}', None, b"\xff\xfe")
+
+
+class ReviewMemory:
+    """What one worker process's review stage remembers, by its documented contract
+    (``worker/pipeline/reviews.py``): per (kind, event id) the last verdict ids it built and,
+    apart, the others (superseding ones, ids named by decisions), at most 8 of each, for at
+    most ``events`` events (least recently remembered out first); each applied
+    ``review_id`` with its position, at most ``reviews``. Fed with every verdict the process
+    builds (``remember``) and every decision it applies (``apply``); ``answer`` gives the
+    answer the stage's rules give a decision, in their order."""
+
+    PER_EVENT = 8
+
+    def __init__(self, events: int, reviews: int) -> None:
+        self.events = events
+        self.reviews = reviews
+        self.verdicts: OrderedDict[tuple[str, str], list[tuple[str, bool]]] = OrderedDict()
+        """Per event: (verdict id, built by this process), oldest first."""
+        self.applied: OrderedDict[str, Input] = OrderedDict()
+
+    def remember(self, kind: str, event_id: str, verdict_id: str, *, built: bool = True) -> None:
+        key = (kind, event_id)
+        known = self.verdicts.get(key)
+        if known is None:
+            self.verdicts[key] = [(verdict_id, built)]
+            if len(self.verdicts) > self.events:
+                self.verdicts.popitem(last=False)
+            return
+        self.verdicts.move_to_end(key)
+        known[:] = [v for v in known if v[0] != verdict_id]
+        known.append((verdict_id, built))
+        same = [v for v in known if v[1] == built]
+        if len(same) > self.PER_EVENT:
+            known.remove(same[0])
+
+    def answer(self, decision: dict[str, Any], position: Input, categories: frozenset[str]) -> str:
+        """``applied``, or the error type of the refusal."""
+        named = decision["categories"]
+        if any(name not in categories for name in named):
+            return "unknown_category"
+        if (decision["action"] == "allow") == bool(named):
+            return "invalid_review"
+        first = self.applied.get(decision["review_id"])
+        if first is not None and first != position:
+            return "duplicate_review"
+        known = self.verdicts.get((decision["kind"], decision["event_id"]), [])
+        if any(built for _, built in known) and decision["verdict_id"] not in {v for v, _ in known}:
+            return "unknown_verdict"
+        return "applied"
+
+    def apply(self, decision: dict[str, Any], position: Input, superseding_id: str) -> None:
+        self.applied[decision["review_id"]] = position
+        self.applied.move_to_end(decision["review_id"])
+        if len(self.applied) > self.reviews:
+            self.applied.popitem(last=False)
+        kind, event_id = decision["kind"], decision["event_id"]
+        known = {v for v, _ in self.verdicts.get((kind, event_id), [])}
+        if decision["verdict_id"] not in known:  # the superseded id too, so a later decision on it is not refused
+            self.remember(kind, event_id, decision["verdict_id"], built=False)
+        self.remember(kind, event_id, superseding_id, built=False)
+
+
+def _text_of(value: bytes | None) -> str | None:
+    """The text an input's value carries for the backend, if it is an event at all."""
+    try:
+        event = json.loads(value or b"{}")
+    except (ValueError, RecursionError):  # the malformed ones
+        return None
+    text = event.get("text", event.get("content")) if isinstance(event, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def _decision(rng: random.Random, review_id: str, on: SeenVerdict, categories: Sequence[str]) -> dict[str, Any]:
+    """A valid decision on ``on``: any action, with one or two of ``categories`` unless allow."""
+    action = rng.choice(["allow", "flag", "review", "block"])
+    named = [] if action == "allow" else rng.sample(categories, min(len(categories), rng.randint(1, 2)))
+    return {
+        "review_id": review_id,
+        "verdict_id": on.verdict_id,
+        "event_id": on.event_id,
+        "kind": on.kind,
+        "conversation_id": on.conversation_id,
+        "tenant": on.tenant,
+        "source": on.source,
+        "reviewer_id": "reviewer-1",
+        "action": action,
+        "categories": named,
+        "decided_at": "2026-01-02T03:04:05Z",
+    }
+
+
 # -- the world --------------------------------------------------------------------------
 
 
@@ -540,6 +697,11 @@ class World:
         self.cascade = rng.random() < self.faults.cascade
         self.tps = [TopicPartition(topic, p) for topic in TOPICS for p in range(partitions)]
         logs = {tp: _records(tp, records, rng, self.faults, self.cascade, seed) for tp in self.tps}
+        self.reviews, recent_events, recent_reviews = reviewing(seed, self.faults)
+        self.reviews_tp = TopicPartition(REVIEWS, 0)
+        if self.reviews:  # it starts empty: ``review`` steps append to it
+            self.tps.append(self.reviews_tp)
+            logs[self.reviews_tp] = []
         stacked = self.cascade and random.Random(f"policy-{seed}").random() < 0.5
         self.policy = Policy.from_mapping(STACKED_POLICY) if stacked else Policy.load(None)
         self.broker = Broker(logs)
@@ -566,6 +728,12 @@ class World:
             revoke_timeout_s=0,
             scoring={"poison_attempts": rng.choice([2, 3])},
             drain_timeout_s=0,  # the drain's wait is the world's steps between SIGTERM and the shutdown
+            reviews={
+                "enabled": self.reviews,
+                "topic": REVIEWS,
+                "recent_events": recent_events,
+                "recent_reviews": recent_reviews,
+            },
         )
         self.calls: list[Call] = []
         self.endpoints: dict[tuple[str, Kind], Endpoint] = {}
@@ -583,6 +751,18 @@ class World:
                     continue
                 if isinstance(content, str):
                     self.conversation_of[content] = (tp.partition, r.key)
+        self.input_texts = {
+            text for tp, log in logs.items() for r in log if (text := _text_of(r.value)) is not None
+        }  # what a backend may be called with: the texts of the inputs, nothing else
+        self._texts_checked = 0
+        self._shadow_texts_checked = 0
+        self.called: list[str] = []  # every text the backends were called with
+        self.categories = frozenset(self.policy.category_descriptions())
+        self.seen_verdicts: dict[str, SeenVerdict] = {}  # machine verdicts acknowledged, by verdict id
+        self.written: list[WrittenReview] = []  # per offset of the reviews partition
+        self.memory = ReviewMemory(recent_events, recent_reviews)  # the current process's
+        self.superseding: dict[Input, str] = {}  # per review record, its superseding verdict id
+        self.review_answers: list[tuple[Input, str, str]] = []  # (position, shape, answer), every delivery
         for stage in ("first", "then") if self.cascade else ("one",):
             for kind in ("content", "conversation"):
                 poison = POISON2 if stage == "then" else POISON
@@ -604,7 +784,8 @@ class World:
 
     def _new_worker(self) -> None:
         def stage(kind: type[ScriptedBackend]) -> ScriptedBackend:
-            return kind({k: self.endpoints[(kind.name, k)] for k in TOPICS.values()}, self.calls, self.contexts)
+            endpoints = {k: self.endpoints[(kind.name, k)] for k in TOPICS.values()}
+            return kind(endpoints, self.calls, self.contexts, self.called)
 
         policy = self.policy
         backend: Backend
@@ -616,6 +797,18 @@ class World:
         shadow = Shadow(self.settings, policy=policy, backend=self.shadow_backend, publish=self._shadow_publish)
         self.worker = ModerationWorker(self.settings, backend=backend, policy=policy, shadow=shadow)
         self._scorers.append(self.worker._scorer)
+        if self.reviews:  # a new process remembers nothing
+            reviews = self.settings.reviews
+            self.memory = ReviewMemory(reviews.recent_events, reviews.recent_reviews)
+            outputs = self.worker._outputs
+            hook = outputs._on_verdict
+            assert hook is not None, "the shadow and the review stage see every verdict"
+
+            def on_verdict(job: Job, verdict: Verdict) -> None:
+                self.memory.remember(verdict.kind, verdict.event_id, verdict.verdict_id)
+                hook(job, verdict)
+
+            outputs._on_verdict = on_verdict
         self.worker._conversations.changelog = MemoryChangelog(  # type: ignore[assignment]
             self.settings.conversation.changelog_topic, self.broker
         )
@@ -714,6 +907,47 @@ class World:
         back = self.step_rng.randint(0, min(position, highest))
         self.consumer.seek(tp, back)
 
+    def review(self) -> str:
+        """Append one record to the reviews partition (``REVIEW_SHAPES``); returns its shape."""
+        rng = self.step_rng
+        log = self.broker.logs[self.reviews_tp]
+        offset = len(log)
+        shape = rng.choice(REVIEW_SHAPES)
+        earlier = [r for r, w in zip(log, self.written, strict=True) if w.decision is not None]
+        if shape == "duplicate" and earlier:  # an earlier decision sent again, as it was
+            again = rng.choice(earlier)
+            self._append_review(again.key, again.value, WrittenReview(shape, self.written[again.offset].decision))
+            return shape
+        if shape == "malformed":
+            self._append_review(
+                f"k{rng.randint(0, 3)}".encode(), rng.choice(MALFORMED_REVIEWS), WrittenReview(shape, None)
+            )
+            return shape
+        if shape == "duplicate" or not self.seen_verdicts:
+            shape = "unseen"
+        if shape == "unseen":  # an event this world never saw judged: applied as it stands
+            on = SeenVerdict("content", f"gone-{offset}", f"machine-{offset}", b"k0", None, "adults", "web")
+        else:
+            on = rng.choice(list(self.seen_verdicts.values()))
+        categories = sorted(self.categories)
+        decision = _decision(rng, f"review-{offset}", on, categories)
+        if shape == "unknown_verdict":
+            decision["verdict_id"] = f"no-such-verdict-{offset}"
+        elif shape == "unknown_category":
+            decision.update(action="block", categories=[*decision["categories"][:1], "no_such_category"])
+        elif shape == "invalid":
+            decision.update(
+                rng.choice([{"action": "allow", "categories": categories[:1]}, {"action": "block", "categories": []}])
+            )
+        self._append_review(on.key, json.dumps(decision).encode(), WrittenReview(shape, decision))
+        return shape
+
+    def _append_review(self, key: bytes | None, value: bytes | None, written: WrittenReview) -> None:
+        log = self.broker.logs[self.reviews_tp]
+        size = (len(key) if key is not None else 0, len(value) if value is not None else 0)
+        log.append(ConsumerRecord(REVIEWS, 0, len(log), 0, 0, key, value, None, *size, []))
+        self.written.append(written)
+
     def answer(self, index: int) -> None:
         call = self.calls.pop(index)
         call.endpoint.answer(call)
@@ -776,6 +1010,8 @@ class World:
             self.sink_queue.gate.set()
         elif action == "advance":
             self.clock.advance()
+        elif action == "review":
+            action = f"review:{self.review()}"
         self.trace.append(action)
         await self._settle()
         self.check()
@@ -881,6 +1117,7 @@ class World:
         w = self.worker
         if self.failure is not None:
             self.fail(*self.failure)
+        self._check_backend_inputs()
         self._check_contexts()
         if w._fatal is not None:
             if not self.producer.failed:
@@ -896,10 +1133,23 @@ class World:
                 f"nothing in flight, yet the in-flight count is {w.in_flight} (unfinished: {owned_pending})",
             )
         for position, error_type in self.dead_letters:
+            if position[0] == REVIEWS:  # checked as each is published (``_check_review``)
+                continue
             if error_type == "backend_failed" and position not in self.poison and not self._flapped(position):
                 self.fail("outage-dead-letters", f"a healthy input {position} was dead-lettered as backend_failed")
             if error_type != "backend_failed" and position not in self.malformed:
                 self.fail("outage-dead-letters", f"a valid input {position} was dead-lettered as {error_type}")
+
+    def _check_backend_inputs(self) -> None:
+        """Every text a backend (live or shadow) is called with is an input's own text: no
+        review decision, nor anything else, ever reaches a backend."""
+        shadowed = [c.turn.content for c in self.shadow_backend.judged[self._shadow_checked :]]
+        shadowed += self.shadow_backend.texts[self._shadow_texts_checked :]
+        for text in self.called[self._texts_checked :] + shadowed:
+            if text not in self.input_texts:
+                self.fail("backend-inputs", f"a backend was called with {text[:200]!r}, no input's text")
+        self._texts_checked = len(self.called)
+        self._shadow_texts_checked = len(self.shadow_backend.texts)
 
     def _check_contexts(self) -> None:
         """A turn is judged with earlier turns of its own conversation only, at most
@@ -977,10 +1227,15 @@ class World:
     def _check_publish(self, records: list[OutRecord], origin: PartitionOffsets | None) -> None:
         """Per ownership episode (the input's slot): one output per input, and per-key order
         (the sink sends in publish order, so one key's verdicts are published with rising
-        offsets)."""
+        offsets). Every verdict and dead letter names the slot it finishes, so that a revoke
+        can drop it unsent."""
         if origin is None:
+            outputs = (self.settings.verdict_topic, self.settings.dead_letter_topic)
+            if any(record.topic in outputs for record in records):
+                self.problem("output-slot", f"outputs to {[r.topic for r in records]} published without their slot")
             return
         self._slots.setdefault(id(origin), origin)  # keeps the id unique
+        reviewed = None
         for record in records:
             if record.topic not in (self.settings.verdict_topic, self.settings.dead_letter_topic):
                 continue
@@ -991,9 +1246,12 @@ class World:
             self._published[once] = self._published.get(once, 0) + 1
             if self._published[once] > 1:
                 self.problem("one-output", f"input {found} had {self._published[once]} outputs in one ownership")
+            if found[0] == REVIEWS:
+                reviewed = found
             if record.topic != self.settings.verdict_topic:
                 continue
-            self._check_decided_by(record.value or b"{}")
+            if found[0] != REVIEWS:
+                self._check_decided_by(json.loads(record.value or b"{}"))
             line = (id(origin), record.key)
             last = self._last_published.get(line)
             if last is not None and found[2] <= last:
@@ -1002,16 +1260,78 @@ class World:
                     f"key {record.key!r} of {origin.tp}: verdict of offset {found[2]} published after {last}",
                 )
             self._last_published[line] = found[2]
+        if reviewed is not None:
+            self._check_review(reviewed, records)
+
+    def _saw(self, verdict: dict[str, Any], key: bytes | None) -> None:
+        """Note an acknowledged machine verdict, for reviewers to decide on."""
+        if not {"kind", "event_id", "verdict_id"} <= verdict.keys():  # a test's fragment of one
+            return
+        self.seen_verdicts[verdict["verdict_id"]] = SeenVerdict(
+            verdict["kind"],
+            verdict["event_id"],
+            verdict["verdict_id"],
+            key,
+            verdict.get("conversation_id"),
+            verdict.get("tenant"),
+            verdict.get("source"),
+        )
+
+    def _check_review(self, position: Input, records: list[OutRecord]) -> None:
+        """A review record's answer is one group: its superseding verdict (``decided_by``
+        human, ``supersedes`` the named verdict, the decision's action and categories) with a
+        violation iff it is flagged, or the record as one dead letter at stage ``decode`` or
+        ``review``; and the one that the stage's rules give for what this process remembers
+        (``ReviewMemory``). Every delivery of one record gives the same superseding verdict id."""
+        written = self.written[position[2]]
+        decision = written.decision
+        expected = "decode" if decision is None else self.memory.answer(decision, position, self.categories)
+        topics = [record.topic for record in records]
+        s = self.settings
+        if topics == [s.dead_letter_topic]:
+            headers = {k: v.decode() for k, v in records[0].headers or ()}
+            stage, error = headers[DeadLetterHeaders.STAGE], headers[DeadLetterHeaders.ERROR_TYPE]
+            answer = {"decode": "decode", "review": error}.get(stage, f"{stage}:{error}")
+            self.review_answers.append((position, written.shape, error))
+            if answer != expected:
+                self.problem(
+                    "review-answer",
+                    f"review {position} ({written.shape}) was dead-lettered at stage {stage} as {error}; "
+                    f"expected {expected}",
+                )
+            return
+        verdict = json.loads(records[0].value or b"{}") if topics[0] == s.verdict_topic else {}
+        flagged = verdict.get("action") != "allow"
+        shown = {k: verdict.get(k) for k in ("decided_by", "supersedes", "action")}
+        self.review_answers.append((position, written.shape, "applied"))
+        if topics != [s.verdict_topic] + [s.violation_topic] * flagged:
+            self.problem("review-answer", f"review {position} answered with {topics} ({shown})")
+        elif decision is None or expected != "applied":
+            self.problem("review-answer", f"review {position} ({written.shape}) was applied; expected {expected}")
+        elif (
+            verdict.get("decided_by") != "human"
+            or verdict.get("supersedes") != decision["verdict_id"]
+            or verdict.get("action") != decision["action"]
+            or sorted(hit["category"] for hit in verdict.get("violations", ())) != sorted(set(decision["categories"]))
+            or (flagged and json.loads(records[1].value or b"{}").get("verdict_id") != verdict.get("verdict_id"))
+        ):
+            self.problem("review-answer", f"review {position}: its verdict {shown} does not answer {decision}")
+        else:
+            first = self.superseding.setdefault(position, verdict["verdict_id"])
+            if first != verdict["verdict_id"]:
+                self.problem(
+                    "review-redelivery", f"review {position} superseded as {verdict['verdict_id']}, earlier as {first}"
+                )
+            self.memory.apply(decision, position, verdict["verdict_id"])
 
     async def _shadow_publish(self, topic: str, key: bytes, value: bytes) -> None:
         pass
 
-    def _check_decided_by(self, value: bytes) -> None:
+    def _check_decided_by(self, verdict: dict[str, Any]) -> None:
         """The cascade's first stage decides only where its scores are clear of every
         boundary of the input's own rules: the action would not change with any score within
         the band (found with ``Policy.decide`` for the input's tenant and source, not with
         the cascade's own bands)."""
-        verdict = json.loads(value)
         if verdict.get("decided_by") != "first":
             return
         scores, who = verdict["scores"], {"tenant": verdict.get("tenant"), "source": verdict.get("source")}
@@ -1032,6 +1352,11 @@ class World:
             log += [(key or b"", value) for key, value, _ in sent.batch.records]
         for position, _, _ in self._outputs(sent.topic, sent.batch.records):
             self.acked[position] = self.acked.get(position, 0) + 1
+        if self.reviews and sent.topic == self.settings.verdict_topic:  # what a reviewer can see
+            for key, value, _ in sent.batch.records:
+                verdict = json.loads(value or b"{}")
+                if verdict.get("decided_by") != "human":
+                    self._saw(verdict, key)
 
     def _check_commit(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, offset in offsets.items():
