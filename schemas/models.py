@@ -317,8 +317,9 @@ class DeadLetterHeaders:
     category the policy does not name), ``invalid_review`` (``allow`` with categories, or
     another action without any), ``duplicate_review`` (a ``review_id`` this worker applied
     recently from another position of the topic; best-effort: its memory is bounded and per
-    process) and ``unknown_verdict`` (the worker remembers verdicts for the decision's event,
-    none with its ``verdict_id``; a decision for an event it does not remember is applied).
+    process) and ``unknown_verdict`` (the worker built a verdict of the decision's event and
+    remembers none of that event with its ``verdict_id``; a decision for an event it built no
+    verdict of, or no longer remembers, is applied).
     Statements of reasons (stage ``submit``): ``submission_refused`` (the database refused its
     fields; the message is the API's, ``field: message``) and ``not_json``."""
     MESSAGE = "x-modworker-dlq-message"

@@ -174,6 +174,24 @@ def test_a_verdict_id_unknown_for_a_remembered_event_is_refused_and_an_unremembe
     assert elsewhere.machine is None and elsewhere.verdict.supersedes == "v9"
 
 
+def test_an_id_a_decision_named_does_not_make_the_event_known_to_refuse_the_real_verdict():
+    reviews = stage()  # this process built no verdict of e0: a restart, or another replica judged it
+    applied(reviews.judge(review(1, verdict_id="made-up")))
+    real = applied(reviews.judge(review(2, verdict_id="judged-before-the-restart")))
+    assert real.verdict.supersedes == "judged-before-the-restart"
+
+
+def test_many_reviews_of_one_event_never_push_its_machine_verdict_out():
+    reviews = stage()
+    machine = machine_verdict(reviews, {"sexual": 0.9})
+    for offset in range(1, 12):  # more superseding verdicts than the per-event bound
+        applied(reviews.judge(review(offset, verdict_id=machine.verdict_id)))
+    again = applied(reviews.judge(review(20, verdict_id=machine.verdict_id)))
+    assert again.machine is not None and again.machine.verdict_id == machine.verdict_id
+    wrong = reviews.judge(review(21, verdict_id="not-" + machine.verdict_id))
+    assert isinstance(wrong, ReviewRefused) and wrong.error_type == "unknown_verdict"
+
+
 def test_a_second_review_may_supersede_the_first_and_is_compared_with_the_machine():
     reviews = stage()
     machine = machine_verdict(reviews, {"sexual": 0.9})

@@ -26,10 +26,11 @@ Refusals (``ReviewRefused.error_type``), checked in this order:
   redelivery of the same record, after a rebalance or a restart, is applied again and gives
   the same verdict id). Best-effort: a repeat read after the id left the bound, or by
   another replica, or after a restart, is applied again (consumers keep one verdict per id);
-- ``unknown_verdict``: this process remembers verdicts of the decision's (kind, event id)
-  and none has its ``verdict_id``. When it remembers none (another replica judged the
-  event, the worker restarted since, or the event left the bound) it cannot tell, and the
-  decision is applied as it stands.
+- ``unknown_verdict``: this process built a machine verdict of the decision's (kind, event
+  id) and remembers it, and no verdict it remembers of that event (machine, superseding, or
+  named by an earlier decision) has its ``verdict_id``. When it built none (another replica
+  judged the event, the worker restarted since, or the event left the bound) it cannot
+  tell, and the decision is applied as it stands.
 
 Order: the superseding verdict goes to the verdict topic under the review record's key,
 which is the machine verdict's key, so it lands on the machine verdict's partition after
@@ -77,6 +78,9 @@ class RememberedVerdict:
     """The input record's timestamp."""
     machine: RememberedVerdict | None = None
     """A superseding verdict's: the machine verdict behind the one it replaced, if remembered."""
+    built: bool = False
+    """A machine verdict this process built (``ReviewStage.remember``); False for superseding
+    verdicts and for ids only named by a decision."""
 
     @property
     def content_date(self) -> date | None:
@@ -90,7 +94,11 @@ class RememberedVerdict:
 
 
 class RecentVerdicts:
-    """Per (kind, event id), the last verdicts published for it; at most ``max_events`` events."""
+    """Per (kind, event id), the last verdicts published for it; at most ``max_events`` events.
+
+    Per event at most ``_PER_EVENT`` machine verdicts this process built and as many others
+    (superseding verdicts, ids named by decisions), each kind bounded apart: reviews of one
+    event never push its machine verdicts out."""
 
     def __init__(self, max_events: int) -> None:
         self._max = max_events
@@ -105,8 +113,11 @@ class RecentVerdicts:
                 self._events.popitem(last=False)
             return
         self._events.move_to_end(key)
-        known[:] = [v for v in known if v.verdict_id != verdict.verdict_id][-(_PER_EVENT - 1) :]
+        known[:] = [v for v in known if v.verdict_id != verdict.verdict_id]
         known.append(verdict)
+        same = [v for v in known if v.built == verdict.built]
+        if len(same) > _PER_EVENT:
+            known.remove(same[0])
 
     def of(self, kind: str, event_id: str) -> list[RememberedVerdict] | None:
         """The remembered verdicts of the event, oldest first; None when it is not remembered."""
@@ -179,6 +190,7 @@ class ReviewStage:
                 tuple((hit.category, hit.score) for hit in verdict.violations),
                 job.event.created_at,
                 record.timestamp,
+                built=True,
             ),
         )
 
@@ -205,16 +217,14 @@ class ReviewStage:
                 "duplicate_review",
                 f"review_id {decision.review_id!r} was applied already, from {first[0]}-{first[1]} offset {first[2]}",
             )
-        known = self.recent.of(decision.kind, decision.event_id)
-        superseded = None
-        if known is not None:
-            superseded = next((v for v in known if v.verdict_id == decision.verdict_id), None)
-            if superseded is None:
-                return ReviewRefused(
-                    "unknown_verdict",
-                    f"{decision.kind} {decision.event_id!r} has no verdict {decision.verdict_id!r}; its recent "
-                    f"verdicts: {', '.join(v.verdict_id for v in known)}",
-                )
+        known = self.recent.of(decision.kind, decision.event_id) or []
+        superseded = next((v for v in known if v.verdict_id == decision.verdict_id), None)
+        if superseded is None and any(v.built for v in known):
+            return ReviewRefused(
+                "unknown_verdict",
+                f"{decision.kind} {decision.event_id!r} has no verdict {decision.verdict_id!r}; its recent "
+                f"verdicts: {', '.join(v.verdict_id for v in known)}",
+            )
         machine = superseded.machine if superseded is not None and superseded.machine is not None else superseded
         if machine is not None and machine.action is None:
             machine = None
