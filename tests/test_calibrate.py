@@ -70,10 +70,41 @@ def test_quality_counts_calls_tokens_and_both_stages_alone():
     escalated[[0, 1, 55]] = True  # batches of 10: two batches call the second stage
     q = quality(r, escalated, batch_size=10)
     assert (q["calls_alone"], q["calls_cascade"], q["calls_saved_fraction"]) == (10, 2, 0.8)
+    assert (q["calls_cascade_pooled"], q["calls_saved_fraction_pooled"]) == (1, 0.9)  # ceil(3 / 10)
     assert (q["tokens_alone"], q["tokens_cascade"]) == (1000, 30)
     assert q["second_stage_inputs"] == 3 and q["escalated_fraction"] == 0.03
     assert q["categories"]["x"]["then"]["f1"] == 1.0
     assert q["categories"]["x"]["first"]["f1"] < 1.0
+
+
+def test_pooled_calls_fill_full_second_stage_calls_per_kind():
+    """30% escalated, spread so that every batch of 10 has some: one call per batch alone,
+    but pooled, ceil(escalated / batch size) per kind (texts and conversations pool apart)."""
+    from dataclasses import replace
+
+    r = replace(replay({"x": (0.42, 0.55)}, size=100), kinds=["content"] * 60 + ["conversation"] * 40)
+    escalated = np.zeros(100, dtype=bool)
+    escalated[::10] = escalated[1::10] = escalated[2::10] = True  # 18 content, 12 conversation inputs
+    q = quality(r, escalated, batch_size=10)
+    assert (q["calls_alone"], q["calls_cascade"], q["calls_saved_fraction"]) == (10, 10, 0.0)
+    assert q["calls_cascade_pooled"] == 2 + 2  # ceil(18 / 10) + ceil(12 / 10)
+    assert q["calls_saved_fraction_pooled"] == 0.6
+
+
+def test_the_summary_gives_the_pooled_calls_saved_beside_the_per_batch_ones():
+    from worker.offline.calibrate import format_summary
+
+    r = replay({"x": (0.42, 0.55)}, size=100)
+    escalated = np.zeros(100, dtype=bool)
+    escalated[[0, 1, 55]] = True
+    report = {
+        "first": "local",
+        "then": "mistral",
+        "bands": {},
+        "default_band": 0.1,
+        "test": quality(r, escalated, batch_size=10),
+    }
+    assert "calls saved 80.0% (90.0% pooled)" in format_summary(report)
 
 
 def test_per_category_bands_keep_every_category_within_the_loss():

@@ -13,11 +13,13 @@ The worker's own stages run unchanged. Only its seams to the outside are replace
   by that endpoint's outage. Each kind (content events, conversation turns) has its own
   endpoint, with its own outage. A seed runs the worker either on one ``ScriptedBackend``,
   or on the real ``CascadeBackend`` over two of them (inputs marked ``UNSURE`` or
-  ``POISON2`` escalate; ``POISON2`` fails the second stage only).
+  ``POISON2`` escalate; ``POISON2`` fails the second stage only). Most cascade seeds pool
+  the escalated inputs of concurrent batches (the pool's timer sleeps on the virtual clock).
 - ``MemoryChangelog`` stands in for the conversation state's changelog: a restore reads
   back the changelog records the broker acknowledged. Every input is shadowed, by the
   real ``Shadow`` on ``ShadowBackend``; half the cascade seeds run on ``STACKED_POLICY``.
-- ``VirtualClock`` replaces the scorer's sleeps: they end when the world advances time.
+- ``VirtualClock`` replaces the scorer's sleeps, and the cascade pool's: they end when the
+  world advances time.
 
 A seed makes the input logs and a *script*: one ``Step`` per action, each with its own
 number that seeds every choice inside it. ``World.step`` runs one step, then checks every
@@ -703,6 +705,10 @@ class World:
             self.tps.append(self.reviews_tp)
             logs[self.reviews_tp] = []
         stacked = self.cascade and random.Random(f"policy-{seed}").random() < 0.5
+        pooling = random.Random(f"pool-{seed}")
+        self.pool_size = pooling.choice([2, 4, 8])
+        """Cascade seeds: the second stage's batch size; its pool waits on the virtual clock."""
+        self.pool_wait_s = pooling.choice([0.0, 0.02, 0.02])
         self.policy = Policy.from_mapping(STACKED_POLICY) if stacked else Policy.load(None)
         self.broker = Broker(logs)
         self.poison: set[Input] = set()
@@ -791,7 +797,14 @@ class World:
         backend: Backend
         if self.cascade:
             bands = UncertaintyBands(policy, default_band=BAND)
-            backend = CascadeBackend(stage(FirstStage), stage(SecondStage), bands)
+            backend = CascadeBackend(
+                stage(FirstStage),
+                stage(SecondStage),
+                bands,
+                batch_size=self.pool_size,
+                max_wait_s=self.pool_wait_s,
+                sleep=self.clock.sleep,
+            )
         else:
             backend = stage(ScriptedBackend)
         shadow = Shadow(self.settings, policy=policy, backend=self.shadow_backend, publish=self._shadow_publish)

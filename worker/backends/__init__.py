@@ -70,6 +70,8 @@ def create_backend(settings: Settings, policy: Policy | None = None) -> Backend:
             create_named(settings, settings.cascade.first, policy),
             create_named(settings, settings.cascade.then, policy),
             bands,
+            batch_size=settings.cascade.then_batch_size or settings.batch.max_size,
+            max_wait_s=settings.cascade.max_wait_ms / 1000,
         )
     return create_named(settings, settings.backend, policy)
 

@@ -98,6 +98,12 @@ def watch_cache(*, bypass: bool = False) -> Iterator[CacheUse]:
         _USE.reset(token)
 
 
+def cache_use() -> CacheUse | None:
+    """The ``CacheUse`` of the innermost ``watch_cache()`` block around the caller, if any:
+    the cascade adds a pooled second-stage call's counts to every contributing caller's."""
+    return _USE.get()
+
+
 def _from_cache(scored: Scored) -> Scored:
     """A cached answer, marked as such where it carries details (its tokens were spent earlier)."""
     if scored.details is None:

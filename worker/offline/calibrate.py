@@ -20,7 +20,9 @@ section (``MODWORKER_POLICY_FILE``); categories without labels get ``--default-b
 
 The report (``OUT.json``): escalated fraction, second-stage inputs, calls (batches of
 ``--batch-size`` in data order: a cascade batch calls the second stage when any of its
-inputs escalates) and tokens (UTF-8 bytes / 4 of the judged text and its context) against
+inputs escalates, ``calls_cascade``; and pooled, ``calls_cascade_pooled``: the escalated
+inputs of each kind in full calls of ``--batch-size``, ``ceil(escalated / batch size)``,
+the bound the worker's escalation pool reaches when concurrent batches fill it) and tokens (UTF-8 bytes / 4 of the judged text and its context) against
 the second stage alone, per-category precision/recall/F1 of the first stage alone, the
 second alone and the cascade, macro-F1 (categories with positives), and a curve of
 escalation against macro-F1 for uniform bands, plotted beside the report.
@@ -376,13 +378,14 @@ def quality(replay: Replay, escalated: np.ndarray, *, batch_size: int) -> dict[s
         stage: round(sum(e[stage]["f1"] for e in counted) / len(counted), 4) if counted else 0.0
         for stage in ("first", "then", "cascade")
     }
-    calls_alone = calls_cascade = 0
+    calls_alone = calls_cascade = calls_pooled = 0
     for kind in sorted(set(replay.kinds)):
         rows = np.array([k == kind for k in replay.kinds])
         esc = escalated[rows]
         for start in range(0, len(esc), batch_size):
             calls_alone += 1
             calls_cascade += int(esc[start : start + batch_size].any())
+        calls_pooled += math.ceil(int(esc.sum()) / batch_size)  # each kind has its own pool
     tokens_alone = int(replay.tokens.sum())
     tokens_cascade = int(replay.tokens[escalated].sum())
     size = replay.size
@@ -393,6 +396,8 @@ def quality(replay: Replay, escalated: np.ndarray, *, batch_size: int) -> dict[s
         "calls_alone": calls_alone,
         "calls_cascade": calls_cascade,
         "calls_saved_fraction": round(1 - calls_cascade / calls_alone, 4) if calls_alone else 0.0,
+        "calls_cascade_pooled": calls_pooled,
+        "calls_saved_fraction_pooled": round(1 - calls_pooled / calls_alone, 4) if calls_alone else 0.0,
         "tokens_alone": tokens_alone,
         "tokens_cascade": tokens_cascade,
         "tokens_saved_fraction": round(1 - tokens_cascade / tokens_alone, 4) if tokens_alone else 0.0,
@@ -848,7 +853,8 @@ def format_summary(report: dict[str, Any]) -> str:
     test = report["test"]
     lines = [
         f"cascade {report['first']} -> {report['then']} on {test['inputs']} test inputs: "
-        f"{test['escalated_fraction']:.1%} escalated, calls saved {test['calls_saved_fraction']:.1%}, "
+        f"{test['escalated_fraction']:.1%} escalated, calls saved {test['calls_saved_fraction']:.1%} "
+        f"({test['calls_saved_fraction_pooled']:.1%} pooled), "
         f"tokens saved {test['tokens_saved_fraction']:.1%}; macro-F1 cascade {test['macro_f1']['cascade']:.4f}, "
         f"{report['then']} alone {test['macro_f1']['then']:.4f}, {report['first']} alone {test['macro_f1']['first']:.4f}",
         "| category | support | band (below, above) | F1 first | F1 then | F1 cascade | loss |",

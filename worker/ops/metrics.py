@@ -317,6 +317,13 @@ CASCADE_INPUTS = Counter(
     ["decided_by"],
     registry=REGISTRY,
 )
+CASCADE_THEN_CALL_SIZE = Histogram(
+    f"{PREFIX}_cascade_then_call_size",
+    "Inputs per cascade second-stage call (escalated inputs of concurrent batches, pooled); its count: the calls.",
+    ["kind"],
+    buckets=_BATCH_SIZES,
+    registry=REGISTRY,
+)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
 """Value of ``moderation_worker_backend_circuit_state`` for each breaker state."""
 
@@ -384,6 +391,7 @@ shadow_decisions = LabelCache(SHADOW_DECISIONS)
 shadow_categories = LabelCache(SHADOW_CATEGORIES)
 shadow_failures = LabelCache(SHADOW_FAILURES)
 cascade_inputs = LabelCache(CASCADE_INPUTS)
+cascade_then_call_size = LabelCache(CASCADE_THEN_CALL_SIZE)
 review_decisions = LabelCache(REVIEW_DECISIONS)
 review_categories = LabelCache(REVIEW_CATEGORIES)
 
