@@ -66,6 +66,8 @@ def test_defaults_are_the_documented_ones(minimal_env):
         ("MODWORKER_KAFKA__ENABLE_IDEMPOTENCE", "false", "kafka.enable_idempotence", False),
         ("MODWORKER_KAFKA__BOOTSTRAP_SERVERS", "a:1,b:2", "kafka.bootstrap_servers", "a:1,b:2"),
         ("KAFKA_BOOTSTRAP_SERVERS", "c:3", "kafka.bootstrap_servers", "c:3"),
+        ("MODWORKER_KAFKA__MAX_PARTITION_FETCH_BYTES", "1048576", "kafka.max_partition_fetch_bytes", 1_048_576),
+        ("MODWORKER_KAFKA__FETCH_MAX_BYTES", "8388608", "kafka.fetch_max_bytes", 8_388_608),
     ],
 )
 def test_each_documented_environment_name_sets_its_field(monkeypatch, minimal_env, env_name, raw, path, expected):
@@ -180,6 +182,8 @@ def test_a_bad_value_in_the_yaml_file_names_its_environment_variable(tmp_path, m
         ("MODWORKER_KAFKA__ENABLE_IDEMPOTENCE", "maybe"),
         ("MODWORKER_BACKEND", "watson"),
         ("MODWORKER_KAFKA__SECURITY_PROTOCOL", "TLS"),
+        ("MODWORKER_KAFKA__MAX_PARTITION_FETCH_BYTES", "1000"),
+        ("MODWORKER_KAFKA__FETCH_MAX_BYTES", "1MiB"),
     ],
 )
 def test_a_bad_value_gives_one_line_naming_the_variable(monkeypatch, minimal_env, env_name, raw):
@@ -509,3 +513,21 @@ def test_one_poison_attempt_is_refused_as_an_outage_could_dead_letter_healthy_in
         kafka={"bootstrap_servers": "broker:9092"}, scoring={"poison_attempts": 2}, require_backend=False
     )
     assert settings.scoring.poison_attempts == 2
+
+
+async def test_the_fetch_bounds_default_to_a_fraction_of_the_in_flight_byte_cap_and_reach_the_consumer(minimal_env):
+    from worker.pipeline.source import Source
+
+    settings = load_settings()
+    kafka = settings.kafka
+    # docs/benchmarks.md (memory): aiokafka's 1 MiB per partition and 50 MiB per response were
+    # the largest holder while draining; read records count against the byte cap only once polled.
+    assert (kafka.max_partition_fetch_bytes, kafka.fetch_max_bytes) == (128 * 1024, 512 * 1024)
+    assert kafka.fetch_max_bytes * 64 <= settings.max_in_flight_bytes
+
+    async def nothing(tps: object) -> None:
+        return None
+
+    source = Source(settings, on_assign=nothing, on_revoke=nothing, rebalance_timeout_ms=10_000)
+    consumer = source._consumer  # what aiokafka builds its fetcher from, at start
+    assert (consumer._max_partition_fetch_bytes, consumer._fetch_max_bytes) == (128 * 1024, 512 * 1024)

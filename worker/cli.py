@@ -615,7 +615,7 @@ async def _tail(
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition
 
-    from worker.pipeline.source import client_options
+    from worker.pipeline.source import client_options, fetch_options
 
     existing = await topic_partitions(settings, topic)
     if partition is not None and partition not in existing:
@@ -623,7 +623,11 @@ async def _tail(
     partitions = [TopicPartition(topic, p) for p in existing if partition is None or p == partition]
     isolation = "read_committed" if read_committed else "read_uncommitted"
     consumer = AIOKafkaConsumer(
-        **client_options(settings.kafka), group_id=None, enable_auto_commit=False, isolation_level=isolation
+        **client_options(settings.kafka),
+        **fetch_options(settings.kafka),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level=isolation,
     )
     try:
         await consumer.start()

@@ -68,6 +68,21 @@ class KafkaSettings(BaseModel):
     fetch_max_wait_ms: int = Field(
         default=500, ge=0, description="Longest a fetch waits at the broker for data; lower trades CPU for latency."
     )
+    max_partition_fetch_bytes: int = Field(
+        default=128 * 1024,
+        ge=1_024,
+        description="Record bytes one fetch response brings per partition, at most (aiokafka's default 1 MiB per "
+        "partition was the largest holder of the worker's memory while draining). A record batch larger than "
+        "this still comes whole, in a fetch where its partition is first (Kafka's KIP-74): it bounds memory, "
+        "not the largest record.",
+    )
+    fetch_max_bytes: int = Field(
+        default=512 * 1024,
+        ge=1_024,
+        description="Record bytes of one fetch response across its partitions, at most (aiokafka's default: 50 MiB); "
+        "a first record batch larger than this still comes whole. Read records count against "
+        "MODWORKER_MAX_IN_FLIGHT_BYTES only once polled: keep this well below it.",
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         default="earliest", description="Where a new group starts reading."
     )
@@ -285,6 +300,19 @@ class CascadeSettings(BaseModel):
         le=1,
         description="Uncertainty band on each side of a threshold, for categories the policy's cascade section "
         "does not give.",
+    )
+    then_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="Inputs per second-stage call, at most: the escalated inputs of concurrent batches are pooled "
+        "up to it. Unset: MODWORKER_BATCH__MAX_SIZE.",
+    )
+    max_wait_ms: int = Field(
+        default=20,
+        ge=0,
+        description="Longest an escalated input waits for the pool to fill before its second-stage call is sent; "
+        "0: no pooling (one second-stage call per first-stage batch with any escalated input).",
     )
 
 

@@ -69,7 +69,7 @@ from worker.backends.pacing import RateLimitHeaderNames
 from worker.config import ConfigError, Settings
 from worker.ops.logs import DsaSubmitEvent
 from worker.pipeline.sink import dead_letter_record
-from worker.pipeline.source import client_options, make_producer
+from worker.pipeline.source import client_options, fetch_options, make_producer
 from worker.pipeline.types import Record
 
 log = structlog.get_logger("worker.ops.dsa_submit")
@@ -230,6 +230,7 @@ class DsaSubmitter:
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
             max_poll_records=self._batch_size,
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            **fetch_options(kafka),
             isolation_level="read_committed",
         )
         await self._api.start()

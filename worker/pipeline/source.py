@@ -36,6 +36,14 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def fetch_options(kafka: KafkaSettings) -> dict[str, int]:
+    """aiokafka keyword arguments bounding what a consumer's fetch responses hold."""
+    return {
+        "max_partition_fetch_bytes": kafka.max_partition_fetch_bytes,
+        "fetch_max_bytes": kafka.fetch_max_bytes,
+    }
+
+
 def make_producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     """The producer all outputs go through: acks from all in-sync replicas."""
     options = {
@@ -167,6 +175,7 @@ class Source:
             rebalance_timeout_ms=rebalance_timeout_ms,
             max_poll_records=kafka.max_poll_records,
             fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            **fetch_options(kafka),
             # Exactly-once: inputs written in transactions upstream are read once committed.
             isolation_level="read_committed" if settings.delivery == "exactly_once" else "read_uncommitted",
         )

@@ -30,7 +30,7 @@ from aiokafka.structs import TopicPartition
 
 from worker.config import KafkaSettings
 from worker.ops.logs import Event
-from worker.pipeline.source import client_options
+from worker.pipeline.source import client_options, fetch_options
 
 log = structlog.get_logger("worker.pipeline.state_changelog")
 
@@ -141,6 +141,7 @@ class StateChangelog:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=_FETCH_WAIT_MS,
+            **fetch_options(self._kafka),
             isolation_level="read_committed" if self.read_committed else "read_uncommitted",
         )
         latest: dict[int, dict[str, bytes | None]] = {p: {} for p in partitions}
