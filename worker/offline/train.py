@@ -100,6 +100,9 @@ def add_command(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--model-id", help="name recorded on verdicts (default: <out dir name>-<encoder>-head)")
     parser.add_argument("--limit", type=int, help="use only the first N records of each file (quick trials)")
     parser.add_argument("--config", type=Path, help="settings YAML (device, dtype, batch budget under 'local')")
+    from worker.offline.fine_tune import add_arguments
+
+    add_arguments(parser)
     parser.set_defaults(func=cmd_train)
 
 
@@ -109,6 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from worker.cli import CommandError
     from worker.offline.head_fit import FitSettings, fit_head, grouped_folds, ngram_matrix, ngram_vocabulary
 
+    if args.fine_tune:
+        from worker.offline.fine_tune import cmd_fine_tune
+
+        return cmd_fine_tune(args)
     started = time.monotonic()
     settings = tool_settings(args.config)
     if not 0.0 < args.validation < 1.0:

@@ -21,6 +21,7 @@ text padded to the call's longest), which shows what token-sized batching saves.
     python worker/offline/bench/local_model.py --device cuda                    # BERT-base fp16 on GPU
     python worker/offline/bench/local_model.py --device cuda --model starter --batch-sizes 32,256
     python worker/offline/bench/local_model.py --batch-sizes 32,128 --max-tokens default --quantize none,int8
+    python worker/offline/bench/local_model.py --model worker/models/starter-frozen-head,starter --batch-sizes 32,128
 
 Data: texts.jsonl is derived from public sets (openai/moderation-api-release, MIT;
 t-davidson/hate-speech-and-offensive-language, MIT; paul-rottger/exaggerated-safety,
@@ -200,7 +201,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
-        "--model", choices=["starter", "bert-base-random"], help="default: starter on cpu, bert-base-random on cuda"
+        "--model",
+        help="comma-separated models run in turn: starter, bert-base-random, or any MODWORKER_LOCAL__MODEL "
+        "(a directory); default: starter on cpu, bert-base-random on cuda",
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument(
@@ -229,24 +232,28 @@ def main() -> int:
         f"local backend: {model_name} on {args.device} ({args.dtype}), {len(texts)} texts from {DATA.name}", flush=True
     )
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(save_bert_base_random(Path(tmp))) if model_name == "bert-base-random" else "starter"
-        runs = [
-            asyncio.run(
-                bench(
-                    model,
-                    args.device,
-                    args.dtype,
-                    sizes,
-                    texts,
-                    args.seconds,
-                    None if budget == "default" else int(budget),
-                    quantize,
-                    args.threads,
-                )
-            )
-            for quantize in args.quantize.split(",")
-            for budget in args.max_tokens.split(",")
-        ]
+        runs = []
+        for name in model_name.split(","):
+            print(f"model {name}:", flush=True)
+            model = str(save_bert_base_random(Path(tmp))) if name == "bert-base-random" else name
+            for quantize in args.quantize.split(","):
+                for budget in args.max_tokens.split(","):
+                    run = asyncio.run(
+                        bench(
+                            model,
+                            args.device,
+                            args.dtype,
+                            sizes,
+                            texts,
+                            args.seconds,
+                            None if budget == "default" else int(budget),
+                            quantize,
+                            args.threads,
+                        )
+                    )
+                    for row in run["rows"]:
+                        row["model"] = run["model"]
+                    runs.append(run)
     result = {**runs[0], "rows": [row for run in runs for row in run["rows"]]}
     result["machine"] = machine()
     result["model_name"] = model_name
