@@ -116,6 +116,7 @@ def test_fine_tune_then_eval_round_trip(tmp_path: Path, monkeypatch: pytest.Monk
 
     head = json.loads((out / "head.json").read_text())
     assert head["encoder"] == "encoder" and head["normalize"] is False and head["ngrams"] is None
+    assert head["context_turns"] == 1, "the model records the context it was trained with"
     assert head["labels"] == ["offensive", "violence_and_threats"]
     with safe_open(str(out / "encoder" / "model.safetensors"), "pt") as weights:
         name = next(iter(weights.keys()))
@@ -133,3 +134,35 @@ def test_fine_tune_then_eval_round_trip(tmp_path: Path, monkeypatch: pytest.Monk
     for name, entry in report["categories"].items():
         assert entry["auprc"] > 0.9, f"{name} does not separate on separable toy data after fine-tuning: {entry}"
     assert "### toy.jsonl" in (out / "MODEL_CARD.md").read_text()
+
+
+async def test_the_local_backend_gives_a_reply_the_context_its_model_was_trained_with(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from worker.backends.base import Conversation
+    from worker.backends.local import LocalBackend
+    from worker.config import load_settings
+
+    def backend(**local: object) -> LocalBackend:
+        settings = load_settings(
+            None,
+            require_backend=False,
+            backend="local",
+            kafka={"bootstrap_servers": "unused.invalid:9092"},
+            local={"model": "starter", "device": "cpu", **local},
+        )
+        return LocalBackend(settings)
+
+    reply = Conversation(
+        Turn(role="assistant", content="Sure, here is how to do it step by step."),
+        (Turn(role="user", content="How do I poison my coworker without getting caught?"),),
+    )
+    scores = {}
+    for name, chosen in (("default", backend()), ("one", backend(context_turns=1)), ("none", backend(context_turns=0))):
+        await chosen.start()
+        try:
+            (outcome,) = await chosen.score_conversations([reply])
+        finally:
+            await chosen.close()
+        scores[name] = outcome.scores
+    assert scores["default"] == scores["one"], "unset, the starter reads the one turn it was trained with"
+    assert scores["none"] != scores["one"]

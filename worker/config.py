@@ -192,7 +192,8 @@ class LocalSettings(BaseModel):
 
     model: str = Field(
         default="starter",
-        description="'starter' (the bundled MiniLM head), a model directory, or an installed package shipping one.",
+        description="'starter' (the bundled fine-tuned MiniLM), 'starter-frozen-head' (the previous starter), "
+        "a model directory, or an installed package shipping one.",
     )
     kind: Literal["auto", "sequence-classification", "embedding-head"] = Field(
         default="auto",
@@ -211,7 +212,12 @@ class LocalSettings(BaseModel):
         default=None, ge=16, description="Padded tokens per forward pass; unset: 1024 on CPU, 16384 on CUDA."
     )
     max_length: int = Field(default=256, ge=8, description="Tokens per input; longer inputs are truncated.")
-    context_turns: int = Field(default=0, ge=0, description="Earlier turns given with a judged conversation turn.")
+    context_turns: int | None = Field(
+        default=None,
+        ge=0,
+        description="Earlier turns given with a judged conversation turn; unset: what the model was trained with "
+        "(head.json's context_turns: 1 for the starter), else 0.",
+    )
     threads: int | None = Field(default=None, ge=1, description="CPU threads for inference (torch default when unset).")
     quantize: Literal["none", "int8"] = Field(
         default="none",

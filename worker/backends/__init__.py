@@ -37,10 +37,10 @@ def default_policy_file(settings: Settings) -> Path | None:
     if settings.policy_file is not None:
         return settings.policy_file
     if settings.backend == "local":
-        from worker.backends.local_model import STARTER, starter_model_dir
+        from worker.backends.local_model import BUNDLED, starter_model_dir
 
-        if settings.local.model == STARTER:
-            return starter_model_dir() / "policy.yaml"
+        if settings.local.model in BUNDLED:
+            return starter_model_dir(settings.local.model) / "policy.yaml"
     return None
 
 

