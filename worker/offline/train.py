@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from worker.cli import CommandError
     from worker.offline.head_fit import FitSettings, fit_head, grouped_folds, ngram_matrix, ngram_vocabulary
 
-    if args.fine_tune:
+    if getattr(args, "fine_tune", False):
         from worker.offline.fine_tune import cmd_fine_tune
 
         return cmd_fine_tune(args)
