@@ -173,3 +173,8 @@ async def committed(
     finally:
         await admin.close()
     return {tp: meta.offset for tp, meta in result.items() if meta is not None and meta.offset >= 0}
+
+
+def log_events(log: str, name: str) -> list[dict]:
+    """The JSON log lines of ``log`` (a process's output) whose ``event`` is ``name``."""
+    return [e for line in log.splitlines() if line.startswith("{") and (e := json.loads(line)).get("event") == name]

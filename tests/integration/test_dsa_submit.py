@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from schemas import DeadLetterHeaders
-from tests.kafka_support import committed, create_topics, produce, read_all
+from tests.kafka_support import committed, create_topics, log_events, produce, read_all
 from tests.pipeline.test_statements import valid_body
 from worker.config import load_settings
 from worker.ops.dsa_submit import DsaSubmitter
@@ -293,7 +293,7 @@ async def test_a_restart_in_the_middle_stores_nothing_twice_and_skips_nothing(br
         # flight at one of the two SIGKILLs can have been stored and then sent again.
         assert len(server.duplicates_refused) <= 2 * 20
         logs = [process.log() for process in (first, second, third, fourth)]
-    assert '"event": "dsa.submit.stopped"' in logs[0] and '"event": "dsa.submit.stopped"' in logs[3]
+    assert log_events(logs[0], "dsa.submit.stopped") and log_events(logs[3], "dsa.submit.stopped")
     for text in logs:
         assert TOKEN not in text
         for line in text.splitlines():
@@ -329,7 +329,7 @@ async def test_sigterm_while_the_api_is_down_stops_within_the_drain_timeout_comm
         assert time.monotonic() - started < 15
         assert server.accepted == []
         log = process.log()
-        assert '"event": "backend.http.retry"' in log and '"event": "dsa.submit.drain_timeout"' in log
+        assert log_events(log, "backend.http.retry") and log_events(log, "dsa.submit.drain_timeout")
     assert await committed(broker.bootstrap_servers, group, [topic], PARTITIONS) == {}
     assert TOKEN not in log
 
@@ -353,4 +353,4 @@ async def test_two_submitters_share_the_topic_through_a_rebalance_and_store_each
         assert [puid for puid, n in accepted.items() if n > 1] == []
         assert set(accepted) == {s["puid"] for s in valid}
         assert len(server.duplicates_refused) <= 20 * PARTITIONS
-    assert '"event": "dsa.submit.batch"' in second.log()  # the second took a share
+    assert log_events(second.log(), "dsa.submit.batch")  # the second took a share

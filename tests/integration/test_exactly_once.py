@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from tests.conftest import worker_env
-from tests.kafka_support import committed, produce, read_all
+from tests.kafka_support import committed, log_events, produce, read_all
 from worker.config import load_settings
 from worker.ops import metrics
 from worker.pipeline.transactions import TransactionalSink, transactional_id
@@ -72,10 +72,6 @@ async def committed_verdicts(bootstrap: str, topic: str, *, expected: int, timeo
         if len(counts) >= expected:
             break
     return counts
-
-
-def log_events(log: str, name: str) -> list[dict]:
-    return [e for line in log.splitlines() if line.startswith("{") and (e := json.loads(line)).get("event") == name]
 
 
 async def test_sigkill_mid_stream_then_restart_gives_each_input_exactly_one_committed_verdict(

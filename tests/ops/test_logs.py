@@ -49,3 +49,36 @@ def test_a_worker_in_json_mode_prints_only_json_while_kafka_is_unreachable():
     assert events[-1]["event"] == "worker.exit" and "cannot reach Kafka" in events[-1]["error"]
     assert any(event["event"] == "config.deprecated_setting" for event in events)
     assert "sk-never-printed-123" not in result.stderr.decode() + result.stdout.decode()
+
+
+def test_json_lines_scrub_secrets_in_every_form_and_write_what_orjson_cannot():
+    from worker.ops.logs import JsonLines
+
+    secret = 'sk-"odd\\key'
+    render = JsonLines([secret, "plain-secret-42"])
+
+    class Thing:
+        def __repr__(self) -> str:
+            return "Thing(plain-secret-42)"
+
+    line = render(
+        None,
+        "info",
+        {
+            "event": "backend.http.retry",
+            "header": f"Bearer {secret}",
+            "nested": {"list": ["plain-secret-42", {"deep": secret}]},
+            "thing": Thing(),
+            3: "a non-string key",
+        },
+    )
+    assert "plain-secret-42" not in line and "odd" not in line
+    parsed = json.loads(line)
+    assert parsed["header"] == "Bearer ***"
+    assert parsed["nested"] == {"list": ["***", {"deep": "***"}]}
+    assert parsed["thing"] == "Thing(***)"
+    assert parsed["3"] == "a non-string key"
+    # orjson refuses these: the line goes through the standard json module, still scrubbed
+    line = render(None, "info", {"event": "x", "big": 2**70, "surrogate": "\ud800", "key": "plain-secret-42"})
+    parsed = json.loads(line)
+    assert parsed["big"] == 2**70 and parsed["surrogate"] == "\ud800" and parsed["key"] == "***"

@@ -13,12 +13,14 @@ template); the next line that passes carries ``repeated``, the number held back.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -154,16 +156,19 @@ def configure_logging(
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     global _json_mode  # noqa: PLW0603 - one process, one logging set-up
     _json_mode = use_json
-    scrub = _Redactor([s for s in secrets if s])
+    kept = [s for s in secrets if s]
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    renderer: Processor = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    # JSON lines are scrubbed once rendered (one substring test per secret on one string);
+    # the console renderer's layout is its own, so its values are scrubbed one by one first.
+    scrubbing: list[Processor] = [] if use_json else [_Redactor(kept)]
+    renderer: Processor = JsonLines(kept) if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             timestamper,
             structlog.processors.format_exc_info,
-            scrub,
+            *scrubbing,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -182,7 +187,7 @@ def configure_logging(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                scrub,
+                *scrubbing,
                 renderer,
             ],
         )
@@ -227,6 +232,40 @@ class RepeatFilter(logging.Filter):
         if len(self._seen) > 1_000:  # bound the memory of distinct templates
             self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval_s}
         return True
+
+
+class JsonLines:
+    """structlog renderer: the event as one JSON object (orjson), secrets replaced by ``***``.
+
+    Secrets are replaced in the rendered line, in their raw and their JSON-escaped forms, so
+    a secret anywhere in a value (nested, inside an exception's text, an object's ``repr``)
+    is scrubbed at the cost of one substring test per secret. A value orjson cannot write
+    (an int beyond 64 bits, a lone surrogate) sends the line through the standard ``json``
+    module instead; objects are written as their ``__structlog__()`` or ``repr``.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        forms: dict[str, None] = {}
+        for secret in secrets:
+            forms[secret] = None
+            forms[orjson.dumps(secret).decode()[1:-1]] = None
+            forms[json.dumps(secret)[1:-1]] = None  # the fallback's ASCII escapes
+        self._secrets = list(forms)
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event: EventDict) -> str:
+        try:
+            line = orjson.dumps(event, default=_fallback, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:
+            line = json.dumps(event, default=_fallback)
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "***")
+        return line
+
+
+def _fallback(value: Any) -> Any:
+    structlog_form = getattr(value, "__structlog__", None)
+    return structlog_form() if callable(structlog_form) else repr(value)
 
 
 class _Redactor:
