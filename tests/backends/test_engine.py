@@ -91,3 +91,32 @@ def test_the_proxy_comes_from_the_environment_once_as_httpx_takes_it(monkeypatch
     assert environment_proxy("http://vllm.internal:8000") is None, "HTTPS_PROXY is for https URLs only"
     monkeypatch.setenv("NO_PROXY", "api.mistral.ai")
     assert environment_proxy("https://api.mistral.ai") is None
+
+
+@pytest.mark.parametrize("variable", [None, "SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_the_default_engine_trusts_the_certificates_httpx_trusts(monkeypatch, tmp_path, variable):
+    import certifi
+    import httpx
+
+    from worker.backends.engine import tls_context
+
+    if variable == "SSL_CERT_FILE":
+        monkeypatch.setenv(variable, certifi.where())
+    elif variable == "SSL_CERT_DIR":
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.setenv(variable, str(tmp_path))  # an empty directory: nothing loaded up front
+    else:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    ours, theirs = tls_context(), httpx.create_ssl_context()
+    assert ours.cert_store_stats() == theirs.cert_store_stats()
+    assert sorted(c["serialNumber"] for c in ours.get_ca_certs()) == sorted(
+        c["serialNumber"] for c in theirs.get_ca_certs()
+    )
+    assert (ours.verify_mode, ours.check_hostname, ours.minimum_version) == (
+        theirs.verify_mode,
+        theirs.check_hostname,
+        theirs.minimum_version,
+    )
+    if variable is None:
+        assert ours.cert_store_stats()["x509_ca"] > 50  # certifi's bundle, not an empty store

@@ -44,10 +44,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import httpx
 import orjson
 import structlog
 from pydantic import SecretStr
@@ -59,6 +58,9 @@ from worker.backends.pacing import RateLimitHeaderNames, RequestPacer
 from worker.config import HttpSettings
 from worker.ops import metrics
 from worker.ops.logs import HttpEvent
+
+if TYPE_CHECKING:
+    import httpx
 
 log = structlog.get_logger(__name__)
 
@@ -135,6 +137,8 @@ class RemoteApi:
         self._http = http
         self._transport = transport
         self._client: Poster | None = None
+        self._failures: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
+        """What a failed try raises under the engine in use (``start`` adds httpx's)."""
         self._in_flight = asyncio.Semaphore(http.max_connections)
         self._answered = asyncio.Event()
         """Set (and replaced) whenever a try gets an answer: wakes calls sleeping in their backoff."""
@@ -175,6 +179,9 @@ class RemoteApi:
                 pool_timeout_s=http.pool_timeout_s,
             )
             return
+        import httpx  # only for its own engine: the default one does not load it
+
+        self._failures = (httpx.TransportError, aiohttp.ClientError, TimeoutError)  # the transport may leave aiohttp's
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -248,7 +255,7 @@ class RemoteApi:
                 sent = time.monotonic()
                 try:
                     response = await self._client.post(path, content=encode_json(body), headers=_JSON_BODY)
-                except (httpx.TransportError, aiohttp.ClientError, TimeoutError) as err:
+                except self._failures as err:
                     # Under either engine (an aiohttp error the transport left unwrapped included).
                     name = failure_name(err)
                     timeout = name in TIMEOUTS

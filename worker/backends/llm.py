@@ -53,7 +53,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import structlog
 
 from schemas import BackendDetails, Turn
@@ -81,6 +80,8 @@ from worker.ops import metrics
 from worker.ops.logs import LlmEvent
 
 if TYPE_CHECKING:
+    import httpx
+
     from worker.pipeline.policy import Policy
 
 log = structlog.get_logger(__name__)

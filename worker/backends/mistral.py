@@ -20,9 +20,7 @@ limits, the breaker, long inputs and bisection on 400: ``worker.backends.http`` 
 
 from __future__ import annotations
 
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from schemas import Turn
 from worker.backends.base import BackendUnavailable, Scored
@@ -31,6 +29,9 @@ from worker.backends.long_inputs import estimate_conversation_tokens, estimate_t
 from worker.backends.pacing import RateLimitHeaderNames
 from worker.backends.remote import RemoteBackend, score_value
 from worker.config import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 MISTRAL = ApiDialect(
     name="Mistral",

@@ -17,9 +17,7 @@ treated like any other rejection.
 
 from __future__ import annotations
 
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from schemas import Turn
 from worker.backends.base import BackendUnavailable, Scored
@@ -28,6 +26,9 @@ from worker.backends.long_inputs import estimate_tokens
 from worker.backends.pacing import RateLimitHeaderNames
 from worker.backends.remote import RemoteBackend, score_value
 from worker.config import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 PATH = "/v1/moderations"
 
