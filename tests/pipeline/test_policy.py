@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from schemas import ACTION_SEVERITY
+from schemas import ACTION_SEVERITY, CategoryHit
 from worker.pipeline.policy import Decision, Policy, PolicyError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -623,3 +623,15 @@ def test_a_policy_file_nested_too_deeply_is_a_policy_error_not_a_recursion_error
     path.write_text("categories:\n  spam: " + "[" * 5_000 + "]" * 5_000 + "\n", encoding="utf-8")
     with pytest.raises(PolicyError, match="nested too deeply"):
         Policy.load(path)
+
+
+def test_a_hit_is_built_equal_to_a_validated_category_hit():
+    decision = Policy.load(None).decide({"sexual": 0.97, "violence_and_threats": 0.01})
+    [hit] = decision.violations
+    validated = CategoryHit(category="sexual", score=0.97, threshold=hit.threshold, action=hit.action)
+    assert hit == validated
+    assert hit.model_dump_json() == validated.model_dump_json()
+    assert hit.model_fields_set == validated.model_fields_set
+    hit.model_fields_set.discard("score")  # each hit has a set of its own
+    [again] = Policy.load(None).decide({"sexual": 0.97}).violations
+    assert again.model_fields_set == validated.model_fields_set

@@ -88,7 +88,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -366,10 +366,42 @@ _CONTEXTS_REMEMBERED = 10_000
 
 @dataclass(frozen=True, slots=True)
 class _Rules:
-    """The rules in force for one combination of matching overrides."""
+    """The rules in force for one combination of matching overrides.
+
+    ``hits_at`` and ``default_hits_at`` are what ``decide`` compares scores with: a
+    category's threshold, or infinity where its action is ``allow`` (it never hits).
+    """
 
     categories: dict[str, _Rule]
     default: _Rule
+    hits_at: dict[str, float] = field(init=False)
+    default_hits_at: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hits_at", {name: _hits_at(rule) for name, rule in self.categories.items()})
+        object.__setattr__(self, "default_hits_at", _hits_at(self.default))
+
+
+def _hits_at(rule: _Rule) -> float:
+    return math.inf if rule.action == "allow" else rule.threshold
+
+
+def _hit(name: str, score: float, rule: _Rule) -> CategoryHit:
+    """A ``CategoryHit`` of values already valid (a finite score, a policy's rule), built
+    without validation as ``verdicts`` builds its models (tests/pipeline/test_policy.py
+    checks it equals a validated one)."""
+    hit = CategoryHit.__new__(CategoryHit)
+    object.__setattr__(
+        hit, "__dict__", {"category": name, "score": score, "threshold": rule.threshold, "action": rule.action}
+    )
+    object.__setattr__(hit, "__pydantic_fields_set__", _HIT_FIELDS.copy())
+    object.__setattr__(hit, "__pydantic_extra__", None)
+    object.__setattr__(hit, "__pydantic_private__", None)
+    return hit
+
+
+_HIT_FIELDS = {"category", "score", "threshold", "action"}
+_FLOATS_ONLY = {float}
 
 
 class Policy:
@@ -564,7 +596,7 @@ class Policy:
         aliases = self._aliases
         values = scores.values()
         if (
-            all(type(value) is float for value in values)
+            set(map(type, values)) <= _FLOATS_ONLY
             and math.isfinite(sum(values))  # any NaN or infinity makes the sum one (an overflow: the slow path)
             and aliases.keys().isdisjoint(scores)
         ):
@@ -572,12 +604,12 @@ class Policy:
         else:
             merged = self._merged(scores)
         rules = self._for_context.get((tenant, source)) or self._rules_for(tenant, source)
+        hits_at, default_hits_at = rules.hits_at, rules.default_hits_at
+        hit_names = [name for name, score in merged.items() if score >= hits_at.get(name, default_hits_at)]
+        if not hit_names:
+            return Decision(action="allow", violations=[])
         categories, default = rules.categories, rules.default
-        violations = []
-        for name, score in merged.items():
-            rule = categories.get(name, default)
-            if score >= rule.threshold and rule.action != "allow":
-                violations.append(CategoryHit(category=name, score=score, threshold=rule.threshold, action=rule.action))
+        violations = [_hit(name, merged[name], categories.get(name, default)) for name in hit_names]
         if len(violations) > 1:
             violations.sort(key=lambda hit: (-ACTION_SEVERITY[hit.action], -hit.score, hit.category))
         return Decision(action=violations[0].action if violations else "allow", violations=violations)
