@@ -17,8 +17,8 @@ from typing import Any
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import ContentEvent, ConversationEvent
 from worker.pipeline.decode import Decoder
+from worker.pipeline.events import ContentEvent, ConversationEvent
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Review
 
 CONTENT, CONVERSATION, REVIEWS = "ugc.content", "ugc.conversations", "moderation.reviews"

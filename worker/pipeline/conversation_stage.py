@@ -35,11 +35,11 @@ from typing import Protocol
 import structlog
 from aiokafka.structs import TopicPartition
 
-from schemas import ConversationEvent
 from worker.config import Settings
 from worker.ops import metrics
 from worker.ops.logs import Event
 from worker.pipeline.conversation_state import Change, ConversationState
+from worker.pipeline.events import ConversationEvent
 from worker.pipeline.state_changelog import StateChangelog
 from worker.pipeline.types import Job, OutRecord
 

@@ -1,7 +1,11 @@
 """Decode stage: raw Kafka record bytes -> a validated event, or a reason to dead-letter it.
 
-Pydantic validates straight from the value bytes (no intermediate ``json.loads``). Only
-when validation fails is the failure classified, so the common path stays cheap.
+msgspec decodes the value bytes into the event's Struct (``worker.pipeline.events``) first;
+where it cannot vouch that pydantic would accept the same bytes with the same values, pydantic
+validates them (straight from the bytes) as the contract's models define, and an accepted model
+becomes its Struct. So the inputs accepted and the values read are pydantic's, and a
+``Job.event`` is always a Struct. Only when validation fails is the failure classified, so the
+common path stays cheap.
 
 Contract: ``Decoder.decode`` never raises for bad input; every record yields either a
 ``Job`` or a ``DecodeFailure`` whose ``error_type`` is one of ``not_utf8``, ``not_json``,
@@ -17,33 +21,39 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas import ContentEvent, ConversationEvent, Kind, ReviewDecision
+import schemas
+from schemas import Kind, ReviewDecision
+from worker.pipeline.events import ContentEvent, ConversationEvent, EventDecoder, from_model
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record, Review
+
+_Model = type[schemas.ContentEvent] | type[schemas.ConversationEvent]
 
 
 class Decoder:
     """Turns records of the two input topics into ``Job`` or ``DecodeFailure``."""
 
     def __init__(self, *, content_topic: str, conversation_topic: str, max_text_chars: int) -> None:
-        self._models: dict[str, tuple[Kind, type[ContentEvent] | type[ConversationEvent]]] = {
-            content_topic: ("content", ContentEvent),
-            conversation_topic: ("conversation", ConversationEvent),
+        self._kinds: dict[str, tuple[Kind, EventDecoder, _Model]] = {
+            content_topic: ("content", EventDecoder(ContentEvent), schemas.ContentEvent),
+            conversation_topic: ("conversation", EventDecoder(ConversationEvent), schemas.ConversationEvent),
         }
         self._max_text_chars = max_text_chars
 
     def decode(self, record: Record, slot: PartitionOffsets) -> Job | DecodeFailure:
         """``record`` as a ``Job`` tracked in ``slot``, or why it cannot be judged. Never raises."""
-        entry = self._models.get(record.topic)
+        entry = self._kinds.get(record.topic)
         if entry is None:
             return DecodeFailure(record, "unknown_topic", f"no decoder for topic {record.topic!r}")
-        kind, model = entry
+        kind, decoder, model = entry
         value = record.value
         if value is None:
             return DecodeFailure(record, "not_json", "record has no value (tombstone)")
-        try:
-            event = model.model_validate_json(value)
-        except ValidationError as err:
-            return self._classify(record, err)
+        event = decoder.decode(value)
+        if event is None:
+            try:
+                event = from_model(model.model_validate_json(value))
+            except ValidationError as err:
+                return self._classify(record, err)
         if isinstance(event, ConversationEvent):
             text_len = len(event.content) + sum(len(turn.content) for turn in event.context)
             judged = event.content

@@ -78,7 +78,7 @@ from typing import cast
 
 import structlog
 
-from schemas import ConversationEvent, Kind, Turn
+from schemas import Kind, Turn
 from worker.backends.base import (
     Backend,
     BackendAuthError,
@@ -94,6 +94,7 @@ from worker.backends.cache import watch_cache
 from worker.config import FailPolicy
 from worker.ops import metrics
 from worker.ops.logs import Event
+from worker.pipeline.events import ConversationEvent, schema_turn, schema_turns
 from worker.pipeline.types import Job
 
 log = structlog.get_logger("worker.pipeline.scoring")
@@ -467,10 +468,11 @@ def _filled(results: list[Result | None]) -> list[Result]:
 
 
 def conversation_of(event: ConversationEvent | object, context: tuple[Turn, ...] | None = None) -> Conversation:
-    """What the backend judges for a conversation event: its context, then its turn last.
+    """What the backend judges for a conversation event: its context, then its turn last, as
+    ``schemas.Turn`` models (built without validation: the event's values are valid).
 
     ``context`` (from the conversation state, ``Job.context``) replaces the event's own when set.
     """
     assert isinstance(event, ConversationEvent)
-    turns = tuple(event.context) if context is None else context
-    return Conversation(turn=Turn(role=event.role, content=event.content), context=turns)
+    turns = schema_turns(event.context) if context is None else context
+    return Conversation(turn=schema_turn(event.role, event.content), context=turns)

@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from schemas import OUTPUT_HEADERS, ContentEvent, Kind, ShadowVerdict, Verdict
+from schemas import OUTPUT_HEADERS, Kind, ShadowVerdict, Verdict
 from worker.backends.base import Backend, Conversation, Outcome, Scored
 from worker.ops import metrics
 from worker.ops.logs import Event
+from worker.pipeline.events import ContentEvent
 from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import conversation_of
 from worker.pipeline.types import Job

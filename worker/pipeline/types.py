@@ -2,7 +2,8 @@
 
 - ``PartitionOffsets``: one owned input partition during one assignment period (the
   *slot*): which of its offsets are tracked and finished, and whether it is still owned.
-- ``Job``: one decoded input with its record and its slot, from decode to the sink.
+- ``Job``: one decoded input (a ``worker.pipeline.events`` Struct) with its record and its
+  slot, from decode to the sink.
 - ``Review``: one decoded human review decision with its record and its slot (it skips
   the backend: ``worker.pipeline.reviews``).
 - ``DecodeFailure``: a record that could not become a ``Job``; it is dead-lettered.
@@ -21,7 +22,8 @@ from typing import Protocol, TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import ContentEvent, ConversationEvent, Kind, ReviewDecision, Turn
+from schemas import Kind, ReviewDecision, Turn
+from worker.pipeline.events import ContentEvent, ConversationEvent, schema_turns
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 """An input record as aiokafka delivers it (``key`` and ``value`` may also be None)."""
@@ -127,6 +129,7 @@ class Job:
     """The offset state of the partition (and assignment period) the record was read in."""
     kind: Kind
     event: ContentEvent | ConversationEvent
+    """The decoded input, as ``worker.pipeline.events`` holds it (``kind`` says which)."""
     size: int
     """Bytes of the record value: a cheap upper bound of the text the backend will see."""
     context: tuple[Turn, ...] | None = None
@@ -152,7 +155,7 @@ class Job:
         if self.context is not None:
             return self.context
         event = self.event
-        return () if isinstance(event, ContentEvent) else tuple(event.context)
+        return () if isinstance(event, ContentEvent) else schema_turns(event.context)
 
     @property
     def key(self) -> bytes:

@@ -28,7 +28,6 @@ from schemas import (
     Action,
     BackendDetails,
     CategoryHit,
-    ContentEvent,
     InputPosition,
     StageScore,
     Turn,
@@ -36,6 +35,7 @@ from schemas import (
     Violation,
 )
 from worker.backends.base import Scored
+from worker.pipeline.events import ContentEvent
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job, Review
 
