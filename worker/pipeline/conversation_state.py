@@ -49,6 +49,7 @@ from pydantic_core import from_json, to_json
 from schemas import Turn
 from schemas.models import Role
 from worker.ops import metrics
+from worker.pipeline.events import schema_turn
 
 REPLAY_MARGIN_TURNS = 5
 """Turns stored beyond ``max_turns``: a replayed turn finds the context it was first judged
@@ -198,7 +199,7 @@ class ConversationState:
             if budget <= 0:
                 break
             content = turn.content if len(turn.content) <= budget else turn.content[-budget:]
-            picked.append(_turn(turn.role, content))
+            picked.append(schema_turn(turn.role, content))
             budget -= len(content)
         picked.reverse()
         return tuple(picked)
@@ -301,21 +302,6 @@ class ConversationState:
         if not math.isfinite(updated_at):  # would never expire, nor sort among the others
             raise ValueError(f"not a time of last activity: {updated_at!r}")
         return _Window(turns, updated_at, size)
-
-
-def _turn(role: Role, content: str) -> Turn:
-    """A ``Turn`` holding already-valid values, built as ``verdicts._assemble`` builds
-    verdicts: ``model_construct`` cost ~10x more, ten times per judged turn.
-    tests/pipeline/test_conversation_state.py checks it equals a validated ``Turn``."""
-    turn = Turn.__new__(Turn)
-    object.__setattr__(turn, "__dict__", {"role": role, "content": content})
-    object.__setattr__(turn, "__pydantic_fields_set__", _TURN_FIELDS)
-    object.__setattr__(turn, "__pydantic_extra__", None)
-    object.__setattr__(turn, "__pydantic_private__", None)
-    return turn
-
-
-_TURN_FIELDS = frozenset(("role", "content"))
 
 
 def _turn_size(turn: StoredTurn) -> int:

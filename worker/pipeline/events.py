@@ -145,7 +145,7 @@ def from_model(model: schemas.ContentEvent | schemas.ConversationEvent) -> Event
 
 def schema_turns(turns: tuple[Turn, ...]) -> tuple[schemas.Turn, ...]:
     """``turns`` as the ``schemas.Turn`` models backends take, built without validation
-    (as ``conversation_state._turn`` builds them: the values are valid already)."""
+    (the values are valid already)."""
     return tuple(schema_turn(turn.role, turn.content) for turn in turns)
 
 
