@@ -60,7 +60,7 @@ import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.structs import TopicPartition
 
-from schemas import Kind, Verdict
+from schemas import Kind
 from worker.backends.base import Backend
 from worker.config import Settings
 from worker.ops import metrics
@@ -83,6 +83,7 @@ from worker.pipeline.statements import StatementBuilder
 from worker.pipeline.topic_limits import output_limit
 from worker.pipeline.transactions import TransactionalSink, TransactionsUnavailable
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets, Record
+from worker.pipeline.verdict_data import Verdict
 from worker.pipeline.verdicts import VerdictBuilder, unscored_action
 
 log = structlog.get_logger("worker.app")

@@ -1,4 +1,4 @@
-"""Verdict and violation bytes: orjson writes exactly what pydantic's model_dump_json writes.
+"""Verdict and violation bytes: orjson writes exactly what pydantic's model_dump_json writes for their contracts.
 
 Byte-identical (not only equal as JSON), on verdicts built the way the worker builds them
 and on validated ones, with the values where two JSON writers usually differ: floats
@@ -15,11 +15,12 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from aiokafka import ConsumerRecord
 
-from schemas import Verdict
+import schemas
 from tests.pipeline.test_verdicts import decode
 from worker.backends.base import Scored
 from worker.pipeline.encode import verdict_bytes, violation_bytes
 from worker.pipeline.policy import Policy
+from worker.pipeline.verdict_data import CategoryHit, InputPosition, Verdict, to_contract
 from worker.pipeline.verdicts import VerdictBuilder
 
 TRICKY_TEXT = "".join(chr(i) for i in range(0x80)) + 'é\u2028\u2029😀\ufeff</script>"\\'
@@ -75,11 +76,13 @@ def test_verdicts_and_violations_are_byte_identical_to_pydantic(include_text: bo
         else:
             scores = {c: rng.choice([*FLOATS, rng.random(), round(rng.random(), 3)]) for c in categories}
             verdict = builder.scored(job, Scored(scores=scores, model="mistral-moderation-2411"))
-        assert verdict_bytes(verdict) == verdict.model_dump_json().encode()
+        written = verdict_bytes(verdict)
+        assert written == to_contract(verdict).model_dump_json().encode()
+        assert written == schemas.Verdict.model_validate_json(written).model_dump_json().encode()
         violation = builder.violation(verdict)
         if violation is not None:
             flagged += 1
-            assert violation_bytes(violation) == violation.model_dump_json().encode()
+            assert violation_bytes(violation) == to_contract(violation).model_dump_json().encode()
         checked += 1
     assert checked == 400 and 50 < flagged < 400  # both kinds of output were exercised
 
@@ -92,25 +95,40 @@ def test_verdicts_and_violations_are_byte_identical_to_pydantic(include_text: bo
         datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=timezone(timedelta(hours=2))),
     ],
 )
-def test_validated_verdicts_are_byte_identical_too(decided_at: datetime) -> None:
-    verdict = Verdict.model_validate(
-        {
-            "verdict_id": "v",
-            "event_id": "e",
-            "kind": "content",
-            "action": "block",
-            "flagged": True,
-            "violations": [{"category": "sexual", "score": 0.93, "threshold": 0.5, "action": "block"}],
-            "scores": {"sexual": 0.93, "pii": 1e-7},
-            "backend": "mistral",
-            "policy_version": "p",
-            "input": {"topic": "t", "partition": 0, "offset": 1},
-            "decided_at": decided_at,
-            "latency_ms": 12.345,
-            "metadata": {"k": [1, {"x": None}]},
-        }
+def test_a_verdict_writes_what_its_validated_model_writes(decided_at: datetime) -> None:
+    """Datetimes in any offset (a review decision's ``decided_at`` keeps its own)."""
+    verdict = Verdict(
+        verdict_id="v",
+        event_id="e",
+        kind="content",
+        conversation_id=None,
+        tenant=None,
+        source=None,
+        author_id=None,
+        action="block",
+        flagged=True,
+        violations=[CategoryHit("sexual", 0.93, 0.5, "block")],
+        scores={"sexual": 0.93, "pii": 1e-7},
+        model=None,
+        backend="mistral",
+        backend_details=schemas.BackendDetails(score_kind="label", prompt_tokens=12),
+        policy_version="p",
+        degraded=False,
+        degraded_reason=None,
+        decided_by=None,
+        stages=None,
+        input=InputPosition("t", 0, 1),
+        decided_at=decided_at,
+        latency_ms=12.345,
+        text=None,
+        metadata={"k": [1, {"x": None}]},
+        supersedes=None,
+        reviewer_id=None,
+        trimmed=False,
     )
-    assert verdict_bytes(verdict) == verdict.model_dump_json().encode()
+    written = verdict_bytes(verdict)
+    assert written == schemas.Verdict.model_validate_json(written).model_dump_json().encode()
+    assert schemas.Verdict.model_validate_json(written) == to_contract(verdict)
 
 
 def test_what_orjson_cannot_write_falls_back_to_pydantic() -> None:
@@ -119,7 +137,7 @@ def test_what_orjson_cannot_write_falls_back_to_pydantic() -> None:
     job = _job(1, rng, conversation=False, metadata={"huge": 2**70}, text="hi")
     verdict = builder.scored(job, Scored(scores={"sexual": 0.9}, model="m"))
     assert verdict.metadata == {"huge": 2**70}
-    assert verdict_bytes(verdict) == verdict.model_dump_json().encode()
+    assert verdict_bytes(verdict) == to_contract(verdict).model_dump_json().encode()
     assert json.loads(verdict_bytes(verdict))["metadata"]["huge"] == 2**70
 
 

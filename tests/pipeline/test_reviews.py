@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
+import msgspec
 from aiokafka.structs import TopicPartition
 
 from schemas import ReviewDecision, Verdict, Violation
@@ -18,10 +19,12 @@ from worker.backends.base import Scored
 from worker.config import Settings
 from worker.ops import metrics
 from worker.pipeline.decode import Decoder
+from worker.pipeline.encode import verdict_bytes
 from worker.pipeline.outputs import Outputs
 from worker.pipeline.reviews import ReviewRefused, ReviewStage, Superseding
 from worker.pipeline.statements import StatementBuilder
 from worker.pipeline.types import DecodeFailure, PartitionOffsets, Review
+from worker.pipeline.verdict_data import to_contract
 from worker.pipeline.verdicts import VerdictBuilder, human_verdict_id
 
 REVIEWS_TOPIC = "in.reviews"
@@ -100,8 +103,8 @@ def test_an_overturned_block_supersedes_the_machine_verdict_as_the_reviewer_deci
     assert verdict.decided_at == DECIDED_AT
     assert outcome.machine is not None and outcome.machine.action == "block" and not outcome.confirmed
     # Valid against the contract, field for field (the verdict is assembled, not validated).
-    assert Verdict.model_validate(verdict.model_dump()) == verdict
-    jsonschema.validate(json.loads(verdict.model_dump_json()), strict_json_schema("verdict"))
+    assert Verdict.model_validate(msgspec.to_builtins(verdict)) == to_contract(verdict)
+    jsonschema.validate(json.loads(verdict_bytes(verdict)), strict_json_schema("verdict"))
 
 
 def test_the_reviewer_s_categories_take_the_machine_score_where_it_found_them_else_one():

@@ -1,17 +1,20 @@
-"""Verdict and violation assembly: the fast path builds exactly what validation would."""
+"""Verdict and violation assembly: the Structs built hold exactly what validation would."""
 
 from __future__ import annotations
 
 import json
 
+import msgspec
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
-from schemas import Turn, Verdict, Violation
+import schemas
+from schemas import Turn
 from worker.backends.base import Scored, StageScores
 from worker.pipeline.decode import Decoder
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import DecodeFailure, Job, PartitionOffsets
+from worker.pipeline.verdict_data import Verdict, Violation, to_contract
 from worker.pipeline.verdicts import VerdictBuilder, verdict_id
 
 DECODER = Decoder(content_topic="in.c", conversation_topic="in.v", max_text_chars=1000)
@@ -31,9 +34,13 @@ def job(value: dict, topic: str = "in.c") -> Job:
     return decoded
 
 
-def assert_same_as_validated(model: Verdict | Violation) -> None:
-    validated = type(model).model_validate(model.model_dump())
-    assert set(model.__dict__) == set(type(model).model_fields), "a field was left out of the assembly"
+def assert_same_as_validated(value: Verdict | Violation) -> None:
+    """The contract's model validated from the Struct's values equals its unvalidated
+    conversion (``to_contract``) and writes the same JSON: the Struct holds only valid values."""
+    contract = schemas.Verdict if isinstance(value, Verdict) else schemas.Violation
+    model = to_contract(value)
+    validated = contract.model_validate(msgspec.to_builtins(value, enc_hook=lambda v: v.model_dump()))
+    assert value.__struct_fields__ == tuple(contract.model_fields), "the Struct's fields drifted from the contract"
     assert model == validated
     assert model.model_dump_json() == validated.model_dump_json()
 
@@ -101,3 +108,25 @@ def test_a_fallback_verdict_is_degraded_with_the_reason_and_the_policy_still_dec
     assert verdict.degraded and verdict.degraded_reason == "scored by fallback backend local: down"
     assert verdict.decided_by == "local" and verdict.model == "starter" and verdict.action == "block"
     assert verdict.stages is None
+
+
+def test_every_struct_has_its_contracts_fields_in_order():
+    from worker.pipeline import verdict_data
+
+    pairs = [
+        (verdict_data.CategoryHit, schemas.CategoryHit),
+        (verdict_data.InputPosition, schemas.InputPosition),
+        (verdict_data.StageScore, schemas.StageScore),
+        (verdict_data.Verdict, schemas.Verdict),
+        (verdict_data.Violation, schemas.Violation),
+    ]
+    for struct, contract in pairs:
+        assert struct.__struct_fields__ == tuple(contract.model_fields), struct.__name__
+
+
+def test_a_trimmed_verdict_is_a_new_struct_without_its_pass_through_fields():
+    verdict = BUILDER.scored(job({"id": "c9", "text": "hi", "metadata": {"a": 1}}), Scored(SCORES, "m"))
+    trimmed = msgspec.structs.replace(verdict, metadata=None, text=None, trimmed=True)
+    assert (verdict.metadata, verdict.text, verdict.trimmed) == ({"a": 1}, "hi", False)
+    assert (trimmed.metadata, trimmed.text, trimmed.trimmed) == (None, None, True)
+    assert_same_as_validated(trimmed)

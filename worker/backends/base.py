@@ -33,11 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import msgspec
+
 from schemas import BackendDetails, Turn
 
 
-@dataclass(frozen=True, slots=True)
-class StageScores:
+class StageScores(msgspec.Struct, frozen=True):
     """What one stage of a composite backend gave an input: ``stage`` is its role
     (``first``, ``then``), ``backend`` its name."""
 
@@ -47,8 +48,7 @@ class StageScores:
     scores: dict[str, float]
 
 
-@dataclass(frozen=True, slots=True)
-class Scored:
+class Scored(msgspec.Struct, frozen=True):
     """Raw scores for one input.
 
     ``decided_by``: the backend whose scores these are, when it is not the configured one
@@ -69,8 +69,7 @@ class Scored:
     unscored: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Unavailable:
+class Unavailable(msgspec.Struct, frozen=True):
     """This input could not be scored now (the rest of its batch was); the fail policy
     applies to it. Only composite backends return it (see the module docstring).
 
@@ -85,8 +84,7 @@ class Unavailable:
     refused: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(msgspec.Struct, frozen=True):
     """The backend refused this input for good; it goes to the dead-letter topic."""
 
     reason: str

@@ -36,9 +36,10 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 import structlog
 from cachetools import TTLCache
 
@@ -108,7 +109,7 @@ def _from_cache(scored: Scored) -> Scored:
     """A cached answer, marked as such where it carries details (its tokens were spent earlier)."""
     if scored.details is None:
         return scored
-    return replace(scored, details=scored.details.model_copy(update={"cached": True}))
+    return msgspec.structs.replace(scored, details=scored.details.model_copy(update={"cached": True}))
 
 
 class CachingBackend(Backend):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from schemas import CategoryHit, Verdict
 from worker.ops import metrics
 from worker.pipeline.types import Job, OutRecord, PartitionOffsets
+from worker.pipeline.verdict_data import CategoryHit, Verdict
 
 FinishFunction = Callable[[PartitionOffsets, int], None]
 

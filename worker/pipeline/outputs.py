@@ -42,10 +42,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
+import msgspec
 import structlog
 from aiokafka.structs import TopicPartition
 
-from schemas import OUTPUT_HEADERS, DeadLetterHeaders, Verdict
+from schemas import OUTPUT_HEADERS, DeadLetterHeaders
 from worker.backends.base import Outcome, Rejected, Scored, Unavailable
 from worker.config import Settings
 from worker.ops import metrics
@@ -58,6 +59,7 @@ from worker.pipeline.scoring import Degraded
 from worker.pipeline.sink import dead_letter_record, record_size
 from worker.pipeline.statements import StatementBuilder, StatementRejected, statement_bytes
 from worker.pipeline.types import Job, OutRecord, PartitionOffsets, PendingRecord, Record, Review
+from worker.pipeline.verdict_data import Verdict
 from worker.pipeline.verdicts import VerdictBuilder
 
 log = structlog.get_logger("worker.pipeline.outputs")
@@ -300,7 +302,7 @@ class Outputs:
         records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict), OUTPUT_HEADERS)]
         fits = record_size(records[0]) <= limit
         if not fits:  # pass-through fields made it too big: leave them out
-            verdict = verdict.model_copy(update={"metadata": None, "text": None, "trimmed": True})
+            verdict = msgspec.structs.replace(verdict, metadata=None, text=None, trimmed=True)
             records = [OutRecord(self._verdict_topic, key, verdict_bytes(verdict), OUTPUT_HEADERS)]
             metrics.outputs_trimmed("verdict").inc()
             fits = record_size(records[0]) <= limit

@@ -93,6 +93,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import msgspec
 import yaml
 from pydantic import (
     BaseModel,
@@ -104,7 +105,7 @@ from pydantic import (
     model_validator,
 )
 
-from schemas import ACTION_SEVERITY, Action, CategoryHit
+from schemas import ACTION_SEVERITY, Action
 from schemas.statements import (
     Country,
     DecisionAccount,
@@ -116,6 +117,7 @@ from schemas.statements import (
     SourceType,
     StatementCategory,
 )
+from worker.pipeline.verdict_data import CategoryHit
 
 POLICY_FORMAT = 1
 """Version of the document format and its semantics; part of every ``Policy.version``."""
@@ -127,8 +129,7 @@ class PolicyError(Exception):
     """A policy document that cannot be used. ``str(err)`` names the key path and the fix."""
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """What the policy decided for one input.
 
     ``violations`` are the categories that hit with an action other than ``allow``, most
@@ -387,20 +388,9 @@ def _hits_at(rule: _Rule) -> float:
 
 
 def _hit(name: str, score: float, rule: _Rule) -> CategoryHit:
-    """A ``CategoryHit`` of values already valid (a finite score, a policy's rule), built
-    without validation as ``verdicts`` builds its models (tests/pipeline/test_policy.py
-    checks it equals a validated one)."""
-    hit = CategoryHit.__new__(CategoryHit)
-    object.__setattr__(
-        hit, "__dict__", {"category": name, "score": score, "threshold": rule.threshold, "action": rule.action}
-    )
-    object.__setattr__(hit, "__pydantic_fields_set__", _HIT_FIELDS.copy())
-    object.__setattr__(hit, "__pydantic_extra__", None)
-    object.__setattr__(hit, "__pydantic_private__", None)
-    return hit
+    return CategoryHit(name, score, rule.threshold, rule.action)
 
 
-_HIT_FIELDS = {"category", "score", "threshold", "action"}
 _FLOATS_ONLY = {float}
 
 

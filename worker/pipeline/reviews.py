@@ -53,10 +53,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from schemas import Verdict
 from worker.ops import metrics
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job, Review
+from worker.pipeline.verdict_data import Verdict
 from worker.pipeline.verdicts import VerdictBuilder
 
 _PER_EVENT = 8

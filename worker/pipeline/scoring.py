@@ -73,9 +73,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import cast
 
+import msgspec
 import structlog
 
 from schemas import Kind, Turn
@@ -443,7 +444,7 @@ class Scorer:
         degraded_reason = f"scored by fallback backend {self._fallback.name}: {reason}"
         for i, outcome in zip(pending, outcomes, strict=True):
             results[i] = (
-                replace(outcome, decided_by=self._fallback.name, degraded_reason=degraded_reason)
+                msgspec.structs.replace(outcome, decided_by=self._fallback.name, degraded_reason=degraded_reason)
                 if isinstance(outcome, Scored)
                 else outcome
             )

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from schemas import DeadLetterHeaders
+from schemas import OUTPUT_HEADERS, DeadLetterHeaders
 from worker.pipeline.partitioner import Partitioner
 from worker.pipeline.types import Headers, OutRecord, PartitionOffsets, Record
 
@@ -46,9 +46,19 @@ def record_size(record: OutRecord) -> int:
     """Bytes ``record`` takes alone in a record batch: what the broker's ``max.message.bytes``
     limits. An upper bound, a few bytes generous."""
     size = _BATCH_OVERHEAD_BYTES + len(record.key or b"") + len(record.value or b"")
-    if record.headers:  # verdicts have none: no generator to build on the per-message path
-        size += sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in record.headers)
+    headers = record.headers
+    if headers is OUTPUT_HEADERS:  # every verdict's and violation's: no generator per message
+        return size + _OUTPUT_HEADERS_BYTES
+    if headers:
+        size += _headers_size(headers)
     return size
+
+
+def _headers_size(headers: Headers) -> int:
+    return sum(_HEADER_OVERHEAD_BYTES + len(k.encode()) + len(v) for k, v in headers)
+
+
+_OUTPUT_HEADERS_BYTES = _headers_size(OUTPUT_HEADERS)
 
 
 def dead_letter_record(

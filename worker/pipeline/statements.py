@@ -37,10 +37,10 @@ from datetime import UTC, date, datetime
 
 from pydantic import ValidationError
 
-from schemas import Verdict
 from schemas.statements import StatementOfReasons
 from worker.pipeline.policy import DsaMapping, DsaSection, Policy
 from worker.pipeline.types import Job
+from worker.pipeline.verdict_data import Verdict
 
 _MAX_FACTS = 5_000
 

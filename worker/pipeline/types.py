@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
+import msgspec
 from aiokafka import ConsumerRecord
 from aiokafka.structs import TopicPartition
 
@@ -194,8 +195,7 @@ class DecodeFailure:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
+class OutRecord(msgspec.Struct, frozen=True):
     """One record for an output topic."""
 
     topic: str

@@ -8,9 +8,10 @@ yields the same id, which is how consumers drop the duplicates at-least-once all
 A human review decision gets a superseding verdict (``superseding``): its id hashes only the
 decision's ``review_id`` (``human_verdict_id``), so a redelivered decision gives the same id.
 
-Verdicts are assembled, not validated: every value comes from a validated event, the
-backend's parsed scores and the policy, so the builder fills the model's fields directly
-(``_assemble``), which costs a fraction of ``model_construct`` on this per-message path.
+Verdicts are plain data (``verdict_data``: msgspec Structs that mirror the contracts), not
+validated: every value comes from a validated event, the backend's parsed scores and the
+policy, so the builder fills the fields directly, which costs a fraction of even an
+unvalidated pydantic model on this per-message path.
 """
 
 from __future__ import annotations
@@ -19,45 +20,16 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
-from schemas import (
-    ACTION_SEVERITY,
-    Action,
-    BackendDetails,
-    CategoryHit,
-    InputPosition,
-    StageScore,
-    Turn,
-    Verdict,
-    Violation,
-)
+from schemas import ACTION_SEVERITY, Action, BackendDetails, Turn
 from worker.backends.base import Scored
 from worker.pipeline.events import ContentEvent
 from worker.pipeline.policy import Policy
 from worker.pipeline.types import Job, Review
+from worker.pipeline.verdict_data import CategoryHit, InputPosition, StageScore, Verdict, Violation, violation_of
 
 HUMAN = "human"
 """``decided_by`` and ``backend`` of a verdict a reviewer decided."""
-
-_Model = TypeVar("_Model", bound=BaseModel)
-
-
-def _assemble(model: type[_Model], values: dict[str, Any]) -> _Model:
-    """An instance of ``model`` holding ``values`` unvalidated, as ``model_construct`` makes it.
-
-    ``values`` must name every field of ``model`` (no defaults are filled in): what
-    ``model_construct`` spends its time on (defaults, aliases, extras) is skipped.
-    tests/test_verdicts.py checks the result equals a validated model.
-    """
-    instance = model.__new__(model)
-    object.__setattr__(instance, "__dict__", values)
-    object.__setattr__(instance, "__pydantic_fields_set__", set(values))
-    object.__setattr__(instance, "__pydantic_extra__", None)
-    object.__setattr__(instance, "__pydantic_private__", None)
-    return instance
 
 
 def verdict_id(
@@ -127,14 +99,7 @@ class VerdictBuilder:
             details=result.details,
             degraded_reason=degraded_reason,
             decided_by=result.decided_by,
-            stages=[
-                _assemble(
-                    StageScore,
-                    {"stage": s.stage, "backend": s.backend, "model": s.model, "scores": dict(s.scores)},
-                )
-                for s in result.stages
-            ]
-            or None,
+            stages=[StageScore(s.stage, s.backend, s.model, dict(s.scores)) for s in result.stages] or None,
         )
 
     def degraded(self, job: Job, *, action: str, reason: str) -> Verdict:
@@ -167,43 +132,34 @@ class VerdictBuilder:
         record = job.record
         now_ms = time.time() * 1000
         conversation_id = None if isinstance(event, ContentEvent) else event.conversation_id
-        return _assemble(
-            Verdict,
-            {
-                "verdict_id": verdict_id(
-                    job.kind, event.id, job.text, self._policy.version, id_model, job.judged_context
-                ),
-                "event_id": event.id,
-                "kind": job.kind,
-                "conversation_id": conversation_id,
-                "tenant": event.tenant,
-                "source": event.source,
-                "author_id": event.author_id,
-                "action": action,
-                "flagged": action != "allow",
-                "violations": violations,
-                "scores": scores,
-                "model": model,
-                "backend": self._backend_name,
-                "backend_details": details,
-                "policy_version": self._policy.version,
-                "degraded": degraded_reason is not None,
-                "degraded_reason": degraded_reason,
-                "decided_by": decided_by,
-                "stages": stages,
-                "input": _assemble(
-                    InputPosition, {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-                ),
-                "decided_at": datetime.fromtimestamp(now_ms / 1000, UTC),
-                "latency_ms": round(now_ms - record.timestamp, 3)
-                if record.timestamp and record.timestamp > 0
-                else None,
-                "text": job.text if self._include_text else None,
-                "metadata": event.metadata,
-                "supersedes": None,
-                "reviewer_id": None,
-                "trimmed": False,
-            },
+        return Verdict(
+            verdict_id=verdict_id(job.kind, event.id, job.text, self._policy.version, id_model, job.judged_context),
+            event_id=event.id,
+            kind=job.kind,
+            conversation_id=conversation_id,
+            tenant=event.tenant,
+            source=event.source,
+            author_id=event.author_id,
+            action=action,  # type: ignore[arg-type]  # the policy's or the fail policy's: an Action
+            flagged=action != "allow",
+            violations=violations,
+            scores=scores,
+            model=model,
+            backend=self._backend_name,
+            backend_details=details,
+            policy_version=self._policy.version,
+            degraded=degraded_reason is not None,
+            degraded_reason=degraded_reason,
+            decided_by=decided_by,
+            stages=stages,
+            input=InputPosition(record.topic, record.partition, record.offset),
+            decided_at=datetime.fromtimestamp(now_ms / 1000, UTC),
+            latency_ms=round(now_ms - record.timestamp, 3) if record.timestamp and record.timestamp > 0 else None,
+            text=job.text if self._include_text else None,
+            metadata=event.metadata,
+            supersedes=None,
+            reviewer_id=None,
+            trimmed=False,
         )
 
     def superseding(self, review: Review, categories: Sequence[str], machine_scores: Mapping[str, float]) -> Verdict:
@@ -220,55 +176,45 @@ class VerdictBuilder:
         action = decision.action
         violations = sorted(
             (
-                _assemble(
-                    CategoryHit,
-                    {
-                        "category": name,
-                        "score": machine_scores.get(name, 1.0),
-                        "threshold": self._policy.threshold(name, tenant=decision.tenant, source=decision.source),
-                        "action": action,
-                    },
+                CategoryHit(
+                    name,
+                    machine_scores.get(name, 1.0),
+                    self._policy.threshold(name, tenant=decision.tenant, source=decision.source),
+                    action,
                 )
                 for name in dict.fromkeys(categories)
             ),
             key=lambda hit: (-hit.score, hit.category),
         )
         now_ms = time.time() * 1000
-        return _assemble(
-            Verdict,
-            {
-                "verdict_id": human_verdict_id(decision.review_id),
-                "event_id": decision.event_id,
-                "kind": decision.kind,
-                "conversation_id": decision.conversation_id,
-                "tenant": decision.tenant,
-                "source": decision.source,
-                "author_id": decision.author_id,
-                "action": action,
-                "flagged": action != "allow",
-                "violations": violations,
-                "scores": {},
-                "model": None,
-                "backend": HUMAN,
-                "backend_details": None,
-                "policy_version": self._policy.version,
-                "degraded": False,
-                "degraded_reason": None,
-                "decided_by": HUMAN,
-                "stages": None,
-                "input": _assemble(
-                    InputPosition, {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-                ),
-                "decided_at": decision.decided_at,
-                "latency_ms": round(now_ms - record.timestamp, 3)
-                if record.timestamp and record.timestamp > 0
-                else None,
-                "text": None,
-                "metadata": None,
-                "supersedes": decision.verdict_id,
-                "reviewer_id": decision.reviewer_id,
-                "trimmed": False,
-            },
+        return Verdict(
+            verdict_id=human_verdict_id(decision.review_id),
+            event_id=decision.event_id,
+            kind=decision.kind,
+            conversation_id=decision.conversation_id,
+            tenant=decision.tenant,
+            source=decision.source,
+            author_id=decision.author_id,
+            action=action,
+            flagged=action != "allow",
+            violations=violations,
+            scores={},
+            model=None,
+            backend=HUMAN,
+            backend_details=None,
+            policy_version=self._policy.version,
+            degraded=False,
+            degraded_reason=None,
+            decided_by=HUMAN,
+            stages=None,
+            input=InputPosition(record.topic, record.partition, record.offset),
+            decided_at=decision.decided_at,
+            latency_ms=round(now_ms - record.timestamp, 3) if record.timestamp and record.timestamp > 0 else None,
+            text=None,
+            metadata=None,
+            supersedes=decision.verdict_id,
+            reviewer_id=decision.reviewer_id,
+            trimmed=False,
         )
 
     @staticmethod
@@ -276,17 +222,4 @@ class VerdictBuilder:
         """The compact enforcement event, for flagged verdicts only."""
         if not verdict.flagged:
             return None
-        return _assemble(
-            Violation,
-            {
-                "verdict_id": verdict.verdict_id,
-                "event_id": verdict.event_id,
-                "kind": verdict.kind,
-                "conversation_id": verdict.conversation_id,
-                "tenant": verdict.tenant,
-                "author_id": verdict.author_id,
-                "action": verdict.action,
-                "violations": verdict.violations,
-                "decided_at": verdict.decided_at,
-            },
-        )
+        return violation_of(verdict)
