@@ -220,6 +220,8 @@ class ModerationWorker:
             self._committer = Committer(timing, self._tracker, self.source.commit)
         self._tasks: set[asyncio.Task[None]] = set()
         self._rewound: set[TopicPartition] = set()
+        self._decoded: dict[str, int] = {}
+        """Records decoded per topic since the last poll: counted into the metric once a poll."""
         self._rewinds: dict[TopicPartition, tuple[PartitionOffsets, int]] = {}
         """Per partition, the slot and offset it was last sent back to (``_offset_reset``)."""
         """Partitions sent back to an earlier offset during this poll: its other records of
@@ -349,6 +351,7 @@ class ModerationWorker:
                             break
                         budget -= len(record.value) if record.value is not None else 0
                     self._accept(record)
+                self._count_decoded()
                 in_flight.apply(self.source)
                 self._span_guard.apply(self._tracker.slots(), self.source)
                 await self._committer.maybe_commit()
@@ -402,10 +405,17 @@ class ModerationWorker:
                 slot, record, stage="decode", error_type=decoded.error_type, message=decoded.message
             )
             return
-        metrics.decoded(record.topic).inc()
+        self._decoded[record.topic] = self._decoded.get(record.topic, 0) + 1
         self._conversations.accept(decoded)  # context from the conversation state, the turn into it
         self._outputs.expect(decoded)
         self._batcher.add(decoded)
+
+    def _count_decoded(self) -> None:
+        """Add the poll's decoded records to the metric: one increment per topic, not per record."""
+        if self._decoded:
+            for topic, count in self._decoded.items():
+                metrics.decoded(topic).inc(count)
+            self._decoded.clear()
 
     def _accept_review(self, record: Record, slot: PartitionOffsets) -> None:
         """A human review decision: no backend, its superseding verdict published now."""
@@ -417,7 +427,7 @@ class ModerationWorker:
                 slot, record, stage="decode", error_type=review.error_type, message=review.message
             )
             return
-        metrics.decoded(record.topic).inc()
+        self._decoded[record.topic] = self._decoded.get(record.topic, 0) + 1
         outcome = reviews.judge(review)
         if isinstance(outcome, ReviewRefused):
             self._outputs.dead_letter(
