@@ -295,3 +295,12 @@ def test_a_dead_letter_in_a_call_is_published_alone_and_the_verdicts_still_group
     assert h.publisher.topics == [["d"], ["v"]]
     h.publisher.ack_all()
     assert sorted(h.finished) == [0, 1]
+
+
+def test_the_shared_output_headers_are_counted_as_any_headers_would_be():
+    from schemas import OUTPUT_HEADERS
+    from worker.pipeline.types import OutRecord
+
+    shared = OutRecord("v", b"key", b"x" * 100, OUTPUT_HEADERS)
+    copied = OutRecord("v", b"key", b"x" * 100, [*OUTPUT_HEADERS])  # the same headers, not the shared list
+    assert record_size(shared) == record_size(copied) > record_size(OutRecord("v", b"key", b"x" * 100))

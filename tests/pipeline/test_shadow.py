@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import Sequence
 
-from schemas import ShadowVerdict
+from schemas import CategoryHit, ShadowVerdict
 from tests.pipeline.conftest import make_job
 from worker.backends.base import Backend, BackendUnavailable, Conversation, Outcome, Scored
 from worker.config import load_settings
@@ -77,6 +77,9 @@ async def test_a_policy_shadow_reuses_the_live_scores_and_counts_agreement():
     assert by_event["e0"].live_action == "block" and by_event["e0"].action == "block" and by_event["e0"].agree
     assert by_event["e1"].live_action == "allow" and by_event["e1"].action == "block" and not by_event["e1"].agree
     assert by_event["e1"].policy_version == STRICT.version and by_event["e1"].live_policy_version == LIVE.version
+    [hit] = by_event["e1"].violations  # the contract's model, written like any other
+    assert isinstance(hit, CategoryHit) and (hit.category, hit.score, hit.action) == ("sexual", 0.4, "block")
+    assert json.loads(by_event["e1"].model_dump_json())["violations"][0]["category"] == "sexual"
     assert {(topic, key) for topic, key, _ in recorder.sent} == {
         ("moderation.shadow-verdicts", b"k0"),
         ("moderation.shadow-verdicts", b"k1"),

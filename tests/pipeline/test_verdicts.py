@@ -122,11 +122,3 @@ def test_every_struct_has_its_contracts_fields_in_order():
     ]
     for struct, contract in pairs:
         assert struct.__struct_fields__ == tuple(contract.model_fields), struct.__name__
-
-
-def test_a_trimmed_verdict_is_a_new_struct_without_its_pass_through_fields():
-    verdict = BUILDER.scored(job({"id": "c9", "text": "hi", "metadata": {"a": 1}}), Scored(SCORES, "m"))
-    trimmed = msgspec.structs.replace(verdict, metadata=None, text=None, trimmed=True)
-    assert (verdict.metadata, verdict.text, verdict.trimmed) == ({"a": 1}, "hi", False)
-    assert (trimmed.metadata, trimmed.text, trimmed.trimmed) == (None, None, True)
-    assert_same_as_validated(trimmed)

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import msgspec
 import structlog
 
-from schemas import OUTPUT_HEADERS, CategoryHit, Kind, ShadowVerdict
+from schemas import OUTPUT_HEADERS, Kind, ShadowVerdict
 from worker.backends.base import Backend, Conversation, Outcome, Scored
 from worker.ops import metrics
 from worker.ops.logs import Event
@@ -45,7 +44,7 @@ from worker.pipeline.events import ContentEvent
 from worker.pipeline.policy import Policy
 from worker.pipeline.scoring import conversation_of
 from worker.pipeline.types import Job
-from worker.pipeline.verdict_data import Verdict
+from worker.pipeline.verdict_data import Verdict, to_contract
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -265,7 +264,7 @@ class Shadow:
             live_backend=live.backend,
             live_policy_version=live.policy_version,
             action=decision.action,
-            violations=[CategoryHit(**msgspec.structs.asdict(hit)) for hit in decision.violations],
+            violations=to_contract(decision.violations),
             scores=dict(scored.scores),
             model=scored.model or None,
             backend=backend,
