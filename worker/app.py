@@ -97,7 +97,7 @@ verdicts) publishing fell behind the pipeline, and verdicts waited in the sink f
 
 
 _TRANSACTIONS_HOLD = "transactions-start"
-_FENCED_HOLD = "transactions-fenced"
+_LOST_HOLD = "transactions-lost"
 
 _SETTLE_MIN_S = 1.0
 """On revoke, at least this long for outputs already sent to be acknowledged, even when
@@ -156,9 +156,8 @@ class ModerationWorker:
                 transaction_timeout_ms=eos.transaction_timeout_ms,
                 call_timeout_s=eos.call_timeout_s,
                 conversation_topic=settings.conversation_topic,
-                committed=self._committed_offset,
                 on_settled=self._settled,
-                on_fenced=self._fenced,
+                on_lost=self._lost,
                 on_dropped=self._abandon,
             )
         else:
@@ -495,18 +494,16 @@ class ModerationWorker:
             self._in_flight.count -= 1
         self._committer.finished()
 
-    async def _committed_offset(self, tp: TopicPartition) -> int | None:
-        return await self.source.committed(tp)
-
     def _settled(self, count: int) -> None:
         """Exactly-once: ``count`` finished messages were committed or dropped uncommitted."""
         self._in_flight.count -= count
 
-    def _fenced(self, tp: TopicPartition) -> None:
-        """Exactly-once: a newer owner fenced ``tp``'s producer. Read no more of it and let
-        the group settle who owns it (a rebalance; if it comes back, a fresh producer)."""
+    def _lost(self, tp: TopicPartition) -> None:
+        """Exactly-once: this member can commit nothing more of ``tp`` (a newer owner fenced
+        its producer, or a transaction failed). Read no more of it and let the group settle
+        who owns it (a rebalance; if it comes back, a fresh producer and the committed offset)."""
         if tp in self.source.assignment():  # else the group already took it away
-            self.source.hold([tp], _FENCED_HOLD)
+            self.source.hold([tp], _LOST_HOLD)
         self.source.request_rejoin()
 
     def _abandon(self, messages: int = 1) -> None:
@@ -542,7 +539,7 @@ class ModerationWorker:
         await self._sink.settle(max(_SETTLE_MIN_S, deadline - time.monotonic()))
         if self._txns is not None:  # what was not committed above is dropped: the new owner redoes it
             await self._txns.revoked(revoked)
-            self.source.release(revoked, _FENCED_HOLD)
+            self.source.release(revoked, _LOST_HOLD)
         await self._conversations.revoked(revoked)
         log.info(Event.PARTITIONS_REVOKED, partitions=_names(revoked), abandoned=abandoned)
 

@@ -409,8 +409,8 @@ class ExactlyOnceSettings(BaseModel):
     call_timeout_s: float = Field(
         default=10.0,
         gt=0,
-        description="Bound on each transactional step (init, commit, abort); on expiry the partition's producer is "
-        "recreated and the transaction retried.",
+        description="Bound on each transactional step (init, commit, abort); on expiry the transaction is abandoned "
+        "and the partition goes back to the group (a rebalance; its next owner reads from the committed offset).",
     )
 
 

@@ -154,29 +154,26 @@ async def test_a_zombie_with_the_partitions_transactional_id_is_fenced_by_the_ne
     assert "zombie-late-write" in uncommitted, "the zombie's write reached the log, aborted"
 
 
+async def _topic_with_max_bytes(bootstrap: str, name: str, max_bytes: int) -> str:
+    """Create a one-partition topic whose records may be at most ``max_bytes``; its name."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        config = {"max.message.bytes": str(max_bytes)}
+        await admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1, topic_configs=config)])
+    finally:
+        await admin.close()
+    return name
+
+
 async def test_an_aborted_transaction_leaves_nothing_for_read_committed_readers(broker, topics):
     """A transaction that cannot commit (one record over the topic's max.message.bytes) is
     aborted: what it wrote before is in the log but invisible to read_committed."""
     bootstrap = broker.bootstrap_servers
-    small_topic = topics.verdict + ".small"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(
-                    small_topic, num_partitions=1, replication_factor=1, topic_configs={"max.message.bytes": "65536"}
-                )
-            ]
-        )
-    finally:
-        await admin.close()
+    small_topic = await _topic_with_max_bytes(bootstrap, topics.verdict + ".small", 65536)
     settings = load_settings(require_backend=False, kafka={"bootstrap_servers": bootstrap})
     settled: list[int] = []
-    fenced: list[TopicPartition] = []
-
-    async def no_commit_yet(tp: TopicPartition) -> int | None:
-        return None
+    lost: list[TopicPartition] = []
 
     sink = TransactionalSink(
         settings.kafka,
@@ -185,9 +182,8 @@ async def test_an_aborted_transaction_leaves_nothing_for_read_committed_readers(
         transaction_timeout_ms=30_000,
         call_timeout_s=15.0,
         conversation_topic=topics.conversation,
-        committed=no_commit_yet,
         on_settled=settled.append,
-        on_fenced=fenced.append,
+        on_lost=lost.append,
     )
     tp = TopicPartition(topics.content, 0)
     slot = PartitionOffsets(tp)
@@ -199,11 +195,14 @@ async def test_an_aborted_transaction_leaves_nothing_for_read_committed_readers(
         sink.publish([OutRecord(topics.violation, b"k", b"written-then-aborted")], lambda: slot.finish(0), slot)
         sink.publish([OutRecord(small_topic, b"k", b"x" * 100_000)], lambda: slot.finish(1), slot)
         assert not await sink.flush([tp], timeout_s=30), "a transaction holding a refused record cannot commit"
+        assert sink.lost() == [tp] and settled == [2], "the failure dropped the partition's buffer"
+        sink.publish([OutRecord(topics.violation, b"k", b"after-the-loss")], lambda: None, slot)
+        assert await sink.flush([tp], timeout_s=5), "a lost partition has nothing left to commit"
     finally:
         await sink.close()
     assert metrics.TRANSACTIONS.labels("aborted")._value.get() == aborted_before + 1
-    assert fenced == []
-    assert settled == [2], "the dropped messages leave the in-flight count when the sink closes"
+    assert lost == [tp], "a failed transaction gives the partition back to the group"
+    assert settled == [2], "each finished message left the in-flight count once"
     in_log = await read_all(bootstrap, topics.violation, idle_s=1.0)
     assert [r.value for r in in_log] == [b"written-then-aborted"]
     assert await read_all(bootstrap, topics.violation, idle_s=1.0, isolation_level=COMMITTED) == []
@@ -269,9 +268,6 @@ async def test_a_commit_asked_for_while_one_is_under_way_still_lands(broker, top
     bootstrap = broker.bootstrap_servers
     settings = load_settings(require_backend=False, kafka={"bootstrap_servers": bootstrap})
 
-    async def committed_offset(tp: TopicPartition) -> int | None:
-        return None
-
     settled: list[int] = []
     sink = TransactionalSink(
         settings.kafka,
@@ -280,9 +276,8 @@ async def test_a_commit_asked_for_while_one_is_under_way_still_lands(broker, top
         transaction_timeout_ms=30_000,
         call_timeout_s=15.0,
         conversation_topic=topics.conversation,
-        committed=committed_offset,
         on_settled=settled.append,
-        on_fenced=lambda tp: None,
+        on_lost=lambda tp: None,
     )
     tp = TopicPartition(topics.content, 0)
     slot = PartitionOffsets(tp)
@@ -333,3 +328,51 @@ async def test_tail_read_committed_shows_only_committed_transactions(broker, top
 
     assert tail("--read-committed") == ['{"n": "committed"}']
     assert tail() == ['{"n": "aborted"}', '{"n": "committed"}']
+
+
+async def test_a_member_whose_transaction_failed_never_fences_the_next_owner(broker, topics):
+    """A failed transaction gives the partition back to the group instead of retrying with a
+    fresh producer: a fresh producer's init would fence whoever owns the partition now
+    (after a pause past the session timeout, a member's stuck transaction times out before
+    it learns the group moved on) and commit outputs judged before that owner's."""
+    bootstrap = broker.bootstrap_servers
+    small_topic = await _topic_with_max_bytes(bootstrap, topics.verdict + ".tiny", 1024)
+    settings = load_settings(require_backend=False, kafka={"bootstrap_servers": bootstrap})
+    lost: dict[str, list[TopicPartition]] = {"old": [], "new": []}
+
+    def member(name: str) -> TransactionalSink:
+        return TransactionalSink(
+            settings.kafka,
+            group_id=topics.group_id,
+            prefix="refence-test-",
+            transaction_timeout_ms=30_000,
+            call_timeout_s=15.0,
+            conversation_topic=topics.conversation,
+            on_settled=lambda n: None,
+            on_lost=lost[name].append,
+        )
+
+    tp = TopicPartition(topics.content, 0)
+    old, new = member("old"), member("new")
+    await old.assigned([tp])
+    try:
+        slot = PartitionOffsets(tp)
+        slot.track(0)
+        old.publish([OutRecord(small_topic, b"k", b"x" * 10_000)], lambda: slot.finish(0), slot)
+        await old.commit({tp: 1})  # in the background, as the Committer asks
+        await _until(lambda: lost["old"] == [tp], timeout_s=30)
+        await new.assigned([tp])
+        new_slot = PartitionOffsets(tp)
+        for offset in range(3):
+            new_slot.track(offset)
+            record = OutRecord(topics.verdict, b"k", f"new-{offset}".encode())
+            new.publish([record], lambda offset=offset: new_slot.finish(offset), new_slot)
+            assert await new.flush([tp], timeout_s=15), "the new owner's transaction must commit"
+            await asyncio.sleep(1.0)  # a retry of the old member's (0.2 s backoff) would land here
+    finally:
+        await old.close()
+        await new.close()
+    assert lost == {"old": [tp], "new": []}, "the old member must not start a producer that fences the new owner"
+    values = [r.value for r in await read_all(bootstrap, topics.verdict, idle_s=1.0, isolation_level=COMMITTED)]
+    assert values == [b"new-0", b"new-1", b"new-2"]
+    assert (await committed(bootstrap, topics.group_id, [topics.content]))[tp] == 3

@@ -14,6 +14,7 @@ from aiokafka.structs import TopicPartition
 
 from tests.pipeline.test_statements import BUILDER, valid_body, verdict_for
 from worker.config import ConfigError, effective_settings, load_settings
+from worker.ops import logs
 from worker.ops.dsa_submit import _item, done_offsets, existing_puids, refused_statements
 from worker.pipeline.statements import statement_bytes
 from worker.testing.dsa_server import (
@@ -182,6 +183,9 @@ def dsa_env(monkeypatch):
     for name in ("MODWORKER_DSA__API_TOKEN", "MODWORKER_DSA__BATCH_SIZE", "MODWORKER_DSA__API_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:9092")
+    # As in a fresh process: an earlier in-process test may have set JSON logging, which
+    # sends the exit line through structlog instead of the plain stderr line checked here.
+    monkeypatch.setattr(logs, "_json_mode", False)
     return monkeypatch
 
 

@@ -18,7 +18,7 @@ synchronous work does not answer at all, which a probe counts as a failure too.
   names the partitions not being read and why: ``held_partitions`` (kept paused for a
   reason: ``conversation-restore`` while the conversation state is read back, whose
   restore has its own bound and stops the worker when a partition makes no progress;
-  ``uncommitted-span``; ``transactions-fenced``) and ``paused_partitions`` (paused by
+  ``uncommitted-span``; ``transactions-lost``) and ``paused_partitions`` (paused by
   backpressure, resumed as in-flight work drains).
 - ``/readyz`` (count me as available): 200 once the worker started (its backend started,
   a local model loaded and warmed up; subscribed: partitions assigned or awaited) and

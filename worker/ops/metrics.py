@@ -115,8 +115,8 @@ COMMIT_FAILURES = Counter(
 )
 TRANSACTIONS = Counter(
     f"{PREFIX}_transactions",
-    "Per-partition transactions in MODWORKER_DELIVERY=exactly_once, by outcome: committed, aborted (retried with "
-    "a fresh producer), fenced (a newer owner took the partition's transactional id: this member's producer of it "
+    "Per-partition transactions in MODWORKER_DELIVERY=exactly_once, by outcome: committed, aborted (the partition "
+    "goes back to the group; its next owner reads from the committed offset), fenced (a newer owner took the partition's transactional id: this member's producer of it "
     "is a zombie and publishes nothing more for it).",
     ["outcome"],
     registry=REGISTRY,

@@ -14,8 +14,8 @@ Contract:
 - ``publish(records, on_acked, origin)`` takes a group of one input partition (its slot
   ``origin``) into that partition's buffer, in call order, and calls ``on_acked`` at once:
   the message is *finished* (``offsets``) when its outputs are in its partition's buffer.
-  Nothing is sent yet. A group whose slot is not owned, or whose partition's producer is
-  fenced, is dropped (``on_dropped``). Groups without ``origin`` (tombstones of forgotten
+  Nothing is sent yet. A group whose slot is not owned, or whose partition is lost (fenced,
+  or its transaction failed), is dropped (``on_dropped``). Groups without ``origin`` (tombstones of forgotten
   conversations) go to the buffer of the conversation partition they name, or nowhere.
 - A *seal* is a point of a partition's buffer where every finished offset of the slot lies
   below its ``position`` (``PartitionOffsets.finished_ahead == 0``): the buffer up to
@@ -29,20 +29,27 @@ Contract:
   ``send_offsets_to_transaction`` of the seal's position, commit; no consumer commit.
   The transaction is bounded by ``call_timeout_s`` (aiokafka #1145: a transaction can hang
   for good when a broker goes away; seen here too when a produce meets a leader not yet
-  ready). On an error it is aborted (bounded); on a timeout the producer is stuck and
-  only dropped (stopped in the background), the replacement's init aborts it. Either way
-  the producer is replaced; the retry (backoff 0.2 s doubling to 5 s, until it lands, the partition is revoked or
-  fenced) first asks the group coordinator for the committed offset (a commit whose
-  answer was lost may have landed), else sends the same sealed records again. Returns at
-  once: one stuck partition holds up neither the consume loop nor the others.
+  ready). Returns at once: one stuck partition holds up neither the consume loop nor the
+  others.
+- A failed transaction (an error: aborted, bounded; a timeout: the producer is stuck and
+  only dropped, stopped in the background) *loses* the partition: its buffer is dropped,
+  nothing more is published for it, and ``on_lost(tp)`` tells the app, which holds it and
+  asks the group to rebalance. It is never retried here with a fresh producer: a member
+  cannot tell on its own whether it still owns the partition (after a pause past the
+  session timeout, its stuck transaction times out before its heartbeat learns that the
+  group moved on), and a fresh producer's init would fence the rightful owner and commit
+  outputs judged before it. The only place a producer starts is ``assigned``, after which
+  the app reads from the committed offsets as they stand then: whatever this member
+  commits was read after its producer fenced every earlier one. (aiokafka's
+  TxnOffsetCommit is v0, without the group generation that would let the broker refuse a
+  stale member's offsets.) Whether the failed transaction committed or not, the new owner
+  reads from the committed offset: nothing is lost or written twice.
 - ``flush(tps, timeout_s)`` (revoke, shutdown): waits for the partitions' transactions
   under way, then commits what is sealed now, within ``timeout_s``.
-- Fenced (``ProducerFenced``): the partition's producer is a zombie. Its buffer is
-  dropped, nothing more is published for it, ``on_fenced(tp)`` tells the app (which holds
-  the partition and asks the group to rebalance: if it comes back, a fresh producer),
-  counted (``transactions_total{outcome="fenced"}``) and logged once. Never raised.
+- Fenced (``ProducerFenced``): the partition's producer is a zombie. The partition is lost
+  as above, counted (``transactions_total{outcome="fenced"}``) and logged once. Never raised.
 - ``on_settled(n)``: ``n`` finished messages left the buffers (committed, or dropped on
-  revoke, fence or close); until then they count as in flight (backpressure).
+  revoke, loss or close); until then they count as in flight (backpressure).
 - ``assigned(tps)`` starts the producers of new partitions (init_transactions fences the
   previous owner and waits for its transaction to end); raises ``TransactionsUnavailable``
   when that cannot be done in time. The app then re-reads the committed offsets, which
@@ -73,13 +80,7 @@ from worker.pipeline.types import OutRecord, PartitionOffsets
 log = structlog.get_logger("worker.pipeline.transactions")
 
 _FENCED = (ProducerFenced, InvalidProducerEpoch)
-_RETRY_FIRST_S = 0.2
-_RETRY_MAX_S = 5.0
-"""Backoff between a partition's failed transactions (each already bounded by the call timeout)."""
 _PRODUCER_BATCH_BYTES = 512 * 1024
-
-CommittedFunction = Callable[[TopicPartition], Awaitable[int | None]]
-"""The group's committed offset of a partition, asked of the coordinator (None: none)."""
 
 
 class TransactionsUnavailable(Exception):
@@ -107,13 +108,11 @@ class _Partition:
     committed_offset: int | None = None
     committed_total: int = 0
     """``slot.finished_total`` already settled (committed or dropped)."""
-    fenced: bool = False
-    suspect: tuple[int, int, int] | None = None
-    """A failed transaction's (groups, offset, finished total): whether it committed is
-    unknown until the coordinator says."""
+    lost: bool = False
+    """Fenced, or a transaction failed: this member commits nothing more of it."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     task: asyncio.Task[None] | None = None
-    """The background commit of this partition (one at a time), retried until it lands."""
+    """The background commit of this partition (one at a time)."""
     again: bool = False
     """A commit was asked for while one was under way: the task commits once more after it."""
 
@@ -126,7 +125,6 @@ class _Partition:
         dropped = self.uncommitted
         self.groups.clear()
         self.sealed = 0
-        self.suspect = None
         self.sealed_total = self.committed_total = self.slot.finished_total if self.slot is not None else 0
         return dropped
 
@@ -143,9 +141,8 @@ class TransactionalSink:
         transaction_timeout_ms: int,
         call_timeout_s: float,
         conversation_topic: str,
-        committed: CommittedFunction,
         on_settled: Callable[[int], None],
-        on_fenced: Callable[[TopicPartition], None],
+        on_lost: Callable[[TopicPartition], None],
         on_dropped: Callable[[int], None] = lambda messages: None,
     ) -> None:
         self._kafka = kafka
@@ -154,9 +151,8 @@ class TransactionalSink:
         self._transaction_timeout_ms = transaction_timeout_ms
         self._timeout_s = call_timeout_s
         self._conversation_topic = conversation_topic
-        self._committed = committed
         self._on_settled = on_settled
-        self._on_fenced = on_fenced
+        self._on_lost = on_lost
         self._on_dropped = on_dropped
         self._parts: dict[TopicPartition, _Partition] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -179,7 +175,7 @@ class TransactionalSink:
             self._publish_unowned(records, on_acked)
             return
         part = self._parts.get(origin.tp)
-        if part is None or part.fenced or not origin.owned:
+        if part is None or part.lost or not origin.owned:
             self._on_dropped(messages)
             return
         if part.slot is not origin:
@@ -201,7 +197,7 @@ class TransactionalSink:
                 by_partition.setdefault(TopicPartition(self._conversation_topic, record.partition), []).append(record)
         for tp, group in by_partition.items():
             part = self._parts.get(tp)
-            if part is not None and not part.fenced:
+            if part is not None and not part.lost:
                 # Not part of any seal's accounting: it rides with whichever transaction
                 # commits past it (a lost tombstone only brings a conversation back).
                 part.groups.append(group)
@@ -220,8 +216,9 @@ class TransactionalSink:
         """Finished messages of all partitions not yet committed (still in flight)."""
         return sum(part.uncommitted for part in self._parts.values())
 
-    def fenced(self) -> list[TopicPartition]:
-        return [tp for tp, part in self._parts.items() if part.fenced]
+    def lost(self) -> list[TopicPartition]:
+        """Partitions this member can no longer commit (fenced, or a transaction failed)."""
+        return [tp for tp, part in self._parts.items() if part.lost]
 
     async def close(self) -> None:
         """Drop what was not committed, close every producer (bounded)."""
@@ -265,7 +262,7 @@ class TransactionalSink:
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Start a transaction for each named partition that has none under way, in the
         background, and return: one stuck partition (aiokafka #1145) holds up neither the
-        consume loop nor the other partitions. A failed one is retried by its task."""
+        consume loop nor the other partitions. A failed one loses its partition."""
         for tp in offsets:
             part = self._parts.get(tp)
             if part is None:
@@ -279,7 +276,8 @@ class TransactionalSink:
 
     async def flush(self, tps: list[TopicPartition] | None, timeout_s: float) -> bool:
         """Commit what is sealed in ``tps`` (default: all) now, waiting for transactions
-        under way first; at most ``timeout_s``. True when every one committed (or was fenced)."""
+        under way first; at most ``timeout_s``. True when every one committed (or had nothing
+        this member can still commit: fenced or lost before)."""
         parts = [part for tp in (tps if tps is not None else list(self._parts)) if (part := self._parts.get(tp))]
         if not parts:
             return True
@@ -297,38 +295,32 @@ class TransactionalSink:
         return await self._commit(part)
 
     async def _commit_until_done(self, part: _Partition) -> None:
-        attempt = 0
-        while self._parts.get(part.tp) is part:
+        """Commit, and again while more was sealed meanwhile; a failure loses the partition."""
+        while self._parts.get(part.tp) is part and not part.lost:
             part.again = False
             try:
-                if await self._commit(part):
-                    if part.again:
-                        continue
+                if not await self._commit(part) or not part.again:
                     return
-            except Exception as err:  # noqa: BLE001 - a bug must not end the partition's retries silently
+            except Exception as err:  # noqa: BLE001 - a bug must not leave the partition stranded silently
                 log.error(Event.TRANSACTION_FAILED, partition=_names([part])[0], error=f"{type(err).__name__}: {err}")
-            attempt += 1
-            await asyncio.sleep(min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (attempt - 1)))
+                await self._stop_producer(part)
+                self._lose(part)
+                return
 
     async def _commit(self, part: _Partition) -> bool:
-        """Commit ``part``'s sealed prefix. True when committed (or nothing to do, or fenced)."""
+        """Commit ``part``'s sealed prefix. True when committed (or nothing to do, or fenced);
+        False when the transaction failed (the partition is lost)."""
         async with part.lock:
-            if part.fenced or part.sealed_offset is None:
+            if part.lost or part.sealed_offset is None:
                 return True
             if part.sealed == 0 and part.sealed_offset == part.committed_offset:
                 return True
-            if part.suspect is not None or part.producer is None:
-                if not await self._recover(part):
-                    return False
-                if part.fenced or (part.sealed == 0 and part.sealed_offset == part.committed_offset):
-                    return True
-            # Publishing goes on while this transaction runs: it appends groups and moves
-            # the seal, so what this transaction holds is fixed here. Suspect until it
-            # committed, whatever ends it (a cancel included).
-            count, offset, total = part.sealed, part.sealed_offset, part.sealed_total
-            part.suspect = (count, offset, total)
             producer = part.producer
-            assert producer is not None
+            if producer is None:  # revoked meanwhile: its producer is gone with it
+                return True
+            # Publishing goes on while this transaction runs: it appends groups and moves
+            # the seal, so what this transaction holds is fixed here.
+            count, offset, total = part.sealed, part.sealed_offset, part.sealed_total
             try:
                 await self._bounded(self._transaction(producer, part.tp, part.groups[:count], offset))
             except Exception as err:  # noqa: BLE001 - whatever failed, the transaction is fenced or aborted
@@ -339,8 +331,8 @@ class TransactionalSink:
                     self._fence(part, fence)
                     return True
                 await self._abort(part, err)
+                self._lose(part)
                 return False
-            part.suspect = None
             self._committed_up_to(part, count, offset, total)
             metrics.transactions("committed").inc()
             return True
@@ -372,9 +364,10 @@ class TransactionalSink:
         self._settle(settled)
 
     async def _abort(self, part: _Partition, err: BaseException) -> None:
-        """Abort the failed transaction and replace the producer. After a timeout the
+        """Abort the failed transaction and drop the producer. After a timeout the
         producer is stuck (aiokafka #1145: its abort and its stop would hang as well): it is
-        only dropped, and the replacement's init aborts the transaction broker-side."""
+        only dropped; the next owner's init aborts the transaction broker-side, or waits for
+        its commit to end, before that owner reads the committed offset."""
         metrics.transactions("aborted").inc()
         log.warning(
             Event.TRANSACTION_ABORTED,
@@ -393,31 +386,6 @@ class TransactionalSink:
                         self._fence(part, fence)
                         return
         await self._stop_producer(part)
-
-    async def _recover(self, part: _Partition) -> bool:
-        """After a failed transaction: a fresh producer (its init aborts the old one's
-        transaction, or waits for its commit to end), then the committed offset decides
-        whether the sealed outputs landed. False when that could not be done now."""
-        if part.producer is not None:
-            await self._stop_producer(part)
-        try:
-            await self._start_producer(part)
-            committed = await self._bounded(self._committed(part.tp)) if part.suspect is not None else None
-        except Exception as err:  # noqa: BLE001 - fenced, or try again at the next commit
-            if isinstance(err, _FENCED):
-                self._fence(part, err)
-                return True
-            log.warning(
-                Event.TRANSACTION_FAILED,
-                partition=f"{part.tp.topic}-{part.tp.partition}",
-                error=f"{type(err).__name__}: {err}",
-            )
-            await self._stop_producer(part)
-            return False
-        suspect, part.suspect = part.suspect, None
-        if suspect is not None and committed is not None and committed >= suspect[1]:
-            self._committed_up_to(part, *suspect)  # the lost answer's transaction had committed
-        return True
 
     # -- producers ------------------------------------------------------------------
 
@@ -446,11 +414,9 @@ class TransactionalSink:
             task.add_done_callback(self._stopping.discard)
 
     def _fence(self, part: _Partition, err: BaseException) -> None:
-        if part.fenced:
+        if part.lost:
             return
-        part.fenced = True
-        dropped = part.take_all()
-        self._settle(dropped)
+        dropped = part.uncommitted
         metrics.transactions("fenced").inc()
         log.warning(
             Event.PRODUCER_FENCED,
@@ -459,7 +425,15 @@ class TransactionalSink:
             dropped=dropped,
             error=type(err).__name__,
         )
-        self._on_fenced(part.tp)
+        self._lose(part)
+
+    def _lose(self, part: _Partition) -> None:
+        """This member commits nothing more of ``part``: drop its buffer, tell the app."""
+        if part.lost:
+            return
+        part.lost = True
+        self._settle(part.take_all())
+        self._on_lost(part.tp)
 
     def _settle(self, count: int) -> None:
         if count:
