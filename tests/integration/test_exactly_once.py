@@ -154,6 +154,20 @@ async def test_a_zombie_with_the_partitions_transactional_id_is_fenced_by_the_ne
     assert "zombie-late-write" in uncommitted, "the zombie's write reached the log, aborted"
 
 
+def _sink(settings, topics, prefix: str, *, on_settled, on_lost) -> TransactionalSink:
+    """A transactional sink of the test's group, with call and transaction timeouts to spare."""
+    return TransactionalSink(
+        settings.kafka,
+        group_id=topics.group_id,
+        prefix=prefix,
+        transaction_timeout_ms=30_000,
+        call_timeout_s=15.0,
+        conversation_topic=topics.conversation,
+        on_settled=on_settled,
+        on_lost=on_lost,
+    )
+
+
 async def _topic_with_max_bytes(bootstrap: str, name: str, max_bytes: int) -> str:
     """Create a one-partition topic whose records may be at most ``max_bytes``; its name."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -175,16 +189,7 @@ async def test_an_aborted_transaction_leaves_nothing_for_read_committed_readers(
     settled: list[int] = []
     lost: list[TopicPartition] = []
 
-    sink = TransactionalSink(
-        settings.kafka,
-        group_id=topics.group_id,
-        prefix="abort-test-",
-        transaction_timeout_ms=30_000,
-        call_timeout_s=15.0,
-        conversation_topic=topics.conversation,
-        on_settled=settled.append,
-        on_lost=lost.append,
-    )
+    sink = _sink(settings, topics, "abort-test-", on_settled=settled.append, on_lost=lost.append)
     tp = TopicPartition(topics.content, 0)
     slot = PartitionOffsets(tp)
     aborted_before = metrics.TRANSACTIONS.labels("aborted")._value.get()
@@ -269,16 +274,7 @@ async def test_a_commit_asked_for_while_one_is_under_way_still_lands(broker, top
     settings = load_settings(require_backend=False, kafka={"bootstrap_servers": bootstrap})
 
     settled: list[int] = []
-    sink = TransactionalSink(
-        settings.kafka,
-        group_id=topics.group_id,
-        prefix="again-test-",
-        transaction_timeout_ms=30_000,
-        call_timeout_s=15.0,
-        conversation_topic=topics.conversation,
-        on_settled=settled.append,
-        on_lost=lambda tp: None,
-    )
+    sink = _sink(settings, topics, "again-test-", on_settled=settled.append, on_lost=lambda tp: None)
     tp = TopicPartition(topics.content, 0)
     slot = PartitionOffsets(tp)
     await sink.assigned([tp])
@@ -341,16 +337,7 @@ async def test_a_member_whose_transaction_failed_never_fences_the_next_owner(bro
     lost: dict[str, list[TopicPartition]] = {"old": [], "new": []}
 
     def member(name: str) -> TransactionalSink:
-        return TransactionalSink(
-            settings.kafka,
-            group_id=topics.group_id,
-            prefix="refence-test-",
-            transaction_timeout_ms=30_000,
-            call_timeout_s=15.0,
-            conversation_topic=topics.conversation,
-            on_settled=lambda n: None,
-            on_lost=lost[name].append,
-        )
+        return _sink(settings, topics, "refence-test-", on_settled=lambda n: None, on_lost=lost[name].append)
 
     tp = TopicPartition(topics.content, 0)
     old, new = member("old"), member("new")
